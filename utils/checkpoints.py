@@ -1,0 +1,205 @@
+"""Adapters and training state on disk: atomic folders, exact resume, and refusing incompatible resumes.
+
+Layout of an output folder:
+    unet/{step}/{adapter}/adapter_model.safetensors      the adapters (what inference loads), every
+    text_encoder/{step}/{adapter}/...                     --checkpointing_steps and at the end
+    checkpoint-{step}/                                    the full training state (accelerate save_state):
+        unet/, text_encoder/                              adapter weights (safetensors, through the hooks)
+        optimizer.bin, scheduler.bin, random_states_*.pkl optimizer, lr schedule, every process's RNG
+        train_state.json                                  TrainState, compatibility settings, file sizes
+Every folder is written under a temporary name and renamed when complete.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "train_state.json"
+# Settings a checkpoint's weights, optimizer and data position depend on; resuming with others is refused.
+COMPATIBILITY_SETTINGS = (
+    "pretrained_model_name_or_path",
+    "revision",
+    "boft_block_num",
+    "boft_block_size",
+    "boft_n_butterfly_factor",
+    "boft_bias",
+    "unet_target_modules",
+    "text_encoder_target_modules",
+    "train_text_encoder",
+    "with_prior_preservation",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "num_processes",
+)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint records and a resume restores."""
+
+    seed: int
+    global_step: int = 0
+    epoch: int = 0
+    batches_done_in_epoch: int = 0
+
+
+def atomic_folder(final: Path, write) -> None:
+    """Call write(tmp_folder), then rename it to `final`; on failure remove the partial folder and say so."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"could not write {final}: {error.strerror or error}. Earlier checkpoints are intact; free disk space "
+            "or fix the folder's permissions, then resume with --resume_from_checkpoint latest"
+        ) from None
+
+
+def save_adapters(models: dict, output_dir, step: int, adapter_name: str) -> list[Path]:
+    """Save each PeftModel's adapter as output_dir/{model}/{step}/{adapter}/ (stock peft layout)."""
+    written = []
+    for model_name, peft_model in models.items():
+        final = Path(output_dir, model_name, str(step))
+        atomic_folder(final, lambda tmp, m=peft_model: m.save_pretrained(tmp, selected_adapters=[adapter_name]))
+        written.append(final / adapter_name)
+    return written
+
+
+def compatibility_settings(args, num_processes: int, unet_targets, text_encoder_targets) -> dict:
+    values = dict(vars(args), num_processes=num_processes)
+    values["unet_target_modules"] = list(unet_targets)
+    values["text_encoder_target_modules"] = list(text_encoder_targets) if args.train_text_encoder else []
+    return {key: values[key] for key in COMPATIBILITY_SETTINGS}
+
+
+def _file_sizes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def save_checkpoint(accelerator, output_dir, state: TrainState, settings: dict, total_limit=None) -> Path:
+    """accelerate save_state (through the registered adapter hooks) plus the TrainState, atomically."""
+    final = Path(output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
+
+    def write(tmp: Path):
+        accelerator.save_state(str(tmp))
+        record = {"train_state": asdict(state), "settings": settings, "files": _file_sizes(tmp)}
+        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
+
+    atomic_folder(final, write)
+    if total_limit:
+        for old in complete_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("Removed %s (--checkpoints_total_limit %d)", old, total_limit)
+    return final
+
+
+def _checkpoint_problem(folder: Path):
+    """Why a checkpoint folder cannot be resumed from, or None when it is complete."""
+    try:
+        record = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is missing or unreadable"
+    for name, size in record.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} is missing or truncated"
+    return None
+
+
+def _step_of(folder: Path) -> int:
+    suffix = folder.name[len(CHECKPOINT_PREFIX) :]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def complete_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoint folders, oldest first; incomplete ones are skipped with a warning."""
+    folders = sorted(
+        (p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and _step_of(p) >= 0),
+        key=_step_of,
+    )
+    complete = []
+    for folder in folders:
+        problem = _checkpoint_problem(folder)
+        if problem:
+            logger.warning("Skipping checkpoint %s: %s", folder, problem)
+        else:
+            complete.append(folder)
+    return complete
+
+
+def find_resume_checkpoint(resume_from, output_dir):
+    """The folder --resume_from_checkpoint names, the newest complete one for "latest", or None."""
+    if resume_from == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            logger.info("No checkpoint in %s: starting from the beginning", output_dir)
+            return None
+        return found[-1]
+    folder = Path(resume_from)
+    if not folder.is_dir() and Path(output_dir, resume_from).is_dir():
+        folder = Path(output_dir, resume_from)
+    if not folder.is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume_from}: no such folder (nor in {output_dir})")
+    problem = _checkpoint_problem(folder)
+    if problem:
+        raise UserError(f"--resume_from_checkpoint {folder} cannot be used: {problem}")
+    return folder
+
+
+def read_checkpoint(folder: Path, settings: dict) -> TrainState:
+    """The TrainState of a checkpoint, after checking it was written with compatible settings."""
+    record = json.loads((Path(folder) / STATE_FILE).read_text())
+    saved = record["settings"]
+    differing = [key for key in settings if saved.get(key) != settings[key]]
+    if differing:
+        details = "; ".join(f"--{key}: checkpoint {saved.get(key)!r}, now {settings[key]!r}" for key in differing)
+        raise UserError(
+            f"cannot resume from {folder}: it was written with different settings ({details}). Use the settings "
+            "it was written with, or start a new run in another --output_dir"
+        )
+    return TrainState(**record["train_state"])
+
+
+def register_adapter_hooks(accelerator, adapter_name: str, model_names: dict) -> None:
+    """Make save_state/load_state store only the adapters, as safetensors, instead of pickling whole models.
+
+    `model_names` maps id(unwrapped model) to its folder name ("unet", "text_encoder").
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    def name_of(model):
+        return model_names[id(accelerator.unwrap_model(model))]
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            accelerator.unwrap_model(model).save_pretrained(
+                Path(output_dir, name_of(model)), selected_adapters=[adapter_name]
+            )
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            path = Path(input_dir, name_of(model), adapter_name, "adapter_model.safetensors")
+            result = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(path), adapter_name)
+            if result.unexpected_keys:
+                raise UserError(f"{path} holds weights this model does not have: {result.unexpected_keys[:3]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

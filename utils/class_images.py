@@ -1,0 +1,87 @@
+"""Class images for prior preservation: count what is there, generate what is missing, split over processes.
+
+Image i of the class is always generated from seed i and saved as class_{i:05d}.jpg (written to a temporary name,
+then renamed), so an interrupted generation resumes where it stopped, a rerun yields the same images, and several
+processes share the missing indices without duplicates or gaps.
+"""
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from utils.dataset import list_images
+
+logger = logging.getLogger(__name__)
+
+
+def class_image_name(index: int) -> str:
+    return f"class_{index:05d}.jpg"
+
+
+def missing_class_indices(class_dir, num_class_images: int) -> list[int]:
+    """Indices of the images still to generate so that the folder holds `num_class_images` images."""
+    present = list_images(class_dir)
+    shortfall = num_class_images - len(present)
+    if shortfall <= 0:
+        return []
+    taken = {p.name for p in present}
+    free = (i for i in range(num_class_images + len(present)) if class_image_name(i) not in taken)
+    return [next(free) for _ in range(shortfall)]
+
+
+def generation_dtype(precision, device_type: str) -> torch.dtype:
+    """--prior_generation_precision as a dtype; fp16 has no fast CPU kernels, so the CPU falls back."""
+    if precision in ("fp32", "no"):
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16" or (precision is None and device_type == "cuda"):
+        if device_type == "cpu":
+            warnings.warn("--prior_generation_precision fp16 is not supported on a CPU; generating in fp32 instead")
+            return torch.float32
+        return torch.float16
+    return torch.float32
+
+
+def generate_class_images(args, accelerator) -> int:
+    """Fill --class_data_dir up to --num_class_images images; return how many this process generated."""
+    from diffusers import StableDiffusionPipeline
+
+    class_dir = Path(args.class_data_dir)
+    if accelerator.is_main_process:
+        class_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    todo = missing_class_indices(class_dir, args.num_class_images)
+    accelerator.wait_for_everyone()  # every process has planned before any writes
+    if not todo:
+        return 0
+    mine = todo[accelerator.process_index :: accelerator.num_processes]
+    dtype = generation_dtype(args.prior_generation_precision, accelerator.device.type)
+    logger.info("Generating %d class images from %r (%s) ...", len(todo), args.class_prompt, dtype)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    ).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    batches = [mine[i : i + args.sample_batch_size] for i in range(0, len(mine), args.sample_batch_size)]
+    for batch in tqdm(batches, desc="Class images", disable=not accelerator.is_local_main_process):
+        images = pipeline(
+            [args.class_prompt] * len(batch),
+            height=args.resolution,
+            width=args.resolution,
+            generator=[torch.Generator().manual_seed(index) for index in batch],
+        ).images
+        for index, image in zip(batch, images):
+            partial = class_dir / f".{class_image_name(index)}.partial"
+            image.save(partial, format="JPEG", quality=95)
+            os.replace(partial, class_dir / class_image_name(index))
+    del pipeline
+    accelerator.wait_for_everyone()
+    return len(mine)

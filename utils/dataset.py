@@ -1,0 +1,137 @@
+"""Instance and class images: which files count, how they are read, and the training dataset built from them."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+from utils.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def list_images(folder) -> list[Path]:
+    """Image files directly in `folder`, sorted by name (extension case ignored, everything else skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def require_images(folder, what: str) -> list[Path]:
+    images = list_images(folder)
+    if not Path(folder).is_dir():
+        raise UserError(f"{what} folder {folder} does not exist; put the photos there or pass another folder")
+    if not images:
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise UserError(f"{what} folder {folder} holds no images ({kinds}); add photos or pass another folder")
+    return images
+
+
+def load_rgb(path) -> Image.Image:
+    """Read an image upright (EXIF orientation applied), in RGB; transparency is composited on white."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, image).convert("RGB")
+        return image.convert("RGB")
+
+
+def to_training_tensor(image: Image.Image, size: int, center_crop: bool, generator: torch.Generator) -> torch.Tensor:
+    """Resize the short side to `size`, crop a size x size square, scale to [-1, 1], channels first."""
+    scale = size / min(image.size)
+    resized = image.resize(
+        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR
+    )
+    spare_x, spare_y = resized.width - size, resized.height - size
+    if center_crop:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
+        top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+    cropped = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32)
+    return torch.from_numpy(cropped / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def tokenize(tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer(
+        prompt, truncation=True, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids[0]
+
+
+class DreamBoothDataset(Dataset):
+    """Pairs of (instance image, instance prompt) and, with prior preservation, (class image, class prompt).
+
+    Items are addressed by `(epoch, index)` keys from `EpochShuffleSampler`: the random crop of an item depends
+    only on the run's seed and that key, so a resumed run sees exactly the crops an uninterrupted one would.
+    """
+
+    def __init__(self, instance_images, instance_prompt, tokenizer, size, center_crop, seed,
+                 class_images=None, class_prompt=None):
+        self.instance_images = list(instance_images)
+        self.class_images = list(class_images or [])
+        self.size = size
+        self.center_crop = center_crop
+        self.seed = seed
+        self.instance_ids = tokenize(tokenizer, instance_prompt)
+        self.class_ids = tokenize(tokenizer, class_prompt) if self.class_images else None
+
+    def __len__(self):
+        return max(len(self.instance_images), len(self.class_images))
+
+    def _pixels(self, path, key, salt):
+        generator = torch.Generator().manual_seed(hash((self.seed, *key, salt)) % 2**63)
+        return to_training_tensor(load_rgb(path), self.size, self.center_crop, generator)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        example = {
+            "instance_images": self._pixels(self.instance_images[index % len(self.instance_images)], key, 0),
+            "instance_prompt_ids": self.instance_ids,
+        }
+        if self.class_images:
+            example["class_images"] = self._pixels(self.class_images[index % len(self.class_images)], key, 1)
+            example["class_prompt_ids"] = self.class_ids
+        return example
+
+
+def collate_fn(examples, with_prior_preservation: bool) -> dict:
+    """Stack a batch; with prior preservation the class half follows the instance half."""
+    pixels = [e["instance_images"] for e in examples]
+    ids = [e["instance_prompt_ids"] for e in examples]
+    if with_prior_preservation:
+        pixels += [e["class_images"] for e in examples]
+        ids += [e["class_prompt_ids"] for e in examples]
+    return {"pixel_values": torch.stack(pixels).float(), "input_ids": torch.stack(ids)}
+
+
+class EpochShuffleSampler(Sampler):
+    """Shuffles each epoch with a permutation drawn from (seed, epoch) alone and yields (epoch, index) keys.
+
+    No global random state is read or advanced, so where a run stands in its data is fully described by the
+    epoch and the number of batches already taken.
+    """
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter([(self.epoch, int(i)) for i in torch.randperm(self.num_items, generator=generator)])
+
+
+def batches_per_epoch(num_items: int, batch_size: int, num_processes: int) -> int:
+    return math.ceil(num_items / (batch_size * num_processes))

@@ -1,0 +1,47 @@
+"""Pushing the final adapters to the Hugging Face Hub, with every check done at start-up."""
+
+import os
+from pathlib import Path
+
+from utils.errors import UserError
+
+UPLOADED = ["unet/**", "text_encoder/**", "validation/**", "README.md"]
+
+
+def resolve_hub_repo(args) -> tuple[str, str]:
+    """(repo id, token) for --push_to_hub, or a UserError now rather than after hours of training."""
+    from huggingface_hub import get_token, whoami
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UserError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
+    token = args.hub_token or get_token()
+    if not token:
+        raise UserError("--push_to_hub needs a token: set HF_TOKEN (or run `hf auth login`)")
+    try:
+        user = whoami(token=token)["name"]
+    except Exception as error:  # any failure here means the upload at the end would fail too
+        raise UserError(f"--push_to_hub: cannot reach the Hub with this token ({type(error).__name__})") from None
+    return args.hub_model_id or f"{user}/{Path(args.output_dir).resolve().name}", token
+
+
+def write_model_card(output_dir, args, step: int) -> None:
+    card = f"""---
+base_model: {args.pretrained_model_name_or_path}
+library_name: peft
+tags: [stable-diffusion, dreambooth, boft]
+---
+# {args.adapter_name}
+
+BOFT adapters (block_num {args.boft_block_num}, block_size {args.boft_block_size}, butterfly factors
+{args.boft_n_butterfly_factor}) trained with DreamBooth on "{args.instance_prompt}" for {step} steps.
+Adapters: `unet/{step}/{args.adapter_name}`{f" and `text_encoder/{step}/{args.adapter_name}`" if args.train_text_encoder else ""}.
+"""
+    Path(output_dir, "README.md").write_text(card)
+
+
+def push_to_hub(output_dir, repo_id: str, token: str) -> str:
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, token=token, exist_ok=True)
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), allow_patterns=UPLOADED, token=token)
+    return f"https://huggingface.co/{repo_id}"

@@ -1,0 +1,83 @@
+"""Loading the Stable Diffusion components: tokenizer, text encoder, VAE, UNet and noise scheduler.
+
+A local folder in diffusers layout and a hub id (honouring --revision) take the same path. Every way this can
+fail that a user can fix (a missing sub-folder, an id that is not cached while offline, an unsupported text
+encoder) ends in a UserError naming what is missing.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import UserError
+
+COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel",)
+
+
+@dataclass
+class StableDiffusionParts:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    noise_scheduler: object
+
+
+def check_model_source(name_or_path: str, revision=None) -> None:
+    """Fail early, with a fix, when the model cannot be found; download nothing but configs."""
+    if Path(name_or_path).is_dir():
+        missing = [f for f in COMPONENT_FOLDERS if not (Path(name_or_path) / f).is_dir()]
+        if missing:
+            raise UserError(
+                f"the model folder {name_or_path} has no {', '.join(f + '/' for f in missing)} sub-folder: "
+                "pass a Stable Diffusion folder in diffusers layout (as written by save_pretrained)"
+            )
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"the model folder {name_or_path} does not exist")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(name_or_path, "model_index.json", revision=revision)
+    except Exception as error:  # huggingface_hub raises many types here; all mean "cannot reach this model"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else type(error).__name__
+        raise UserError(
+            f"cannot load the model {name_or_path} ({reason}). Download it once with network access "
+            f"(`hf download {name_or_path}`), or pass a local folder in diffusers layout to "
+            "--pretrained_model_name_or_path"
+        ) from None
+
+
+def text_encoder_class(name_or_path: str, revision=None):
+    from transformers import CLIPTextModel, PretrainedConfig
+
+    config = PretrainedConfig.from_pretrained(name_or_path, subfolder="text_encoder", revision=revision)
+    architecture = (config.architectures or ["(none given)"])[0]
+    if architecture not in SUPPORTED_TEXT_ENCODERS:
+        raise UserError(
+            f"the text encoder of {name_or_path} is a {architecture}; this trainer supports "
+            f"{', '.join(SUPPORTED_TEXT_ENCODERS)} (Stable Diffusion 1.x and 2.x)"
+        )
+    return CLIPTextModel
+
+
+def load_models(args) -> StableDiffusionParts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer
+
+    source, revision = args.pretrained_model_name_or_path, args.revision
+    if args.tokenizer_name:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name, revision=revision)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+    return StableDiffusionParts(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder_class(source, revision).from_pretrained(
+            source, subfolder="text_encoder", revision=revision
+        ),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
+    )

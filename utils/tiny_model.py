@@ -1,0 +1,135 @@
+"""A tiny Stable Diffusion pipeline with random weights, and a synthetic subject to train on.
+
+Tests, the demo and CI cannot download real weights, so they build a pipeline with the real SD component
+classes (UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, AutoencoderKL, DDPMScheduler) at toy sizes, save it
+with `save_pretrained`, and load it back through the same `from_pretrained` path a real model takes.
+
+    python -m utils.tiny_model data/tiny-sd                     # the pipeline
+    python -m utils.tiny_model data/tiny-sd --subject data/demo  # and a synthetic subject
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+# Channel widths are multiples of 8 and 16 so every BOFT block number the tests use divides them.
+UNET_CHANNELS = (32, 64)
+TEXT_HIDDEN_SIZE = 32
+# Byte-level BPE alphabet of CLIP's tokenizer: every byte maps to one printable character.
+_BYTE_RANGES = [(ord("!"), ord("~")), (ord("¡"), ord("¬")), (ord("®"), ord("ÿ"))]
+
+
+def _byte_alphabet() -> list[str]:
+    printable = [b for lo, hi in _BYTE_RANGES for b in range(lo, hi + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def _tiny_vocabulary() -> dict[str, int]:
+    """CLIP's byte alphabet alone, with no merges: every character is a token."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """Return a StableDiffusionPipeline with random weights, small enough to train on a CPU in seconds."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+    )
+    vocabulary = _tiny_vocabulary()
+    vocab_size = len(vocabulary)
+    tokenizer = CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=TEXT_HIDDEN_SIZE,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=TEXT_HIDDEN_SIZE,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        steps_offset=1,
+        clip_sample=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(folder, prediction_type: str = "epsilon") -> Path:
+    folder = Path(folder)
+    build_tiny_pipeline(prediction_type).save_pretrained(folder)
+    return folder
+
+
+def make_synthetic_subject(folder, num_images: int = 4, size: int = 96, seed: int = 0) -> Path:
+    """Photos of one made-up object: a red disc on a blue square, seen at different places and scales."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(num_images):
+        background = tuple(int(v) for v in rng.integers(150, 255, 3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        half = int(size * rng.uniform(0.2, 0.35))
+        cx, cy = (int(v) for v in rng.integers(half, size - half, 2))
+        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=(30, 60, 200))
+        draw.ellipse([cx - half // 2, cy - half // 2, cx + half // 2, cy + half // 2], fill=(220, 30, 30))
+        image.save(folder / f"{i:02d}.jpg", quality=95)
+    return folder
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="folder to write the pipeline to (save_pretrained layout)")
+    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--subject", help="also write a synthetic subject's photos to this folder")
+    args = parser.parse_args(argv)
+    print(f"tiny pipeline written to {save_tiny_pipeline(args.output, args.prediction_type)}")
+    if args.subject:
+        print(f"synthetic subject written to {make_synthetic_subject(args.subject)}")
+
+
+if __name__ == "__main__":
+    main()
