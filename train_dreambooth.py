@@ -31,14 +31,29 @@ from tqdm.auto import tqdm
 
 from utils import checkpoints, hub, tracking, validation
 from utils.args_loader import parse_args
-from utils.boft import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, add_boft_adapter, trainable_parameter_summary
+from utils.boft import (
+    TEXT_ENCODER_TARGET_MODULES,
+    UNET_TARGET_MODULES,
+    add_boft_adapter,
+    check_adapter_shapes,
+    trainable_parameter_summary,
+)
 from utils.class_images import generate_class_images
-from utils.dataset import DreamBoothDataset, EpochShuffleSampler, collate_fn, list_images, require_images
+from utils.dataset import (
+    DreamBoothDataset,
+    EpochShuffleSampler,
+    collate_fn,
+    fetch_dreambooth_dataset,
+    is_dreambooth_dataset_folder,
+    list_images,
+    require_images,
+)
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.models import check_model_source, load_models
+from utils.models import check_model_source, empty_models, load_models
 from utils.tracemalloc import TorchTracemalloc
 
 logger = logging.getLogger("train_dreambooth")
+DATA_ROOT = Path(__file__).resolve().parent / "data"
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -50,14 +65,25 @@ def run_seed(args) -> int:
 
 
 def preflight(args):
-    """Every check that needs no weights: images, model, trackers, hub. Returns (images, trackers, hub target)."""
-    instance_images = require_images(args.instance_data_dir, "--instance_data_dir")
+    """Every check that needs no weights: model, adapter shapes, trackers, hub. Returns (trackers, hub target)."""
     check_model_source(args.pretrained_model_name_or_path, args.revision)
+    check_adapter_shapes(args, *empty_models(args))
     trackers = tracking.resolve_trackers(args.report_to)
     hub_target = hub.resolve_hub_repo(args) if args.push_to_hub else None
     if args.hub_token or args.wandb_key:
         logger.warning("Tokens given as flags are visible to other users in the process list; prefer HF_TOKEN / WANDB_API_KEY")
-    return instance_images, trackers, hub_target
+    return trackers, hub_target
+
+
+def instance_images(args, accelerator):
+    """The subject's photos; the DreamBooth dataset is cloned once, by the main process, when it is the default one."""
+    missing = not Path(args.instance_data_dir).exists()
+    if missing and is_dreambooth_dataset_folder(args.instance_data_dir, DATA_ROOT):
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                logger.info("Fetching the DreamBooth dataset into %s", DATA_ROOT / "dreambooth")
+                fetch_dreambooth_dataset(DATA_ROOT)
+    return require_images(args.instance_data_dir, "--instance_data_dir")
 
 
 def setup_accelerator(args, trackers) -> Accelerator:
@@ -315,8 +341,9 @@ def resume(trainer, loader) -> int:
 
 
 def train(args):
-    instance_images, trackers, hub_target = preflight(args)
+    trackers, hub_target = preflight(args)
     accelerator = setup_accelerator(args, trackers)
+    images = instance_images(args, accelerator)
     state = checkpoints.TrainState(seed=run_seed(args))
     set_seed(state.seed)
     logger.info("Seed %d%s", state.seed, "" if args.seed is not None else f" (derived from the run name {args.adapter_name!r})")
@@ -328,7 +355,7 @@ def train(args):
     unet, text_encoder = wrap_with_adapters(args, parts, accelerator)
     params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
     optimizer = make_optimizer(args, params, accelerator.num_processes)
-    loader, sampler = make_dataloader(args, parts.tokenizer, instance_images, state.seed)
+    loader, sampler = make_dataloader(args, parts.tokenizer, images, state.seed)
 
     trained = [unet, text_encoder] if args.train_text_encoder else [unet]
     *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)

@@ -54,6 +54,9 @@ def _data_group(parser):
         "--sample_batch_size", type=int, default=4, help="Batch size (per device) for generating class images."
     )
     group.add_argument(
+        "--class_inference_steps", type=int, default=50, help="Denoising steps per generated class image."
+    )
+    group.add_argument(
         "--prior_generation_precision",
         default=None,
         choices=["no", "fp32", "fp16", "bf16"],
@@ -83,6 +86,13 @@ def _boft_group(parser):
         default="none",
         choices=["none", "all", "boft_only"],
         help="Which biases to train: none, all, or those of BOFT-wrapped layers.",
+    )
+    group.add_argument(
+        "--boft_impl",
+        default="fast",
+        choices=["fast", "peft"],
+        help="BOFT forward: fast (structured, never builds the dense rotation) or peft (stock, for comparison). "
+        "Same parameters and files either way.",
     )
     group.add_argument(
         "--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder and train them."
@@ -224,6 +234,7 @@ def _check_positive(args, problems):
         "validation_steps",
         "num_validation_images",
         "validation_inference_steps",
+        "class_inference_steps",
         "resolution",
         "boft_n_butterfly_factor",
     ):

@@ -1,8 +1,11 @@
 """BOFT adapters: which layers they wrap, which block shapes fit them, and putting them on a model with peft."""
 
 import math
+import types
+import warnings
 
 import torch
+import torch.nn.functional as F
 
 from utils.errors import UserError
 
@@ -105,11 +108,161 @@ def add_boft_adapter(model, targets, args, adapter_name: str, model_name: str):
 
     layers = targeted_linears(model, targets)
     check_block_shape(layers, args.boft_block_num, args.boft_block_size, args.boft_n_butterfly_factor, model_name)
+    install_block_diagonal()
     peft_model = get_peft_model(model, boft_config(args, targets), adapter_name=adapter_name)
     check_butterfly_factors(peft_model, adapter_name, args.boft_n_butterfly_factor)
+    if args.boft_impl == "fast" and peft_internals_recognised():
+        use_fast_forward(peft_model)
     return peft_model
 
 
 def trainable_parameter_summary(peft_model, model_name: str) -> str:
     trainable, total = peft_model.get_nb_trainable_parameters()
     return f"{model_name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peft integration. Everything that touches peft's BOFT internals lives below: a plain-PyTorch stand-in for its
+# compiled block-diagonal kernel (so every butterfly factor count works on every device), and a structured forward
+# that never builds the dense in x in rotation. Both keep peft's parameters, parameterization and files unchanged.
+# ---------------------------------------------------------------------------------------------------------------
+
+BOFT_IMPLEMENTATIONS = ("fast", "peft")
+_PEFT_NAMES = ("_FBD_CUDA", "get_fbd_cuda", "FastBlockDiag", "Linear", "MultiplicativeDropoutLayer")
+_PEFT_LAYER_ATTRIBUTES = ("boft_R", "boft_s", "boft_P", "boft_dropout", "cayley_batch", "base_layer", "merged")
+
+
+class TorchBlockDiagonal:
+    """peft's `fbd_cuda` contract in plain PyTorch: blocks (N, D, H, H) <-> block-diagonal (N, D*H, D*H)."""
+
+    @staticmethod
+    def forward(blocks):
+        n, d, h, _ = blocks.shape
+        dense = blocks.new_zeros(n, d, h, d, h)
+        dense.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
+        return [dense.view(n, d * h, d * h)]
+
+    @staticmethod
+    def backward(grad_dense, blocks):
+        n, d, h, _ = blocks.shape
+        return [grad_dense.reshape(n, d, h, d, h).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()]
+
+
+def _peft_layer_module():
+    import peft.tuners.boft.layer as layer_module
+
+    return layer_module
+
+
+def peft_internals_recognised() -> bool:
+    layer_module = _peft_layer_module()
+    return all(hasattr(layer_module, name) for name in _PEFT_NAMES)
+
+
+def install_block_diagonal() -> bool:
+    """Give peft the block-diagonal operation so it never falls back to one butterfly factor. Idempotent."""
+    if not peft_internals_recognised():
+        warnings.warn("this peft version's BOFT internals are not the ones utils/boft.py knows; using stock peft")
+        return False
+    layer_module = _peft_layer_module()
+    if not isinstance(layer_module._FBD_CUDA, TorchBlockDiagonal):
+        layer_module._FBD_CUDA = TorchBlockDiagonal()
+    return True
+
+
+def _permutations(layer, device):
+    """Index forms of peft's permutation matrices: (perm, inverse) per factor, None where P is the identity."""
+    key = (layer.boft_P.data_ptr(), tuple(layer.boft_P.shape), device)
+    cache = layer.__dict__.get("_fast_boft_permutations")
+    if cache is None or cache[0] != key:
+        pairs = []
+        for matrix in layer.boft_P:
+            perm = matrix.argmax(dim=1).to(device)
+            identity = torch.equal(perm, torch.arange(len(perm), device=device))
+            pairs.append(None if identity else (perm, torch.argsort(perm)))
+        cache = (key, pairs)
+        layer.__dict__["_fast_boft_permutations"] = cache
+    return cache[1]
+
+
+def rotate_rows(rows, blocks, permutations, transpose: bool):
+    """rows @ R (transpose=False) or rows @ R^T, R = prod_i P_i BD(Q_i) P_i^T over the factors, without forming R.
+
+    `blocks` is (m, D, H, H); R = B_{m-1} ... B_0 as in peft, so rows @ R applies B_{m-1} first, and rows @ R^T
+    applies B_0^T first.
+    """
+    m, d, h, _ = blocks.shape
+    order = range(m) if transpose else reversed(range(m))
+    for i in order:
+        q = blocks[i].transpose(1, 2) if transpose else blocks[i]
+        if permutations[i] is not None:
+            rows = rows[..., permutations[i][1]]
+        shape = rows.shape
+        rows = torch.einsum("tdh,dhk->tdk", rows.reshape(-1, d, h), q).reshape(shape)
+        if permutations[i] is not None:
+            rows = rows[..., permutations[i][0]]
+    return rows
+
+
+def cheaper_side(layer, x, n_factors: int, block_size: int) -> str:
+    """"weight" or "activation": where applying the rotation costs fewer multiply-adds, backward included.
+
+    On the weight: m*out*in*size per pass, plus out*in*tokens for the weight's gradient when training.
+    On the activations: m*tokens*in*size per pass. Training counts three passes (forward, two backward).
+    """
+    out_features, in_features = layer.base_layer.weight.shape
+    tokens = x.numel() // in_features
+    training = torch.is_grad_enabled() and any(r.requires_grad for r in layer.boft_R.values())
+    passes = 3 if training else 1
+    weight_cost = passes * n_factors * out_features * in_features * block_size
+    weight_cost += tokens * out_features * in_features if training else 0
+    return "weight" if weight_cost <= passes * n_factors * tokens * in_features * block_size else "activation"
+
+
+def boft_linear(layer, x, adapter: str, side: str):
+    """y = s * (x R) W^T + b, peft's BOFT Linear, with R applied on the weight or on the activations."""
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
+    m, d, h, _ = boft_r.shape
+    blocks = layer.boft_dropout[adapter](layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h))
+    permutations = _permutations(layer, x.device)
+    if side == "weight":
+        rotated = rotate_rows(weight.to(blocks.dtype), blocks, permutations, transpose=True)
+        return F.linear(x, (boft_s * rotated).to(weight.dtype), bias).to(x.dtype)
+    result = F.linear(rotate_rows(x, blocks.to(x.dtype), permutations, transpose=False), weight) * boft_s.view(-1)
+    return (result if bias is None else result + bias).to(x.dtype)
+
+
+def fast_boft_forward(layer, x, *args, **kwargs):
+    """peft's BOFT Linear forward without the dense rotation; peft's own for what it does not cover."""
+    active = [name for name in layer.active_adapters if name in layer.boft_R]
+    if layer.disable_adapters or layer.merged or len(active) != 1 or args or kwargs:
+        return _peft_layer_module().Linear.forward(layer, x, *args, **kwargs)
+    m, _, h, _ = layer.boft_R[active[0]].shape
+    return boft_linear(layer, x, active[0], cheaper_side(layer, x, m, h))
+
+
+def use_fast_forward(peft_model) -> int:
+    """Route every plain-Linear BOFT layer of the model through fast_boft_forward; return how many."""
+    layer_class = _peft_layer_module().Linear
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, layer_class) and type(module.get_base_layer()) is torch.nn.Linear:
+            if all(hasattr(module, a) for a in _PEFT_LAYER_ATTRIBUTES):
+                module.forward = types.MethodType(fast_boft_forward, module)
+                count += 1
+    return count
+
+
+def check_adapter_shapes(args, unet, text_encoder) -> dict:
+    """Check the block shape against every targeted layer (meta-device models will do); return layer counts."""
+    counts = {}
+    for model, targets, name, trained in (
+        (unet, UNET_TARGET_MODULES, "UNet", True),
+        (text_encoder, TEXT_ENCODER_TARGET_MODULES, "text encoder", args.train_text_encoder),
+    ):
+        if trained:
+            layers = targeted_linears(model, targets)
+            check_block_shape(layers, args.boft_block_num, args.boft_block_size, args.boft_n_butterfly_factor, name)
+            counts[name] = len(layers)
+    return counts

@@ -49,8 +49,6 @@ def generation_dtype(precision, device_type: str) -> torch.dtype:
 
 def generate_class_images(args, accelerator) -> int:
     """Fill --class_data_dir up to --num_class_images images; return how many this process generated."""
-    from diffusers import StableDiffusionPipeline
-
     class_dir = Path(args.class_data_dir)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
@@ -59,29 +57,40 @@ def generate_class_images(args, accelerator) -> int:
     accelerator.wait_for_everyone()  # every process has planned before any writes
     if not todo:
         return 0
-    mine = todo[accelerator.process_index :: accelerator.num_processes]
-    dtype = generation_dtype(args.prior_generation_precision, accelerator.device.type)
-    logger.info("Generating %d class images from %r (%s) ...", len(todo), args.class_prompt, dtype)
+    logger.info("Generating %d class images from %r", len(todo), args.class_prompt)
+    mine = share_of(todo, accelerator.process_index, accelerator.num_processes)
+    generate_indices(args, mine, accelerator.device, show_progress=accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    return len(mine)
+
+
+def share_of(indices: list[int], process_index: int, num_processes: int) -> list[int]:
+    return indices[process_index::num_processes]
+
+
+def generate_indices(args, indices: list[int], device, show_progress: bool = True) -> None:
+    """Generate and save class images with these indices, --sample_batch_size at a time."""
+    from diffusers import StableDiffusionPipeline
+
+    class_dir = Path(args.class_data_dir)
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         revision=args.revision,
-        torch_dtype=dtype,
+        torch_dtype=generation_dtype(args.prior_generation_precision, device.type),
         safety_checker=None,
         requires_safety_checker=False,
-    ).to(accelerator.device)
+    ).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    batches = [mine[i : i + args.sample_batch_size] for i in range(0, len(mine), args.sample_batch_size)]
-    for batch in tqdm(batches, desc="Class images", disable=not accelerator.is_local_main_process):
+    batches = [indices[i : i + args.sample_batch_size] for i in range(0, len(indices), args.sample_batch_size)]
+    for batch in tqdm(batches, desc="Class images", disable=not show_progress):
         images = pipeline(
             [args.class_prompt] * len(batch),
             height=args.resolution,
             width=args.resolution,
+            num_inference_steps=args.class_inference_steps,
             generator=[torch.Generator().manual_seed(index) for index in batch],
         ).images
         for index, image in zip(batch, images):
             partial = class_dir / f".{class_image_name(index)}.partial"
             image.save(partial, format="JPEG", quality=95)
             os.replace(partial, class_dir / class_image_name(index))
-    del pipeline
-    accelerator.wait_for_everyone()
-    return len(mine)

@@ -1,6 +1,6 @@
 """Instance and class images: which files count, how they are read, and the training dataset built from them."""
 
-import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -133,5 +133,41 @@ class EpochShuffleSampler(Sampler):
         return iter([(self.epoch, int(i)) for i in torch.randperm(self.num_items, generator=generator)])
 
 
-def batches_per_epoch(num_items: int, batch_size: int, num_processes: int) -> int:
-    return math.ceil(num_items / (batch_size * num_processes))
+DREAMBOOTH_REPOSITORY = "https://github.com/google/dreambooth"
+FETCH_TIMEOUT_SECONDS = 900
+
+
+def is_dreambooth_dataset_folder(instance_dir, data_root) -> bool:
+    """True for the default layout data/dreambooth/dataset/{subject}, which this trainer may fetch itself."""
+    try:
+        Path(instance_dir).resolve().relative_to(Path(data_root, "dreambooth").resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def fetch_dreambooth_dataset(data_root) -> None:
+    """git clone google/dreambooth into data_root/dreambooth (argument list, no shell); a UserError offline."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    target = Path(data_root, "dreambooth")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        clone = Path(tmp, "dreambooth")
+        try:
+            subprocess.run(
+                ["git", "clone", "--depth", "1", DREAMBOOTH_REPOSITORY, str(clone)],
+                check=True, capture_output=True, text=True, timeout=FETCH_TIMEOUT_SECONDS,
+                env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            raise UserError(
+                f"could not fetch the DreamBooth dataset ({detail.strip().splitlines()[-1] if detail.strip() else error}). "
+                f"Clone {DREAMBOOTH_REPOSITORY} into {target} by hand, or put your photos in the instance folder"
+            ) from None
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(clone), str(target))

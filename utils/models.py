@@ -81,3 +81,17 @@ def load_models(args) -> StableDiffusionParts:
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
     )
+
+
+def empty_models(args):
+    """The UNet and text encoder built from their configs on the meta device: layer shapes, no weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    source, revision = args.pretrained_model_name_or_path, args.revision
+    encoder_class = text_encoder_class(source, revision)
+    encoder_config = encoder_class.config_class.from_pretrained(source, subfolder="text_encoder", revision=revision)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision))
+        text_encoder = encoder_class(encoder_config)
+    return unet, text_encoder

@@ -1,0 +1,43 @@
+# make demo: install, then train on the embedded tiny pipeline (no download). make test: install, run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without a GPU this resolves to the local CPU wheel where one is provided; elsewhere PyPI's build.
+TORCH ?= torch==2.13.0
+DEMO_OUT ?= data/output/demo
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install test demo benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python -m utils.tiny_model data/tiny-sd --subject data/demo_subject
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	  train_dreambooth.py \
+	  --pretrained_model_name_or_path=data/tiny-sd \
+	  --instance_data_dir=data/demo_subject --instance_prompt="a photo of qwe toy" \
+	  --with_prior_preservation --class_data_dir=data/class_data/demo_toy --class_prompt="a photo of toy" \
+	  --num_class_images=8 --sample_batch_size=4 \
+	  --output_dir=$(DEMO_OUT) --wandb_run_name=demo_toy --report_to=tensorboard \
+	  --resolution=64 --train_batch_size=2 --learning_rate=1e-3 --lr_warmup_steps=0 --seed=0 \
+	  --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=2 \
+	  --max_train_steps=40 --checkpointing_steps=20 --validation_steps=20 --num_validation_images=2 \
+	  --validation_prompt="a qwe toy on the beach. a red qwe toy."
+
+benchmark: install
+	$(BIN)/python -m benchmarks.boft_step --quick
+
+clean:
+	rm -rf $(VENV) data/tiny-sd data/demo_subject data/class_data/demo_toy $(DEMO_OUT)

@@ -1,0 +1,81 @@
+"""Shared fixtures: the tiny pipeline and a synthetic subject, built once per session; a CLI runner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.tiny_model import make_synthetic_subject, save_tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DREAMBOOTH = REPO.parent / "shared" / "dreambooth"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_v_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def subject(tmp_path_factory) -> Path:
+    return make_synthetic_subject(tmp_path_factory.mktemp("subject") / "toy", num_images=3)
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def base_args(model, subject, output_dir, **overrides) -> list[str]:
+    """Flags of a small, fast run; keyword overrides replace or add flags (None drops one, True is a switch)."""
+    flags = {
+        "pretrained_model_name_or_path": model,
+        "instance_data_dir": subject,
+        "instance_prompt": "a photo of qwe toy",
+        "output_dir": output_dir,
+        "resolution": 64,
+        "train_batch_size": 1,
+        "max_train_steps": 2,
+        "boft_block_num": 8,
+        "boft_block_size": 0,
+        "boft_n_butterfly_factor": 2,
+        "learning_rate": 1e-3,
+        "seed": 0,
+        "report_to": "none",
+        "num_dataloader_workers": 0,
+        "no_tracemalloc": True,
+    }
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv += [f"--{key}"] if value is True else [f"--{key}", *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
+    return argv
+
+
+def run_trainer(argv, timeout=600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train_dreambooth.py"), *argv],
+        cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_clean_error(result, *phrases):
+    """Exit status 2, no traceback, and every phrase in the message."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for phrase in phrases:
+        assert phrase in output, f"{phrase!r} not in:\n{output[-3000:]}"

