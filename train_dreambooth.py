@@ -43,6 +43,7 @@ from utils.dataset import (
     DreamBoothDataset,
     EpochShuffleSampler,
     collate_fn,
+    example_noise,
     fetch_dreambooth_dataset,
     is_dreambooth_dataset_folder,
     list_images,
@@ -77,8 +78,8 @@ def preflight(args):
 
 def instance_images(args, accelerator):
     """The subject's photos; the DreamBooth dataset is cloned once, by the main process, when it is the default one."""
-    missing = not Path(args.instance_data_dir).exists()
-    if missing and is_dreambooth_dataset_folder(args.instance_data_dir, DATA_ROOT):
+    fetchable = is_dreambooth_dataset_folder(args.instance_data_dir, DATA_ROOT)
+    if fetchable and not Path(args.instance_data_dir).exists() and not (DATA_ROOT / "dreambooth").exists():
         with accelerator.main_process_first():
             if accelerator.is_main_process:
                 logger.info("Fetching the DreamBooth dataset into %s", DATA_ROOT / "dreambooth")
@@ -176,26 +177,25 @@ def make_dataloader(args, tokenizer, instance_images, seed):
         instance_images, args.instance_prompt, tokenizer, args.resolution, args.center_crop, seed,
         class_images=class_images, class_prompt=args.class_prompt,
     )
-    sampler = EpochShuffleSampler(len(dataset), seed)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
-        sampler=sampler,
+        sampler=EpochShuffleSampler(len(dataset), seed),
         collate_fn=lambda examples: collate_fn(examples, args.with_prior_preservation),
         num_workers=args.num_dataloader_workers,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched by the loader
     )
-    return loader, sampler
 
 
-def diffusion_loss(args, batch, parts, unet, text_encoder, dtype):
+def diffusion_loss(args, batch, parts, unet, text_encoder, dtype, seed):
     """Noise the latents at random timesteps and regress the scheduler's target (epsilon or v)."""
-    with torch.no_grad():
-        latents = parts.vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample()
-        latents = latents * parts.vae.config.scaling_factor
-    noise = torch.randn_like(latents)
     scheduler = parts.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    with torch.no_grad():
+        posterior = parts.vae.encode(batch["pixel_values"].to(dtype)).latent_dist
+    draws = example_noise(seed, batch["keys"], posterior.mean.shape[1:], scheduler.config.num_train_timesteps)
+    latent_eps, noise, timesteps = (d.to(posterior.mean.device) for d in draws)
+    latents = (posterior.mean + posterior.std * latent_eps.to(posterior.mean.dtype)) * parts.vae.config.scaling_factor
+    noise = noise.to(latents.dtype)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     with nullcontext() if args.train_text_encoder else torch.no_grad():
         encoder_hidden_states = text_encoder(batch["input_ids"])[0]
@@ -236,12 +236,10 @@ class Trainer:
                 logger.info("Saved adapter %s", path)
 
     def save_checkpoint(self):
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            path = checkpoints.save_checkpoint(
-                self.accelerator, self.args.output_dir, self.state, self.settings, self.args.checkpoints_total_limit
-            )
-            logger.info("Saved training state %s", path)
+        path = checkpoints.save_checkpoint(
+            self.accelerator, self.args.output_dir, self.state, self.settings, self.args.checkpoints_total_limit
+        )
+        logger.info("Saved training state %s", path)
         self.save_adapters()
         self.accelerator.wait_for_everyone()
 
@@ -287,7 +285,7 @@ class Trainer:
     def stop_requested(self) -> bool:
         return self.accelerator.check_trigger()
 
-    def run(self, optimizer, lr_scheduler, loader, sampler, params, resume_skip: int):
+    def run(self, optimizer, lr_scheduler, loader, params, resume_skip: int):
         args, state, accelerator = self.args, self.state, self.accelerator
         progress = tqdm(initial=state.global_step, total=args.max_train_steps, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -295,14 +293,14 @@ class Trainer:
             signal.signal(signum, self.handle_signal)
         models = list(self.trained.values())
         while state.global_step < args.max_train_steps:
-            sampler.set_epoch(state.epoch)
             epoch_loader = accelerator.skip_first_batches(loader, resume_skip) if resume_skip else loader
+            epoch_loader.set_epoch(state.epoch)  # accelerate passes it on to the sampler: the epoch's order
             state.batches_done_in_epoch, resume_skip = resume_skip, 0
             for model in models:
                 model.train()
             for batch in epoch_loader:
                 with accelerator.accumulate(*models):
-                    loss = diffusion_loss(args, batch, self.parts, self.unet, self.text_encoder, weight_dtype_of(accelerator))
+                    loss = diffusion_loss(args, batch, self.parts, self.unet, self.text_encoder, weight_dtype_of(accelerator), state.seed)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -355,7 +353,7 @@ def train(args):
     unet, text_encoder = wrap_with_adapters(args, parts, accelerator)
     params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
     optimizer = make_optimizer(args, params, accelerator.num_processes)
-    loader, sampler = make_dataloader(args, parts.tokenizer, images, state.seed)
+    loader = make_dataloader(args, parts.tokenizer, images, state.seed)
 
     trained = [unet, text_encoder] if args.train_text_encoder else [unet]
     *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
@@ -382,7 +380,7 @@ def train(args):
                 args.gradient_accumulation_steps)
 
     with nullcontext() if args.no_tracemalloc else TorchTracemalloc() as memory:
-        finished = trainer.run(optimizer, lr_scheduler, loader, sampler, params, resume_skip)
+        finished = trainer.run(optimizer, lr_scheduler, loader, params, resume_skip)
     if not finished:
         accelerator.end_training()
         print(f"Interrupted at step {state.global_step}; the training state is saved. Resume with the same command "

@@ -173,12 +173,13 @@ def test_half_precision_runs_and_stays_close(dtype, side):
     assert (got.float() - expected).abs().max() / expected.abs().max() < 3e-2
 
 
-def test_the_cheaper_side_follows_the_token_count():
-    layer = random_boft_layer(in_features=320, out_features=320, block_num=8)
+def test_the_cheaper_side_follows_shapes_and_training():
+    small = random_boft_layer(in_features=320, out_features=320, block_num=8, factors=2)
+    wide = random_boft_layer(in_features=1280, out_features=1280, block_num=8)
     with torch.no_grad():
-        assert boft.cheaper_side(layer, torch.zeros(4096, 320), 1, 40) == "weight"  # inference: weight side
-    assert boft.cheaper_side(layer, torch.zeros(4096, 320), 1, 40) == "activation"  # training, many tokens
-    assert boft.cheaper_side(layer, torch.zeros(2, 320), 1, 40) == "activation"
+        assert boft.cheaper_side(small, torch.zeros(4096, 320), 2, 40) == "weight"  # inference: rotate W once
+    assert boft.cheaper_side(small, torch.zeros(2048, 320), 2, 40) == "weight"  # many tokens, small layer
+    assert boft.cheaper_side(wide, torch.zeros(128, 1280), 1, 160) == "activation"  # few tokens, wide layer
 
 
 def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):

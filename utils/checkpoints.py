@@ -92,16 +92,33 @@ def _file_sizes(folder: Path) -> dict:
 
 
 def save_checkpoint(accelerator, output_dir, state: TrainState, settings: dict, total_limit=None) -> Path:
-    """accelerate save_state (through the registered adapter hooks) plus the TrainState, atomically."""
+    """accelerate save_state on every process (each saves its RNG state), then the TrainState; atomically.
+
+    All processes write into one temporary folder; the main process renames it once everything is there.
+    """
     final = Path(output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
-
-    def write(tmp: Path):
-        accelerator.save_state(str(tmp))
-        record = {"train_state": asdict(state), "settings": settings, "files": _file_sizes(tmp)}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
-
-    atomic_folder(final, write)
-    if total_limit:
+    partial = Path(output_dir, f".{final.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            record = {"train_state": asdict(state), "settings": settings, "files": _file_sizes(partial)}
+            (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(
+            f"could not write {final}: {error.strerror or error}. Earlier checkpoints are intact; free disk space "
+            "or fix the folder's permissions, then resume with --resume_from_checkpoint latest"
+        ) from None
+    accelerator.wait_for_everyone()
+    if total_limit and accelerator.is_main_process:
         for old in complete_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
             logger.info("Removed %s (--checkpoints_total_limit %d)", old, total_limit)
@@ -187,10 +204,11 @@ def register_adapter_hooks(accelerator, adapter_name: str, model_names: dict) ->
         return model_names[id(accelerator.unwrap_model(model))]
 
     def save_hook(models, weights, output_dir):
-        for model in models:
-            accelerator.unwrap_model(model).save_pretrained(
-                Path(output_dir, name_of(model)), selected_adapters=[adapter_name]
-            )
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(
+                    Path(output_dir, name_of(model)), selected_adapters=[adapter_name]
+                )
         weights.clear()
 
     def load_hook(models, input_dir):

@@ -84,30 +84,55 @@ class DreamBoothDataset(Dataset):
     def __len__(self):
         return max(len(self.instance_images), len(self.class_images))
 
-    def _pixels(self, path, key, salt):
-        generator = torch.Generator().manual_seed(hash((self.seed, *key, salt)) % 2**63)
+    def _pixels(self, path, key):
+        generator = example_generator(self.seed, key, "crop")
         return to_training_tensor(load_rgb(path), self.size, self.center_crop, generator)
 
     def __getitem__(self, key):
         epoch, index = key
         example = {
-            "instance_images": self._pixels(self.instance_images[index % len(self.instance_images)], key, 0),
+            "instance_images": self._pixels(self.instance_images[index % len(self.instance_images)], (*key, 0)),
             "instance_prompt_ids": self.instance_ids,
+            "instance_key": (epoch, index, 0),
         }
         if self.class_images:
-            example["class_images"] = self._pixels(self.class_images[index % len(self.class_images)], key, 1)
+            example["class_images"] = self._pixels(self.class_images[index % len(self.class_images)], (*key, 1))
             example["class_prompt_ids"] = self.class_ids
+            example["class_key"] = (epoch, index, 1)
         return example
 
 
 def collate_fn(examples, with_prior_preservation: bool) -> dict:
     """Stack a batch; with prior preservation the class half follows the instance half."""
-    pixels = [e["instance_images"] for e in examples]
-    ids = [e["instance_prompt_ids"] for e in examples]
-    if with_prior_preservation:
-        pixels += [e["class_images"] for e in examples]
-        ids += [e["class_prompt_ids"] for e in examples]
-    return {"pixel_values": torch.stack(pixels).float(), "input_ids": torch.stack(ids)}
+    parts = ["instance", "class"] if with_prior_preservation else ["instance"]
+    return {
+        "pixel_values": torch.stack([e[f"{p}_images"] for p in parts for e in examples]).float(),
+        "input_ids": torch.stack([e[f"{p}_prompt_ids"] for p in parts for e in examples]),
+        "keys": [e[f"{p}_key"] for p in parts for e in examples],
+    }
+
+
+_STREAMS = {"crop": 0, "noise": 1}
+
+
+def example_generator(seed: int, key: tuple, stream: str) -> torch.Generator:
+    """A generator for one example in one epoch: (epoch, index, part) and the run's seed decide its draws.
+
+    Crops, latent samples, noise and timesteps drawn from it are the same whatever the batch size, number of
+    processes, data-loader workers or interruption: the basis of exact resume and of 1-vs-N-process equality.
+    """
+    return torch.Generator().manual_seed(hash((seed, *key, _STREAMS[stream])) % 2**63)
+
+
+def example_noise(seed: int, keys, latent_shape, num_timesteps: int):
+    """(latent sample noise, diffusion noise, timesteps) for a batch, each row drawn from its example's generator."""
+    latent_eps, noise, timesteps = [], [], []
+    for key in keys:
+        generator = example_generator(seed, key, "noise")
+        latent_eps.append(torch.randn(latent_shape, generator=generator))
+        noise.append(torch.randn(latent_shape, generator=generator))
+        timesteps.append(torch.randint(0, num_timesteps, (), generator=generator))
+    return torch.stack(latent_eps), torch.stack(noise), torch.stack(timesteps)
 
 
 class EpochShuffleSampler(Sampler):
@@ -147,7 +172,7 @@ def is_dreambooth_dataset_folder(instance_dir, data_root) -> bool:
 
 
 def fetch_dreambooth_dataset(data_root) -> None:
-    """git clone google/dreambooth into data_root/dreambooth (argument list, no shell); a UserError offline."""
+    """git clone google/dreambooth into data_root/dreambooth, which must not exist yet; a UserError offline."""
     import shutil
     import subprocess
     import tempfile
@@ -168,6 +193,4 @@ def fetch_dreambooth_dataset(data_root) -> None:
                 f"could not fetch the DreamBooth dataset ({detail.strip().splitlines()[-1] if detail.strip() else error}). "
                 f"Clone {DREAMBOOTH_REPOSITORY} into {target} by hand, or put your photos in the instance folder"
             ) from None
-        if target.exists():
-            shutil.rmtree(target)
         shutil.move(str(clone), str(target))

@@ -1,0 +1,74 @@
+import errno
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from utils import checkpoints
+from utils.errors import UserError
+
+
+def write_checkpoint(root, step, settings=None, content=b"weights"):
+    def write(tmp):
+        (tmp / "optimizer.bin").write_bytes(content)
+        record = {"train_state": {"seed": 1, "global_step": step, "epoch": 0, "batches_done_in_epoch": step},
+                  "settings": settings or {"boft_block_num": 8}, "files": {"optimizer.bin": len(content)}}
+        (tmp / checkpoints.STATE_FILE).write_text(json.dumps(record))
+
+    checkpoints.atomic_folder(root / f"checkpoint-{step}", write)
+    return root / f"checkpoint-{step}"
+
+
+def test_latest_is_the_newest_complete_checkpoint_and_truncated_ones_are_skipped(tmp_path, caplog):
+    for step in (2, 10, 4):
+        write_checkpoint(tmp_path, step)
+    assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "checkpoint-10"
+    (tmp_path / "checkpoint-10" / "optimizer.bin").write_bytes(b"wei")  # truncated
+    (tmp_path / "checkpoint-12").mkdir()  # never finished (no state file)
+    assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "checkpoint-4"
+    assert "Skipping checkpoint" in caplog.text and "checkpoint-10" in caplog.text and "checkpoint-12" in caplog.text
+
+
+def test_latest_without_checkpoints_starts_fresh(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    assert checkpoints.find_resume_checkpoint("latest", tmp_path) is None
+    assert "starting from the beginning" in caplog.text
+
+
+def test_a_named_incomplete_checkpoint_is_refused(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(UserError, match="cannot be used"):
+        checkpoints.find_resume_checkpoint(str(tmp_path / "checkpoint-3"), tmp_path)
+    with pytest.raises(UserError, match="no such folder"):
+        checkpoints.find_resume_checkpoint("checkpoint-9", tmp_path)
+
+
+def test_a_failed_save_leaves_nothing_half_written_and_the_previous_checkpoint_intact(tmp_path):
+    previous = write_checkpoint(tmp_path, 2)
+
+    def disk_full(tmp):
+        (tmp / "optimizer.bin").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match="No space left on device"):
+        checkpoints.atomic_folder(tmp_path / "checkpoint-4", disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert checkpoints.find_resume_checkpoint("latest", tmp_path) == previous
+
+
+def test_incompatible_settings_are_named(tmp_path):
+    folder = write_checkpoint(tmp_path, 2, settings={"boft_block_num": 8, "pretrained_model_name_or_path": "a"})
+    with pytest.raises(UserError) as error:
+        checkpoints.read_checkpoint(folder, {"boft_block_num": 4, "pretrained_model_name_or_path": "a"})
+    assert "--boft_block_num: checkpoint 8, now 4" in str(error.value)
+    assert checkpoints.read_checkpoint(folder, {"boft_block_num": 8}).global_step == 2
+
+
+def test_compatibility_settings_cover_shape_targets_and_model():
+    args = SimpleNamespace(pretrained_model_name_or_path="m", revision=None, boft_block_num=8, boft_block_size=0,
+                           boft_n_butterfly_factor=2, boft_bias="none", train_text_encoder=False,
+                           with_prior_preservation=True, train_batch_size=1, gradient_accumulation_steps=1)
+    settings = checkpoints.compatibility_settings(args, 2, ["to_q"], ["q_proj"])
+    assert settings["unet_target_modules"] == ["to_q"] and settings["text_encoder_target_modules"] == []
+    assert settings["num_processes"] == 2 and set(checkpoints.COMPATIBILITY_SETTINGS) == set(settings)

