@@ -29,7 +29,7 @@ demo: install
 	  --pretrained_model_name_or_path=data/tiny-sd \
 	  --instance_data_dir=data/demo_subject --instance_prompt="a photo of qwe toy" \
 	  --with_prior_preservation --class_data_dir=data/class_data/demo_toy --class_prompt="a photo of toy" \
-	  --num_class_images=8 --sample_batch_size=4 \
+	  --num_class_images=8 --sample_batch_size=4 --use_boft \
 	  --output_dir=$(DEMO_OUT) --wandb_run_name=demo_toy --report_to=tensorboard \
 	  --resolution=64 --train_batch_size=2 --learning_rate=1e-3 --lr_warmup_steps=0 --seed=0 \
 	  --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=2 \

@@ -44,6 +44,7 @@ def base_args(model, subject, output_dir, **overrides) -> list[str]:
         "instance_data_dir": subject,
         "instance_prompt": "a photo of qwe toy",
         "output_dir": output_dir,
+        "use_boft": True,
         "resolution": 64,
         "train_batch_size": 1,
         "max_train_steps": 2,

@@ -2,7 +2,7 @@ import pytest
 
 from utils.args_loader import build_parser, parse_args, split_validation_prompts
 
-REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
+REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", "--use_boft"]
 
 
 def test_defaults_are_the_guides():
@@ -46,6 +46,7 @@ def test_validation_prompts_in_both_forms(values, expected):
         (["--boft_block_num", "4", "--boft_block_size", "8"], "exactly one of --boft_block_num and --boft_block_size"),
         (["--boft_block_num", "0"], "exactly one of --boft_block_num and --boft_block_size"),
         (["--boft_dropout", "1.0"], "--boft_dropout must be in [0, 1)"),
+        (["--no-such-flag"], "unrecognized arguments"),
         (["--resolution", "500"], "--resolution must be a multiple of 8"),
         (["--max_train_steps", "0"], "--max_train_steps must be positive"),
         (["--train_batch_size", "-1"], "--train_batch_size must be positive"),
@@ -69,3 +70,9 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(REQUIRED + ["--output_dir", str(file)])
     assert "is a file" in capsys.readouterr().err
+
+
+def test_use_boft_is_required(capsys):
+    with pytest.raises(SystemExit):
+        parse_args([a for a in REQUIRED if a != "--use_boft"])
+    assert "--use_boft is missing" in capsys.readouterr().err

@@ -74,8 +74,8 @@ def _boft_group(parser):
     group.add_argument(
         "--use_boft",
         action="store_true",
-        help="Train BOFT adapters. This trainer only trains BOFT adapters, so the flag is kept for the guide's "
-        "commands and changes nothing.",
+        help="Train BOFT adapters (required: this trainer does no full fine-tuning; diffusers' "
+        "examples/dreambooth does).",
     )
     group.add_argument("--boft_block_num", type=int, default=4, help="Number of BOFT blocks (0: use block size).")
     group.add_argument("--boft_block_size", type=int, default=0, help="Size of BOFT blocks (0: use block number).")
@@ -251,6 +251,11 @@ def _check_positive(args, problems):
 def _check_values(args, problems):
     if args.resolution > 0 and args.resolution % 8:
         problems.append(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    if not args.use_boft:
+        problems.append(
+            "--use_boft is missing: this trainer trains BOFT adapters only (for full fine-tuning use diffusers' "
+            "examples/dreambooth/train_dreambooth.py)"
+        )
     if (args.boft_block_num == 0) == (args.boft_block_size == 0):
         problems.append(
             "give exactly one of --boft_block_num and --boft_block_size a nonzero value (the other 0), got "

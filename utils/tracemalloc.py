@@ -105,12 +105,15 @@ class TorchTracemalloc:
         return False
 
     def report(self) -> list[str]:
-        device = self.device_name or "accelerator (none)"
-        return [
+        """The guide's lines; the accelerator's only where there is one."""
+        device = self.device_name
+        lines = [] if device is None else [
             f"{device} memory before training: {b2mb(self.begin)} MB",
             f"{device} memory consumed at the end (end-begin): {self.used} MB",
             f"{device} peak memory consumed (max-begin): {self.peaked} MB",
             f"{device} total peak memory (max): {b2mb(self.peak)} MB",
+        ]
+        return lines + [
             f"CPU memory before training: {b2mb(self.cpu_begin)} MB",
             f"CPU memory consumed at the end (end-begin): {self.cpu_used} MB",
             f"CPU peak memory consumed (max-begin): {self.cpu_peaked} MB",
