@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import logging
 import math
+import shlex
 import signal
 import sys
 from contextlib import nullcontext
@@ -418,8 +419,9 @@ def finish(args, accelerator, trainer, memory, hub_target):
     accelerator.end_training()
     if accelerator.is_main_process:
         adapter = Path(args.output_dir, "unet", str(step), args.adapter_name)
-        print(f"Done: {step} steps. UNet adapter: {adapter}\n"
-              f"Load it with peft: PeftModel.from_pretrained(unet, {str(adapter)!r}, adapter_name={args.adapter_name!r})")
+        command = ["python", "-m", "utils.inference", "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                   "--output_dir", args.output_dir, "--adapter_name", args.adapter_name, "--prompt", args.instance_prompt]
+        print(f"Done: {step} steps. UNet adapter: {adapter}\nGenerate with it: {shlex.join(command)}")
 
 
 def main(argv=None):

@@ -156,7 +156,7 @@ def test_the_rotation_is_orthogonal(factors):
 def _blocks_and_permutations(layer):
     boft_r = layer.boft_R["default"]
     m, d, h, _ = boft_r.shape
-    return layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h), boft._permutations(layer, torch.device("cpu"))
+    return layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h), boft._permutations(layer, boft_r)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

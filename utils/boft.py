@@ -129,7 +129,9 @@ def trainable_parameter_summary(peft_model, model_name: str) -> str:
 
 BOFT_IMPLEMENTATIONS = ("fast", "peft")
 _PEFT_NAMES = ("_FBD_CUDA", "get_fbd_cuda", "FastBlockDiag", "Linear", "MultiplicativeDropoutLayer")
-_PEFT_LAYER_ATTRIBUTES = ("boft_R", "boft_s", "boft_P", "boft_dropout", "cayley_batch", "base_layer", "merged")
+_PEFT_LAYER_ATTRIBUTES = (
+    "boft_R", "boft_s", "boft_dropout", "cayley_batch", "block_butterfly_perm", "base_layer", "merged_adapters"
+)
 
 
 class TorchBlockDiagonal:
@@ -170,19 +172,21 @@ def install_block_diagonal() -> bool:
     return True
 
 
-def _permutations(layer, device):
-    """Index forms of peft's permutation matrices: (perm, inverse) per factor, None where P is the identity."""
-    key = (layer.boft_P.data_ptr(), tuple(layer.boft_P.shape), device)
-    cache = layer.__dict__.get("_fast_boft_permutations")
-    if cache is None or cache[0] != key:
+def _permutations(layer, boft_r):
+    """Index forms of peft's butterfly permutations for an adapter of this shape: (perm, inverse) per factor,
+    None where the permutation is the identity. Built from the adapter's own shape rather than the layer's
+    `boft_P` buffer, which peft shares between adapters, so adapters of different shapes can share a layer."""
+    m, d, h, _ = boft_r.shape
+    key = (m, d, h, boft_r.device)
+    cache = layer.__dict__.setdefault("_fast_boft_permutations", {})
+    if key not in cache:
         pairs = []
-        for matrix in layer.boft_P:
-            perm = matrix.argmax(dim=1).to(device)
-            identity = torch.equal(perm, torch.arange(len(perm), device=device))
+        for i in range(m):
+            perm = layer.block_butterfly_perm(d * h, int(d / 2**i), int(h / 2), m - 1).to(boft_r.device)
+            identity = torch.equal(perm, torch.arange(d * h, device=boft_r.device))
             pairs.append(None if identity else (perm, torch.argsort(perm)))
-        cache = (key, pairs)
-        layer.__dict__["_fast_boft_permutations"] = cache
-    return cache[1]
+        cache[key] = pairs
+    return cache[key]
 
 
 class _Permute(torch.autograd.Function):
@@ -245,7 +249,7 @@ def boft_linear(layer, x, adapter: str, side: str):
     boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
     m, d, h, _ = boft_r.shape
     blocks = layer.boft_dropout[adapter](layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h))
-    permutations = _permutations(layer, x.device)
+    permutations = _permutations(layer, boft_r)
     if side == "weight":
         rotated = rotate_rows(weight.to(blocks.dtype), blocks, permutations, transpose=True)
         return F.linear(x, (boft_s * rotated).to(weight.dtype), bias).to(x.dtype)
@@ -262,14 +266,51 @@ def fast_boft_forward(layer, x, *args, **kwargs):
     return boft_linear(layer, x, active[0], cheaper_side(layer, x, m, h))
 
 
+@torch.no_grad()
+def structured_merge(layer, safe_merge: bool = False, adapter_names=None) -> None:
+    """peft's BOFT merge (W <- diag(s) W R^T), with the rotation applied to W's rows instead of built densely."""
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    weight = layer.base_layer.weight
+    for name in check_adapters_to_merge(layer, adapter_names):
+        if name not in layer.boft_R:
+            continue
+        boft_r = layer.boft_R[name]
+        m, d, h, _ = boft_r.shape
+        blocks = layer.cayley_batch(boft_r.float().view(m * d, h, h)).view(m, d, h, h)
+        rotated = rotate_rows(weight.float(), blocks, _permutations(layer, boft_r), transpose=True)
+        merged = layer.boft_s[name].float() * rotated
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        weight.copy_(merged.to(weight.dtype))
+        layer.merged_adapters.append(name)
+
+
+@torch.no_grad()
+def structured_unmerge(layer) -> None:
+    """Undo structured_merge: W <- diag(1/s) W' R, since R^T R = I."""
+    weight = layer.base_layer.weight
+    while layer.merged_adapters:
+        name = layer.merged_adapters.pop()
+        if name not in layer.boft_R:
+            continue
+        boft_r = layer.boft_R[name]
+        m, d, h, _ = boft_r.shape
+        blocks = layer.cayley_batch(boft_r.float().view(m * d, h, h)).view(m, d, h, h)
+        unscaled = weight.float() / layer.boft_s[name].float()
+        weight.copy_(rotate_rows(unscaled, blocks, _permutations(layer, boft_r), transpose=False).to(weight.dtype))
+
+
 def use_fast_forward(peft_model) -> int:
-    """Route every plain-Linear BOFT layer of the model through fast_boft_forward; return how many."""
+    """Route every plain-Linear BOFT layer through fast_boft_forward and structured_merge; return how many."""
     layer_class = _peft_layer_module().Linear
     count = 0
     for module in peft_model.modules():
         if isinstance(module, layer_class) and type(module.get_base_layer()) is torch.nn.Linear:
             if all(hasattr(module, a) for a in _PEFT_LAYER_ATTRIBUTES):
                 module.forward = types.MethodType(fast_boft_forward, module)
+                module.merge = types.MethodType(structured_merge, module)
+                module.unmerge = types.MethodType(structured_unmerge, module)
                 count += 1
     return count
 
@@ -286,3 +327,7 @@ def check_adapter_shapes(args, unet, text_encoder) -> dict:
             check_block_shape(layers, args.boft_block_num, args.boft_block_size, args.boft_n_butterfly_factor, name)
             counts[name] = len(layers)
     return counts
+
+
+# Importing this module is what makes every butterfly factor count load and train with stock peft.
+install_block_diagonal()

