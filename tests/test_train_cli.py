@@ -236,3 +236,23 @@ def test_launcher_runs_the_trainer_end_to_end(tiny_model, subject, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "out" / "unet" / "1" / "teapot_boft_801" / "adapter_model.safetensors").is_file()
     assert len(list((tmp_path / "class" / "teapot").iterdir())) == 1
+
+
+def test_latent_cache_changes_nothing_but_speed_and_is_reused(tiny_model, subject, tmp_path):
+    from safetensors.torch import load_file
+
+    flags = dict(with_prior_preservation=True, class_data_dir=tmp_path / "class", class_prompt="a photo of toy",
+                 num_class_images=2, class_inference_steps=2, max_train_steps=4)
+    uncached = run_trainer(base_args(tiny_model, subject, tmp_path / "off", no_cache_latents=True, **flags))
+    cached = run_trainer(base_args(tiny_model, subject, tmp_path / "on", **flags))
+    assert uncached.returncode == 0 and cached.returncode == 0, cached.stderr[-3000:]
+    assert "Latent cache off: --no_cache_latents" in uncached.stderr
+    assert "Latent cache on" in cached.stderr
+    assert "Time:" in cached.stdout and "unet_forward" in cached.stdout
+    weights = [load_file(tmp_path / d / "unet" / "4" / "dreambooth_boft" / "adapter_model.safetensors") for d in ("off", "on")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    entries = {p: p.stat().st_mtime_ns for p in (tmp_path / "on" / "latent_cache").iterdir()}
+    assert len(entries) == 3 + 2  # three photos, two class images, each encoded once
+    second = run_trainer(base_args(tiny_model, subject, tmp_path / "on", wandb_run_name="second", **flags))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "on" / "latent_cache").iterdir()} == entries

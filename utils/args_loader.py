@@ -57,6 +57,12 @@ def _data_group(parser):
         "--class_inference_steps", type=int, default=50, help="Denoising steps per generated class image."
     )
     group.add_argument(
+        "--class_scheduler",
+        default="pipeline",
+        choices=["pipeline", "dpm"],
+        help="Sampler for class images: the model's own (the guide's), or DPM-Solver multistep (fast: 25 steps).",
+    )
+    group.add_argument(
         "--prior_generation_precision",
         default=None,
         choices=["no", "fp32", "fp16", "bf16"],
@@ -64,6 +70,17 @@ def _data_group(parser):
     )
     group.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (multiple of 8).")
     group.add_argument("--center_crop", action="store_true", help="Center-crop images instead of cropping randomly.")
+    group.add_argument(
+        "--cache_latents",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Encode each image with the VAE once and keep its latent distribution (on disk, in --output_dir). "
+        "Default: on when exact (square images, or --center_crop).",
+    )
+    group.add_argument(
+        "--no_cache_latents", dest="cache_latents", action="store_const", const=False, help="Encode every step."
+    )
     group.add_argument(
         "--num_dataloader_workers", type=int, default=1, help="Worker processes of the training data loader."
     )

@@ -76,10 +76,14 @@ def generate_indices(args, indices: list[int], device, show_progress: bool = Tru
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         revision=args.revision,
-        torch_dtype=generation_dtype(args.prior_generation_precision, device.type),
+        dtype=generation_dtype(args.prior_generation_precision, device.type),
         safety_checker=None,
         requires_safety_checker=False,
     ).to(device)
+    if args.class_scheduler == "dpm":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     batches = [indices[i : i + args.sample_batch_size] for i in range(0, len(indices), args.sample_batch_size)]
     for batch in tqdm(batches, desc="Class images", disable=not show_progress):

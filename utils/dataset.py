@@ -42,12 +42,13 @@ def load_rgb(path) -> Image.Image:
         return image.convert("RGB")
 
 
-def to_training_tensor(image: Image.Image, size: int, center_crop: bool, generator: torch.Generator) -> torch.Tensor:
-    """Resize the short side to `size`, crop a size x size square, scale to [-1, 1], channels first."""
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(image.size)
-    resized = image.resize(
-        (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR
-    )
+    return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR)
+
+
+def crop_to_tensor(resized: Image.Image, size: int, center_crop: bool, generator: torch.Generator) -> torch.Tensor:
+    """Crop a size x size square (center, or where the generator says), scale to [-1, 1], channels first."""
     spare_x, spare_y = resized.width - size, resized.height - size
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
@@ -56,6 +57,11 @@ def to_training_tensor(image: Image.Image, size: int, center_crop: bool, generat
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
     cropped = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32)
     return torch.from_numpy(cropped / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def to_training_tensor(image: Image.Image, size: int, center_crop: bool, generator: torch.Generator) -> torch.Tensor:
+    """Resize the short side to `size`, crop a size x size square, scale to [-1, 1], channels first."""
+    return crop_to_tensor(resize_short_side(image, size), size, center_crop, generator)
 
 
 def tokenize(tokenizer, prompt: str) -> torch.Tensor:
@@ -69,10 +75,12 @@ class DreamBoothDataset(Dataset):
 
     Items are addressed by `(epoch, index)` keys from `EpochShuffleSampler`: the random crop of an item depends
     only on the run's seed and that key, so a resumed run sees exactly the crops an uninterrupted one would.
+    An image whose latents are in `latent_cache` (its path in `cache_keys`) is not read at all; it comes as its
+    posterior's mean and std. Otherwise resized images are kept in memory while they fit in `memory_budget` bytes.
     """
 
     def __init__(self, instance_images, instance_prompt, tokenizer, size, center_crop, seed,
-                 class_images=None, class_prompt=None):
+                 class_images=None, class_prompt=None, latent_cache=None, cache_keys=None, memory_budget=2**31):
         self.instance_images = list(instance_images)
         self.class_images = list(class_images or [])
         self.size = size
@@ -80,35 +88,58 @@ class DreamBoothDataset(Dataset):
         self.seed = seed
         self.instance_ids = tokenize(tokenizer, instance_prompt)
         self.class_ids = tokenize(tokenizer, class_prompt) if self.class_images else None
+        self.latent_cache = latent_cache
+        self.cache_keys = dict(cache_keys or {}) if latent_cache is not None else {}
+        self._resized = {}
+        self._budget = memory_budget
 
     def __len__(self):
         return max(len(self.instance_images), len(self.class_images))
 
-    def _pixels(self, path, key):
-        generator = example_generator(self.seed, key, "crop")
-        return to_training_tensor(load_rgb(path), self.size, self.center_crop, generator)
+    def _resize(self, path) -> Image.Image:
+        resized = self._resized.get(path)
+        if resized is None:
+            resized = resize_short_side(load_rgb(path), self.size)
+            if self._budget >= resized.width * resized.height * 3:
+                self._budget -= resized.width * resized.height * 3
+                self._resized[path] = resized
+        return resized
+
+    def _row(self, path, key, prompt_ids) -> dict:
+        row = {"key": key, "prompt_ids": prompt_ids, "cache_key": self.cache_keys.get(path)}
+        cached = self.latent_cache.load(row["cache_key"]) if row["cache_key"] else None
+        if cached is not None:
+            row["latent"] = cached
+        else:
+            row["pixels"] = crop_to_tensor(self._resize(path), self.size, self.center_crop,
+                                           example_generator(self.seed, key, "crop"))
+        return row
 
     def __getitem__(self, key):
         epoch, index = key
-        example = {
-            "instance_images": self._pixels(self.instance_images[index % len(self.instance_images)], (*key, 0)),
-            "instance_prompt_ids": self.instance_ids,
-            "instance_key": (epoch, index, 0),
-        }
+        example = {"instance": self._row(self.instance_images[index % len(self.instance_images)],
+                                         (epoch, index, 0), self.instance_ids)}
         if self.class_images:
-            example["class_images"] = self._pixels(self.class_images[index % len(self.class_images)], (*key, 1))
-            example["class_prompt_ids"] = self.class_ids
-            example["class_key"] = (epoch, index, 1)
+            example["class"] = self._row(self.class_images[index % len(self.class_images)],
+                                         (epoch, index, 1), self.class_ids)
         return example
 
 
 def collate_fn(examples, with_prior_preservation: bool) -> dict:
-    """Stack a batch; with prior preservation the class half follows the instance half."""
-    parts = ["instance", "class"] if with_prior_preservation else ["instance"]
+    """A batch; with prior preservation the class rows follow the instance rows. Rows come as pixels (to encode)
+    or as cached latents; `pixel_rows` and `latent_rows` say which row is which."""
+    rows = [e[part] for part in (["instance", "class"] if with_prior_preservation else ["instance"]) for e in examples]
+    pixel_rows = [i for i, row in enumerate(rows) if "pixels" in row]
+    latent_rows = [i for i, row in enumerate(rows) if "latent" in row]
     return {
-        "pixel_values": torch.stack([e[f"{p}_images"] for p in parts for e in examples]).float(),
-        "input_ids": torch.stack([e[f"{p}_prompt_ids"] for p in parts for e in examples]),
-        "keys": [e[f"{p}_key"] for p in parts for e in examples],
+        "keys": [row["key"] for row in rows],
+        "input_ids": torch.stack([row["prompt_ids"] for row in rows]),
+        "pixel_rows": pixel_rows,
+        "pixel_values": torch.stack([rows[i]["pixels"] for i in pixel_rows]).float() if pixel_rows else None,
+        "pixel_cache_keys": [rows[i]["cache_key"] for i in pixel_rows],
+        "latent_rows": latent_rows,
+        "latent_mean": torch.stack([rows[i]["latent"][0] for i in latent_rows]) if latent_rows else None,
+        "latent_std": torch.stack([rows[i]["latent"][1] for i in latent_rows]) if latent_rows else None,
     }
 
 

@@ -101,7 +101,7 @@ class BoftPipeline:
 
         device, torch_dtype = choose_device_and_dtype(device, dtype)
         pipeline = StableDiffusionPipeline.from_pretrained(
-            name_or_path, revision=revision, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            name_or_path, revision=revision, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
         )
         if scheduler == "dpm":
             pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)

@@ -95,3 +95,24 @@ def empty_models(args):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision))
         text_encoder = encoder_class(encoder_config)
     return unet, text_encoder
+
+
+def cast_frozen(model, dtype):
+    """Frozen weights take the mixed-precision dtype; trainable (adapter) parameters stay fp32."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(dtype)
+
+
+def enable_xformers(unet) -> str | None:
+    """xformers attention where it works (CUDA and the package); otherwise a warning and PyTorch SDPA stays."""
+    import torch
+    from diffusers.utils.import_utils import is_xformers_available
+
+    if not (torch.cuda.is_available() and is_xformers_available()):
+        return "xformers needs CUDA and the xformers package; using PyTorch scaled-dot-product attention"
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as error:  # a wheel built for another torch fails here; SDPA is the safe fallback
+        return f"xformers failed ({error}); using PyTorch scaled-dot-product attention"
+    return None

@@ -14,41 +14,43 @@ def image_filename(prompt_index: int, prompt: str, image_index: int) -> str:
     return f"{prompt_index:02d}_{slug}_{image_index}.png"
 
 
-def build_pipeline(parts, unet, text_encoder):
+def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler):
     """A StableDiffusionPipeline over the training components, with DPM-Solver multistep as in the guide."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    return StableDiffusionPipeline(
-        vae=parts.vae,
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
         text_encoder=text_encoder,
-        tokenizer=parts.tokenizer,
+        tokenizer=tokenizer,
         unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config),
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 @torch.no_grad()
-def generate_validation_images(pipeline, prompts, num_images, seed, steps, resolution, autocast):
-    """All images of all prompts, each seeded by (seed, image index) so steps are comparable."""
-    pipeline.set_progress_bar_config(disable=True)
-    images, captions = [], []
-    for prompt in prompts:
-        generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
+def generate_validation_images(pipeline, prompts, num_images, seed, steps, resolution, autocast, batch_size):
+    """num_images images of every prompt, prompt after prompt, generated batch_size images at a time.
+
+    Image k of each prompt is seeded with seed + k (a CPU generator), so steps and runs are comparable.
+    """
+    jobs = [(prompt, k) for prompt in prompts for k in range(num_images)]
+    images = []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
         with autocast():
-            result = pipeline(
-                prompt,
-                num_images_per_prompt=num_images,
+            images += pipeline(
+                [prompt for prompt, _ in batch],
                 num_inference_steps=steps,
                 height=resolution,
                 width=resolution,
-                generator=generators,
-            )
-        images += result.images
-        captions += [prompt] * num_images
-    return images, captions
+                generator=[torch.Generator().manual_seed(seed + k) for _, k in batch],
+            ).images
+    return images, [prompt for prompt, _ in jobs]
 
 
 def save_validation_images(images, captions, prompts, folder) -> list[Path]:

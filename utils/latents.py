@@ -1,0 +1,88 @@
+"""The latent cache: each training image's VAE posterior (mean and std), computed once and kept on disk.
+
+Training samples latents from the posterior every step (mean + std * noise), exactly as without the cache; only
+the encoding is saved. An entry is keyed by the model, the image's content, the resolution and the crop mode, so a
+resumed run, or another subject trained into the same output folder with the same class images, encodes nothing
+again. Only images whose crop is the same every epoch can be cached: with --center_crop, or when the image is
+square. A random crop of a non-square image changes every epoch and is encoded every step.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+CACHE_FOLDER = "latent_cache"
+
+
+def file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprint(name_or_path: str, revision, vae_config: dict) -> str:
+    """Which VAE encodes: its source, revision and configuration."""
+    text = json.dumps([str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path,
+                       revision, {k: v for k, v in vae_config.items() if not k.startswith("_")}],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def crop_is_fixed(path, resolution: int, center_crop: bool) -> bool:
+    """True when every epoch crops the same square out of this image (reads the header only)."""
+    if center_crop:
+        return True
+    with Image.open(path) as image:
+        width, height = image.size
+    scale = resolution / min(width, height)
+    return round(width * scale) <= resolution and round(height * scale) <= resolution
+
+
+class LatentCache:
+    def __init__(self, folder, fingerprint: str, resolution: int, center_crop: bool):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._salt = f"{fingerprint}:{resolution}:{'center' if center_crop else 'random'}"
+
+    def key(self, image_digest: str) -> str:
+        return hashlib.sha256(f"{self._salt}:{image_digest}".encode()).hexdigest()[:40]
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def load(self, key: str):
+        """(mean, std) of a cached image, or None."""
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(path)
+        except Exception:  # a torn or foreign file: encode the image again and overwrite it
+            return None
+        return tensors["mean"], tensors["std"]
+
+    def save(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        partial = self.folder / f".{key}.{os.getpid()}.partial"
+        save_file({"mean": mean.detach().float().cpu().contiguous(), "std": std.detach().float().cpu().contiguous()},
+                  partial)
+        os.replace(partial, self._path(key))
+
+
+def plan_latent_cache(images, resolution: int, center_crop: bool, requested, folder, fingerprint: str):
+    """(cache or None, {image path: cache key}, notice) for --cache_latents (None: on when it is exact for all)."""
+    varying = [path for path in images if not crop_is_fixed(path, resolution, center_crop)]
+    why = (f"{len(varying)} image(s) are not square and --center_crop is off: their random crops change every "
+           "epoch, so they are encoded every step")
+    if requested is False or (requested is None and varying):
+        return None, {}, "Latent cache off: " + ("--no_cache_latents" if requested is False else why)
+    cache = LatentCache(folder, fingerprint, resolution, center_crop)
+    keys = {path: cache.key(file_digest(path)) for path in images if path not in set(varying)}
+    notice = f"Latent cache on ({folder}): each image is encoded once" + (f"; but {why}" if varying else "")
+    return cache, keys, notice

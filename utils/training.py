@@ -1,0 +1,104 @@
+"""The training step's parts: text conditioning, latents, the diffusion loss, the optimizer and the lr schedule."""
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from utils.dataset import example_noise, tokenize
+from utils.errors import UserError
+
+
+class TextConditioning:
+    """Encoder hidden states for a batch. A frozen text encoder runs once per prompt, at start-up, and can then
+    leave the accelerator; a trained one runs every step."""
+
+    def __init__(self, text_encoder, tokenizer, prompts: dict, trained: bool, device, dtype):
+        self.text_encoder, self.trained = text_encoder, trained
+        self.embeddings = {}
+        if not trained:
+            with torch.no_grad():
+                for part, prompt in prompts.items():
+                    ids = tokenize(tokenizer, prompt).unsqueeze(0).to(device)
+                    self.embeddings[part] = text_encoder(ids)[0][0].to(dtype)
+
+    def __call__(self, batch) -> torch.Tensor:
+        if self.trained:
+            return self.text_encoder(batch["input_ids"])[0]
+        return torch.stack([self.embeddings[part] for _, _, part in batch["keys"]])
+
+
+def latent_posterior(batch, vae, dtype, cache=None):
+    """(mean, std) of each row's VAE posterior: encoded now for pixel rows (and cached when allowed), read for
+    cached rows."""
+    rows = [None] * len(batch["keys"])
+    if batch["pixel_rows"]:
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
+        for j, row in enumerate(batch["pixel_rows"]):
+            rows[row] = (posterior.mean[j], posterior.std[j])
+            if cache is not None and batch["pixel_cache_keys"][j] is not None:
+                cache.save(batch["pixel_cache_keys"][j], posterior.mean[j], posterior.std[j])
+    for j, row in enumerate(batch["latent_rows"]):
+        rows[row] = (batch["latent_mean"][j].to(vae.device, dtype), batch["latent_std"][j].to(vae.device, dtype))
+    return torch.stack([mean for mean, _ in rows]), torch.stack([std for _, std in rows])
+
+
+def diffusion_loss(batch, mean, std, encoder_hidden_states, unet, noise_scheduler, scaling_factor, seed,
+                   prior_loss_weight=None, timer=None):
+    """Sample latents from the posterior, noise them at random timesteps, regress the target (epsilon or v).
+
+    With prior preservation (`prior_loss_weight` given) the class half of the batch gets its own weighted loss.
+    """
+    config = noise_scheduler.config
+    draws = example_noise(seed, batch["keys"], mean.shape[1:], config.num_train_timesteps)
+    latent_eps, noise, timesteps = (draw.to(mean.device) for draw in draws)
+    latents = (mean + std * latent_eps.to(mean.dtype)) * scaling_factor
+    noise = noise.to(latents.dtype)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    with timer("unet_forward") if timer else nullcontext():
+        prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    if config.prediction_type == "epsilon":
+        target = noise
+    elif config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UserError(f"unknown prediction_type {config.prediction_type!r} in the scheduler config")
+    if prior_loss_weight is None:
+        return F.mse_loss(prediction.float(), target.float())
+    prediction, prior_prediction = prediction.chunk(2)
+    target, prior_target = target.chunk(2)
+    prior_loss = F.mse_loss(prior_prediction.float(), prior_target.float())
+    return F.mse_loss(prediction.float(), target.float()) + prior_loss_weight * prior_loss
+
+
+def make_optimizer(args, params, num_processes):
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(args, optimizer, num_processes):
+    from diffusers.optimization import get_scheduler
+
+    # accelerate steps a prepared scheduler once per process for every optimizer step.
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
