@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import shlex
 import signal
 import sys
@@ -42,6 +43,7 @@ from utils.class_images import generate_class_images
 from utils.dataset import (
     DreamBoothDataset,
     EpochShuffleSampler,
+    check_images,
     collate_fn,
     fetch_dreambooth_dataset,
     is_dreambooth_dataset_folder,
@@ -51,6 +53,7 @@ from utils.dataset import (
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.latents import CACHE_FOLDER, model_fingerprint, plan_latent_cache
 from utils.models import cast_frozen, check_model_source, empty_models, enable_xformers, load_models
+from utils.plan import plan_lines
 from utils.timing import StageTimer
 from utils.tracemalloc import TorchTracemalloc
 from utils.training import TextConditioning, diffusion_loss, latent_posterior, make_lr_scheduler, make_optimizer
@@ -68,14 +71,17 @@ def run_seed(args) -> int:
 
 
 def preflight(args):
-    """Every check that needs no weights: model, adapter shapes, trackers, hub. Returns (trackers, hub target)."""
+    """Every check that needs no weights: model, adapter shapes, trackers, hub.
+
+    Returns (trackers, hub target, the UNet and text encoder built on the meta device for --dry_run's plan)."""
     check_model_source(args.pretrained_model_name_or_path, args.revision)
-    check_adapter_shapes(args, *empty_models(args))
+    meta_models = empty_models(args)
+    check_adapter_shapes(args, *meta_models)
     trackers = tracking.resolve_trackers(args.report_to)
     hub_target = hub.resolve_hub_repo(args) if args.push_to_hub else None
     if args.hub_token or args.wandb_key:
         logger.warning("Tokens given as flags are visible to other users in the process list; prefer HF_TOKEN / WANDB_API_KEY")
-    return trackers, hub_target
+    return trackers, hub_target, meta_models
 
 
 def setup_accelerator(args, trackers) -> Accelerator:
@@ -85,6 +91,10 @@ def setup_accelerator(args, trackers) -> Accelerator:
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))),
     )
+    if accelerator.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+        logger.warning("accelerate launch --cpu started one process (it needs mpirun for more), so this run trains on "
+                       "1 process. For N CPU processes: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                       "--num_processes N ... (train_dreambooth.sh does this for ACCELERATE_ARGS=\"--cpu --num_processes N\")")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -104,7 +114,8 @@ def instance_images(args, accelerator):
             if accelerator.is_main_process:
                 logger.info("Fetching the DreamBooth dataset into %s", DATA_ROOT / "dreambooth")
                 fetch_dreambooth_dataset(DATA_ROOT)
-    return require_images(args.instance_data_dir, "--instance_data_dir")
+    images = require_images(args.instance_data_dir, "--instance_data_dir")
+    return check_images(images, args.resolution, args.skip_bad_images, "--instance_data_dir")
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:
@@ -134,9 +145,10 @@ def wrap_with_adapters(args, parts, accelerator):
     return unet, text_encoder
 
 
-def make_dataloader(args, parts, images, seed):
+def make_dataloader(args, parts, images, seed, unreadable=()):
     """The training data: instance (and class) images, as cached latents where that is exact, else pixels."""
-    class_images = list_images(args.class_data_dir)[: args.num_class_images] if args.with_prior_preservation else []
+    class_images = [p for p in list_images(args.class_data_dir) if p not in unreadable] if args.with_prior_preservation else []
+    class_images = class_images[: args.num_class_images]
     cache, cache_keys, notice = plan_latent_cache(
         images + class_images, args.resolution, args.center_crop, args.cache_latents, Path(args.output_dir, CACHE_FOLDER),
         model_fingerprint(args.pretrained_model_name_or_path, args.revision, dict(parts.vae.config)),
@@ -173,13 +185,17 @@ class Trainer:
         self.conditioning = TextConditioning(text_encoder, parts.tokenizer, prompts, args.train_text_encoder,
                                              accelerator.device, self.dtype)
         self.interrupted_by = None
+        self.embedder = None
         if not args.train_text_encoder and accelerator.device.type != "cpu":
             self.text_encoder.to("cpu")  # its embeddings are computed; it comes back for validation
 
     def save_adapters(self):
+        # get_state_dict runs on every process: under DeepSpeed it gathers the weights; the main process writes.
+        state_dicts = {name: self.accelerator.get_state_dict(model) for name, model in self.trained.items()}
         if self.accelerator.is_main_process:
             models = {name: self.accelerator.unwrap_model(model) for name, model in self.trained.items()}
-            for path in checkpoints.save_adapters(models, self.args.output_dir, self.state.global_step, self.args.adapter_name):
+            for path in checkpoints.save_adapters(models, self.args.output_dir, self.state.global_step,
+                                                  self.args.adapter_name, state_dicts):
                 logger.info("Saved adapter %s", path)
 
     def save_checkpoint(self):
@@ -213,6 +229,19 @@ class Trainer:
         validation.save_validation_images(images, captions, args.validation_prompts, folder)
         tracking.log_images(self.accelerator, images, [f"{i}: {c}" for i, c in enumerate(captions)], step)
         logger.info("Validation images in %s", folder)
+        if args.eval_steps and step % args.eval_steps == 0:
+            with self.timer("validation"):
+                self.evaluate(images, captions, step)
+
+    def evaluate(self, images, captions, step):
+        """The DreamBooth metrics of the validation images against the subject's photos, logged to the trackers."""
+        from utils.evaluate import Embedder, score_validation
+
+        if self.embedder is None:
+            self.embedder = Embedder(self.args.dino_model, self.args.clip_model, self.accelerator.device)
+        scores = score_validation(self.embedder, images, captions, self.args)
+        self.accelerator.log(scores, step=step)
+        logger.info("Scores at step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
     def on_optimizer_step(self, loss, lr, progress):
         state, args = self.state, self.args
@@ -300,22 +329,15 @@ def resume(trainer, loader) -> int:
     return saved.batches_done_in_epoch
 
 
-def start_trackers(args, accelerator, trackers):
-    if not accelerator.is_main_process:
-        return
-    if "wandb" in trackers:
-        logger.info(tracking.prepare_wandb(args))
-    tracking.scrub_process_arguments()
-    accelerator.init_trackers(
-        args.wandb_project_name or "dreambooth_boft", config=tracking.tracker_config(args),
-        init_kwargs=tracking.tracker_init_kwargs(args, Path(args.output_dir, args.logging_dir)),
-    )
-
-
 def train(args):
-    trackers, hub_target = preflight(args)
+    trackers, hub_target, meta_models = preflight(args)
     accelerator = setup_accelerator(args, trackers)
     images = instance_images(args, accelerator)
+    present = list_images(args.class_data_dir) if args.with_prior_preservation else []
+    unreadable = set(present) - set(check_images(present, args.resolution, args.skip_bad_images, "--class_data_dir")
+                                    if present else [])
+    if args.dry_run:
+        return accelerator.print("\n".join(plan_lines(args, accelerator, *meta_models, images)))
     state = checkpoints.TrainState(seed=run_seed(args))
     set_seed(state.seed)
     logger.info("Seed %d%s", state.seed, "" if args.seed is not None else f" (derived from the run name {args.adapter_name!r})")
@@ -327,7 +349,7 @@ def train(args):
     unet, text_encoder = wrap_with_adapters(args, parts, accelerator)
     params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
     optimizer = make_optimizer(args, params, accelerator.num_processes)
-    loader, latent_cache = make_dataloader(args, parts, images, state.seed)
+    loader, latent_cache = make_dataloader(args, parts, images, state.seed, unreadable)
 
     trained = [unet, text_encoder] if args.train_text_encoder else [unet]
     *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
@@ -339,7 +361,7 @@ def train(args):
     checkpoints.register_adapter_hooks(
         accelerator, args.adapter_name, {id(accelerator.unwrap_model(m)): n for n, m in trainer.trained.items()}
     )
-    start_trackers(args, accelerator, trackers)
+    tracking.start_trackers(args, accelerator, trackers)
     resume_skip = resume(trainer, loader)
     logger.info("Training %d optimizer steps: %d examples, batch %d per device x %d process(es) x %d accumulation",
                 args.max_train_steps, len(loader.dataset), args.train_batch_size, accelerator.num_processes,

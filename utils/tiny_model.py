@@ -97,6 +97,41 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     )
 
 
+def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny DINO-style ViT and a tiny CLIP, random weights, with their processors: (dino folder, clip folder)."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    torch.manual_seed(seed)
+    dino, clip = Path(folder, "dino"), Path(folder, "clip")
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64)).save_pretrained(dino)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino)
+    vocabulary = _tiny_vocabulary()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocabulary), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=len(vocabulary) - 2,
+                         eos_token_id=len(vocabulary) - 1, pad_token_id=len(vocabulary) - 1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(clip)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77),
+    ).save_pretrained(clip)
+    return dino, clip
+
+
 def save_tiny_pipeline(folder, prediction_type: str = "epsilon") -> Path:
     folder = Path(folder)
     build_tiny_pipeline(prediction_type).save_pretrained(folder)

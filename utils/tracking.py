@@ -1,12 +1,15 @@
 """Trackers (tensorboard, wandb): which ones, offline when there is no key, and a config that holds no secret."""
 
 import importlib.util
+import logging
 import netrc
 import os
 import sys
 from pathlib import Path
 
 from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 SECRET_FLAGS = ("hub_token", "wandb_key")
@@ -82,8 +85,18 @@ def tracker_config(args) -> dict:
     return config
 
 
-def tracker_init_kwargs(args, logging_dir: Path) -> dict:
-    return {"wandb": {"name": args.adapter_name, "dir": str(logging_dir)}}
+def start_trackers(args, accelerator, trackers) -> None:
+    """On the main process: wandb's mode, secrets out of argv, then accelerate's trackers with a clean config."""
+    if not accelerator.is_main_process:
+        return
+    if "wandb" in trackers:
+        logger.info(prepare_wandb(args))
+    scrub_process_arguments()
+    accelerator.init_trackers(
+        args.wandb_project_name or "dreambooth_boft",
+        config=tracker_config(args),
+        init_kwargs={"wandb": {"name": args.adapter_name, "dir": str(Path(args.output_dir, args.logging_dir))}},
+    )
 
 
 def log_images(accelerator, images, captions, step: int) -> None:

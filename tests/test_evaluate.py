@@ -1,0 +1,148 @@
+"""The DreamBooth metrics on tiny random DINO and CLIP models loaded through from_pretrained; generate and score."""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO, base_args, cli_env, run_trainer
+from utils.evaluate import Embedder, mean_cosine, score_folder, score_images
+from utils.tiny_model import save_tiny_metric_models
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    return save_tiny_metric_models(tmp_path_factory.mktemp("metrics"))
+
+
+@pytest.fixture(scope="module")
+def embedder(metric_models):
+    return Embedder(*map(str, metric_models), device="cpu")
+
+
+def photos(count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(48, 48, 3, generator=generator) * 255).byte().numpy()) for _ in range(count)]
+
+
+def generated_folder(root, prompt_images):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts.txt").write_text("\n".join(prompt_images) + "\n")
+    for index, images in enumerate(prompt_images.values()):
+        (root / f"{index:03d}").mkdir()
+        for k, image in enumerate(images):
+            image.save(root / f"{index:03d}" / f"{k:02d}.png")
+    return root
+
+
+def test_identical_images_score_one(embedder):
+    image = photos(1, 0)
+    rows = score_images(embedder, image, {"a qwe toy": image})
+    assert rows[0]["dino"] == pytest.approx(1, abs=1e-5) and rows[0]["clip_i"] == pytest.approx(1, abs=1e-5)
+    copies = image * 3
+    rows = score_images(embedder, copies, {"a qwe toy": copies})
+    assert rows[-1]["dino"] == pytest.approx(1, abs=1e-5) and rows[-1]["clip_i"] == pytest.approx(1, abs=1e-5)
+
+
+def test_scores_are_symmetric_and_below_one_for_different_images(embedder):
+    a, b = photos(3, 1), photos(2, 2)
+    forward = score_images(embedder, a, {"p": b})[0]
+    backward = score_images(embedder, b, {"p": a})[0]
+    assert forward["dino"] == pytest.approx(backward["dino"], abs=1e-6)
+    assert forward["clip_i"] == pytest.approx(backward["clip_i"], abs=1e-6)
+    assert forward["dino"] < 0.9999 and mean_cosine(embedder.clip_images(a), embedder.clip_images(b)) < 0.9999
+
+
+def test_results_do_not_depend_on_file_order(embedder, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    for k, image in enumerate(photos(3, 3)):
+        image.save(real / f"{k}.png")
+    folder = generated_folder(tmp_path / "gen", {"a qwe toy": photos(3, 4), "a red qwe toy": photos(2, 5)})
+    first = score_folder(embedder, real, folder)
+    for path in (real / "0.png", folder / "000" / "00.png"):  # the first file sorts last now
+        path.rename(path.with_name("z" + path.name))
+    second = score_folder(embedder, real, folder)
+    for a, b in zip(first, second):
+        assert all(a[m] == pytest.approx(b[m], abs=1e-6) for m in ("dino", "clip_i", "clip_t"))
+
+
+def test_long_prompts_are_truncated_as_clip_requires(embedder):
+    long_prompt = "a qwe toy " + "on a very long road " * 60
+    features = embedder.clip_texts([long_prompt])
+    assert features.shape[0] == 1 and torch.isfinite(features).all()
+    ids = embedder.clip_processor.tokenizer(long_prompt, truncation=True, max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(embedder.clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
+    assert torch.allclose(features, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, subject, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluated") / "out"
+    result = run_trainer(base_args(tiny_model, subject, out, max_train_steps=2, checkpointing_steps=1,
+                                   wandb_run_name="toy"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def evaluate(*argv):
+    return subprocess.run([sys.executable, "-m", "utils.evaluate", *map(str, argv)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_generate_then_score_end_to_end(trained_run, tiny_model, subject, metric_models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a qwe toy in the snow\na red qwe toy\n")
+    common = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", trained_run, "--adapter_name", "toy",
+              "--num_images", 2, "--num_inference_steps", 2, "--resolution", 64]
+    generated = evaluate("generate", *common, "--prompts_file", prompts, "--class_prompt", "a photo of toy")
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    folder = trained_run / "eval" / "2"
+    assert (folder / "prompts.txt").read_text().splitlines() == ["a qwe toy in the snow", "a red qwe toy"]
+    assert sorted(p.name for p in (folder / "001").iterdir()) == ["00.png", "01.png"]
+    base = trained_run / "eval" / "base" / "class"
+    scored = evaluate("score", "--instance_data_dir", subject, "--generated_dir", folder, "--class_generated_dir", base,
+                      "--dino_model", metric_models[0], "--clip_model", metric_models[1])
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    with open(folder / "scores.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [r["prompt"] for r in rows] == ["a qwe toy in the snow", "a red qwe toy", "overall"]
+    assert all(-1 <= float(r["dino"]) <= 1 for r in rows)
+    assert "Prior drift" in (folder / "scores.md").read_text() and "| overall |" in scored.stdout
+    assert Image.open(folder / "grid.png").size == (3 * 128, 3 * 128)  # real row + two prompt rows
+
+
+def test_every_checkpoint_scores_each_step_and_plots(trained_run, tiny_model, subject, metric_models, tmp_path):
+    shutil.rmtree(trained_run / "eval", ignore_errors=True)
+    result = evaluate("score", "--every_checkpoint", "--pretrained_model_name_or_path", tiny_model,
+                      "--output_dir", trained_run, "--adapter_name", "toy", "--subject_index", 27,
+                      "--num_images", 1, "--num_inference_steps", 2, "--resolution", 64,
+                      "--instance_data_dir", subject, "--dino_model", metric_models[0], "--clip_model", metric_models[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 1:" in result.stdout and "step 2:" in result.stdout
+    assert len((trained_run / "eval" / "1" / "prompts.txt").read_text().splitlines()) == 25
+    assert Image.open(trained_run / "eval" / "scores_by_step.png").size == (640, 400)
+
+
+def test_missing_inputs_are_clear_errors(tmp_path, subject, metric_models):
+    result = evaluate("score", "--instance_data_dir", subject, "--generated_dir", tmp_path,
+                      "--dino_model", metric_models[0], "--clip_model", metric_models[1])
+    assert result.returncode == 2 and "has no prompts.txt" in result.stderr and "Traceback" not in result.stderr
+    result = evaluate("score", "--instance_data_dir", subject, "--generated_dir", tmp_path,
+                      "--dino_model", tmp_path / "nope", "--clip_model", tmp_path / "nope")
+    assert result.returncode == 2 and "--dino_model" in result.stderr
+
+
+def test_training_logs_the_scores_every_eval_steps(tiny_model, subject, metric_models, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", max_train_steps=2, validation_steps=1,
+                                   eval_steps=2, validation_prompt="a qwe toy", num_validation_images=1,
+                                   validation_inference_steps=2, report_to="tensorboard",
+                                   dino_model=metric_models[0], clip_model=metric_models[1]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Scores at step") == 1 and "Scores at step 2: eval/dino" in result.stderr

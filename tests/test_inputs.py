@@ -1,0 +1,119 @@
+"""Bad input, secrets and preflight: one clear message (exit 2, no traceback), nothing lost, nothing leaked."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import assert_clean_error, base_args, run_trainer
+from utils.dataset import check_images, load_rgb
+from utils.errors import UserError
+from utils.validation import image_filename
+
+
+def photo_folder(tmp_path, name="photos", count=2):
+    folder = tmp_path / name
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (80, 80), (40 * i, 100, 200)).save(folder / f"{i}.jpg")
+    return folder
+
+
+def dry_run(tiny_model, folder, tmp_path, **flags):
+    return run_trainer(base_args(tiny_model, folder, tmp_path / "out", dry_run=True, **flags))
+
+
+def test_files_that_are_not_images_are_skipped_with_one_warning(tiny_model, tmp_path):
+    folder = photo_folder(tmp_path)
+    for name in (".DS_Store", "caption.txt", "Thumbs.db"):
+        (folder / name).write_bytes(b"x")
+    (folder / "raw").mkdir()
+    result = dry_run(tiny_model, folder, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "not images" in line]
+    assert len(warnings) == 1 and all(n in warnings[0] for n in (".DS_Store", "Thumbs.db", "caption.txt", "raw/"))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("truncated.jpg", None),
+    ("empty.jpg", b""),
+    ("notes.png", b"this is a text file with a png name"),
+    ("garbage.webp", b"RIFF\x00\x00\x00\x00WEBPVP8 garbage"),
+])
+def test_an_unreadable_image_is_named_or_skipped(tiny_model, tmp_path, name, content):
+    folder = photo_folder(tmp_path)
+    if content is None:
+        Image.effect_noise((256, 256), 64).convert("RGB").save(folder / name, quality=90)
+        content = (folder / name).read_bytes()[:1500]
+    (folder / name).write_bytes(content)
+    assert_clean_error(dry_run(tiny_model, folder, tmp_path), name, "cannot be read as images", "--skip_bad_images")
+    skipped = dry_run(tiny_model, folder, tmp_path, skip_bad_images=True)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "Skipping 1 unreadable image" in skipped.stderr and "2 image(s)" in skipped.stdout
+
+
+def test_every_kind_of_photo_is_converted_to_rgb(tmp_path):
+    Image.new("L", (20, 20), 128).save(tmp_path / "grey.png")
+    Image.new("RGB", (20, 20), (255, 0, 0)).convert("P").save(tmp_path / "palette.png")
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    frames = [Image.new("RGB", (20, 20), c) for c in ((0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "anim.webp", save_all=True, append_images=frames[1:], lossless=True)
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    expected = {"grey.png": (128, 128, 128), "palette.png": (255, 0, 0), "deep.png": (255, 255, 255),
+                "anim.gif": (0, 0, 255), "anim.webp": (0, 0, 255), "clear.png": (255, 255, 255)}
+    for name, pixel in expected.items():
+        image = load_rgb(tmp_path / name)
+        assert image.mode == "RGB" and image.getpixel((5, 5)) == pixel, name
+    cmyk = load_rgb(tmp_path / "cmyk.jpg").getpixel((5, 5))
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60  # red
+
+
+def test_small_images_are_upscaled_with_a_warning(tmp_path, caplog):
+    Image.new("RGB", (40, 30)).save(tmp_path / "tiny.png")
+    assert check_images([tmp_path / "tiny.png"], 64, False, "--instance_data_dir") == [tmp_path / "tiny.png"]
+    assert "upscaled" in caplog.text and "tiny.png (40x30)" in caplog.text
+
+
+def test_a_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    Image.new("RGB", (8000, 8000), (10, 20, 30)).save(tmp_path / "huge.jpg", quality=50)
+    image = load_rgb(tmp_path / "huge.jpg", 512)
+    assert 512 <= min(image.size) < 1100  # an eighth-scale decode, not 64 million pixels
+
+
+def test_the_decompression_bomb_limit_stays_on(tmp_path):
+    assert Image.MAX_IMAGE_PIXELS is not None
+    Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")
+    with pytest.raises(UserError, match="DecompressionBombError"):
+        check_images([tmp_path / "bomb.png"], 64, False, "--instance_data_dir")
+
+
+def test_validation_filenames_cannot_leave_their_folder():
+    for prompt in ("../../etc/passwd", "/abs/path", "a\\b", "..", "   "):
+        name = image_filename(0, prompt, 0)
+        assert "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", dry_run=True, with_prior_preservation=True,
+                                   class_data_dir=tmp_path / "class", class_prompt="a photo of toy", num_class_images=5,
+                                   train_text_encoder=True, max_train_steps=None, num_train_epochs=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for phrase in ("Dry run: every check passed", "3 image(s)", "5 to generate", "UNet: BOFT on",
+                   "text encoder: BOFT on", "optimizer steps: 10", "memory per process"):
+        assert phrase in result.stdout, (phrase, result.stdout)
+    assert "Loading pipeline components" not in result.stderr and not (tmp_path / "class").exists()
+
+
+def test_secrets_never_reach_a_file(tiny_model, subject, tmp_path):
+    hub_token, wandb_key = "hf_NOTAREALTOKEN0123456789abcdef", "wandbkey0123456789abcdef0123456789abcdef"
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", report_to="all", hub_token=hub_token,
+                                   wandb_key=wandb_key, validation_prompt="a qwe toy", num_validation_images=1,
+                                   validation_inference_steps=2, checkpointing_steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "process list" in result.stderr
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) > 10 and any("wandb" in str(p) for p in files) and any("tfevents" in p.name for p in files)
+    for path in files:
+        content = path.read_bytes()
+        assert hub_token.encode() not in content and wandb_key.encode() not in content, path
