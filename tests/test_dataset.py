@@ -109,3 +109,14 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
 def test_only_the_default_dataset_folder_may_be_fetched(tmp_path):
     assert is_dreambooth_dataset_folder(tmp_path / "dreambooth" / "dataset" / "dog", tmp_path)
     assert not is_dreambooth_dataset_folder(tmp_path / "mine" / "dog", tmp_path)
+
+
+def test_without_the_cache_resized_images_stay_in_memory_within_the_budget(subject, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    images = list_images(subject)
+    dataset = DreamBoothDataset(images, "a qwe toy", tokenizer, 32, False, seed=0, memory_budget=2 * 32 * 32 * 3)
+    for index in range(3):
+        dataset[(0, index)]
+    assert len(dataset._resized) == 2  # the third would not fit

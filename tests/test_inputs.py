@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import assert_clean_error, base_args, run_trainer
@@ -117,3 +118,31 @@ def test_secrets_never_reach_a_file(tiny_model, subject, tmp_path):
     for path in files:
         content = path.read_bytes()
         assert hub_token.encode() not in content and wandb_key.encode() not in content, path
+
+
+def test_an_output_folder_that_cannot_be_written(tiny_model, subject, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "file" / "out"))
+    assert_clean_error(result, "cannot be written to")
+
+
+def test_a_tracker_that_is_not_installed(monkeypatch):
+    import importlib.util
+
+    from utils import tracking
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    with pytest.raises(UserError, match="--report_to all needs the wandb package: pip install wandb"):
+        tracking.resolve_trackers("all")
+    assert tracking.resolve_trackers("tensorboard") == ["tensorboard"]
+
+
+def test_bf16_mixed_precision_trains_on_a_cpu(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", mixed_precision="bf16", max_train_steps=2,
+                                   train_text_encoder=True))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "out" / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())  # adapters stay fp32 under bf16
