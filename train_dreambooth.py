@@ -14,7 +14,6 @@ A run: check the flags and inputs, set up accelerate, generate missing class ima
 them with BOFT adapters, build the data, train (validating and checkpointing on schedule), save the adapters.
 """
 
-import hashlib
 import itertools
 import logging
 import math
@@ -52,7 +51,7 @@ from utils.dataset import (
 )
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.latents import CACHE_FOLDER, model_fingerprint, plan_latent_cache
-from utils.models import cast_frozen, check_model_source, empty_models, enable_xformers, load_models
+from utils.models import cast_frozen, check_model_source, empty_models, enable_xformers, load_models, weight_dtype
 from utils.plan import plan_lines
 from utils.timing import StageTimer
 from utils.tracemalloc import TorchTracemalloc
@@ -61,13 +60,6 @@ from utils.training import TextConditioning, diffusion_loss, latent_posterior, m
 logger = logging.getLogger("train_dreambooth")
 DATA_ROOT = Path(__file__).resolve().parent / "data"
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def run_seed(args) -> int:
-    """--seed, or a seed derived from the run name: the same on every run and every process."""
-    if args.seed is not None:
-        return args.seed
-    return int(hashlib.sha256(args.adapter_name.encode()).hexdigest()[:8], 16)
 
 
 def preflight(args):
@@ -118,13 +110,9 @@ def instance_images(args, accelerator):
     return check_images(images, args.resolution, args.skip_bad_images, "--instance_data_dir")
 
 
-def weight_dtype_of(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
 def wrap_with_adapters(args, parts, accelerator):
     """Put BOFT adapters on the UNet (and text encoder); set precision, attention and checkpointing."""
-    dtype = weight_dtype_of(accelerator)
+    dtype = weight_dtype(accelerator.mixed_precision)
     parts.vae.requires_grad_(False).to(accelerator.device, dtype=dtype)
     unet = add_boft_adapter(parts.unet, UNET_TARGET_MODULES, args, args.adapter_name, "UNet")
     logger.info(trainable_parameter_summary(unet, "UNet"))
@@ -180,7 +168,7 @@ class Trainer:
             args, accelerator.num_processes, UNET_TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES
         )
         self.timer = StageTimer(accelerator.device)
-        self.dtype = weight_dtype_of(accelerator)
+        self.dtype = weight_dtype(accelerator.mixed_precision)
         prompts = {0: args.instance_prompt, **({1: args.class_prompt} if args.with_prior_preservation else {})}
         self.conditioning = TextConditioning(text_encoder, parts.tokenizer, prompts, args.train_text_encoder,
                                              accelerator.device, self.dtype)
@@ -338,7 +326,7 @@ def train(args):
                                     if present else [])
     if args.dry_run:
         return accelerator.print("\n".join(plan_lines(args, accelerator, *meta_models, images)))
-    state = checkpoints.TrainState(seed=run_seed(args))
+    state = checkpoints.TrainState(seed=checkpoints.run_seed(args.seed, args.adapter_name))
     set_seed(state.seed)
     logger.info("Seed %d%s", state.seed, "" if args.seed is not None else f" (derived from the run name {args.adapter_name!r})")
 

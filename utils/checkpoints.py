@@ -10,6 +10,7 @@ Layout of an output folder:
 Every folder is written under a temporary name and renamed when complete.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +66,13 @@ def _write_failed(partial: Path, final: Path, error: OSError) -> UserError:
         f"could not write {final}: {error.strerror or error}. Earlier checkpoints are intact; free disk space "
         "or fix the folder's permissions, then resume with --resume_from_checkpoint latest"
     )
+
+
+def run_seed(seed, run_name: str) -> int:
+    """--seed, or a seed derived from the run name: the same on every run and every process."""
+    if seed is not None:
+        return seed
+    return int(hashlib.sha256(run_name.encode()).hexdigest()[:8], 16)
 
 
 def atomic_folder(final: Path, write) -> None:

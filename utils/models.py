@@ -116,3 +116,10 @@ def enable_xformers(unet) -> str | None:
     except Exception as error:  # a wheel built for another torch fails here; SDPA is the safe fallback
         return f"xformers failed ({error}); using PyTorch scaled-dot-product attention"
     return None
+
+
+def weight_dtype(mixed_precision):
+    """The dtype frozen weights take under accelerate's mixed precision setting."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
