@@ -256,19 +256,34 @@ def cayley(boft_r):
     return q.view(m, d, h, h).to(boft_r.dtype)
 
 
+def multiplicative_dropout(dropout, blocks):
+    """peft's MultiplicativeDropoutLayer (in one factor chosen at random, a fraction p of the blocks become the
+    identity), drawing exactly its random numbers in its order, with one `where` instead of its mask arithmetic."""
+    layer_class = _peft_layer_module().MultiplicativeDropoutLayer
+    if not (isinstance(dropout, layer_class) and dropout.training):
+        return dropout(blocks)
+    n, d, h, _ = blocks.shape
+    factor = torch.randint(0, n, (1,)).item()
+    replaced = torch.randperm(d) < int(dropout.p * d)  # peft: ones then zeros, shuffled by this permutation
+    mask = torch.zeros(n, d, 1, 1, dtype=torch.bool)
+    mask[factor] = replaced.view(d, 1, 1)
+    eye = torch.eye(h, device=blocks.device, dtype=blocks.dtype)
+    return torch.where(mask.to(blocks.device), eye, blocks)
+
+
 def boft_linear(layer, x, adapter: str, side: str):
     """y = s * (x R) W^T + b, peft's BOFT Linear, with R applied on the weight or on the activations."""
     weight, bias = layer.base_layer.weight, layer.base_layer.bias
     boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
-    blocks = layer.boft_dropout[adapter](cayley(boft_r))
+    blocks = multiplicative_dropout(layer.boft_dropout[adapter], cayley(boft_r))
     permutations = _permutations(layer, boft_r)
     if side == "weight":  # W_eff^T = R W^T, columns scaled by s
         rotated_t = rotate_columns(weight.t().to(blocks.dtype), blocks, permutations, transpose=False)
         return F.linear(x, (rotated_t * boft_s.view(1, -1)).t().to(weight.dtype), bias).to(x.dtype)
     # (x R)^T = R^T x^T; the linear reads the rotated activations through a transposed view, without a copy
     rotated_x = rotate_columns(x.reshape(-1, x.shape[-1]).t(), blocks.to(x.dtype), permutations, transpose=True)
-    result = F.linear(rotated_x.t(), weight) * boft_s.view(-1)
-    result = result if bias is None else result + bias
+    result = F.linear(rotated_x.t(), weight)
+    result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result, boft_s.view(-1))
     return result.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
