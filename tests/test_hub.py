@@ -1,0 +1,52 @@
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+
+from utils import hub
+from utils.errors import UserError
+
+
+def hub_args(tmp_path, **overrides):
+    values = dict(hub_token=None, hub_model_id=None, output_dir=str(tmp_path / "rex-run"),
+                  pretrained_model_name_or_path="m", adapter_name="rex", boft_block_num=8, boft_block_size=0,
+                  boft_n_butterfly_factor=1, instance_prompt="a photo of qwe dog", train_text_encoder=True)
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def test_offline_and_missing_token_fail_at_start_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        hub.resolve_hub_repo(hub_args(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(UserError, match="needs a token"):
+        hub.resolve_hub_repo(hub_args(tmp_path))
+
+
+def test_repo_id_defaults_to_user_and_folder_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "whoami", lambda token: {"name": "ada"})
+    assert hub.resolve_hub_repo(hub_args(tmp_path, hub_token="t")) == ("ada/rex-run", "t")
+    assert hub.resolve_hub_repo(hub_args(tmp_path, hub_token="t", hub_model_id="org/x"))[0] == "org/x"
+
+    def unreachable(token):
+        raise ConnectionError("no route")
+
+    monkeypatch.setattr(huggingface_hub, "whoami", unreachable)
+    with pytest.raises(UserError, match="cannot reach the Hub"):
+        hub.resolve_hub_repo(hub_args(tmp_path, hub_token="t"))
+
+
+def test_push_uploads_adapters_validation_and_card_only(tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, token, exist_ok: calls.update(repo=repo_id))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.update(upload=kwargs))
+    args = hub_args(tmp_path)
+    hub.write_model_card(tmp_path, args, 400)
+    card = (tmp_path / "README.md").read_text()
+    assert "unet/400/rex" in card and "text_encoder/400/rex" in card and "base_model: m" in card
+    assert hub.push_to_hub(tmp_path, "ada/rex", "secret") == "https://huggingface.co/ada/rex"
+    assert calls["repo"] == "ada/rex" and calls["upload"]["allow_patterns"] == hub.UPLOADED
+    assert "checkpoint-*" not in str(calls["upload"]["allow_patterns"])
