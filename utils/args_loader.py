@@ -19,7 +19,6 @@ REMOVED_MODEL_IDS = {
 DEFAULT_ADAPTER_NAME = "dreambooth_boft"
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 REPORT_TO_CHOICES = ["wandb", "tensorboard", "all", "none"]
-SECRET_FLAGS = ("hub_token", "wandb_key")
 
 
 def _model_group(parser):

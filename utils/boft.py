@@ -127,7 +127,6 @@ def trainable_parameter_summary(peft_model, model_name: str) -> str:
 # that never builds the dense in x in rotation. Both keep peft's parameters, parameterization and files unchanged.
 # ---------------------------------------------------------------------------------------------------------------
 
-BOFT_IMPLEMENTATIONS = ("fast", "peft")
 _PEFT_NAMES = ("_FBD_CUDA", "get_fbd_cuda", "FastBlockDiag", "Linear", "MultiplicativeDropoutLayer")
 _PEFT_LAYER_ATTRIBUTES = ("boft_R", "boft_s", "boft_dropout", "block_butterfly_perm", "base_layer", "merged_adapters")
 
@@ -343,9 +342,8 @@ def use_fast_forward(peft_model) -> int:
     return count
 
 
-def check_adapter_shapes(args, unet, text_encoder) -> dict:
-    """Check the block shape against every targeted layer (meta-device models will do); return layer counts."""
-    counts = {}
+def check_adapter_shapes(args, unet, text_encoder) -> None:
+    """Check the block shape against every targeted layer (meta-device models will do)."""
     for model, targets, name, trained in (
         (unet, UNET_TARGET_MODULES, "UNet", True),
         (text_encoder, TEXT_ENCODER_TARGET_MODULES, "text encoder", args.train_text_encoder),
@@ -353,8 +351,6 @@ def check_adapter_shapes(args, unet, text_encoder) -> dict:
         if trained:
             layers = targeted_linears(model, targets)
             check_block_shape(layers, args.boft_block_num, args.boft_block_size, args.boft_n_butterfly_factor, name)
-            counts[name] = len(layers)
-    return counts
 
 
 # Importing this module is what makes every butterfly factor count load and train with stock peft.

@@ -30,7 +30,8 @@ def require_images(folder, what: str) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"{what} folder {folder} does not exist; put the photos there or pass another folder")
     images = list_images(folder)
-    others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p not in set(images))
+    image_set = set(images)
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p not in image_set)
     if others:
         logger.warning("Skipping %d entries of %s that are not images: %s", len(others), folder, ", ".join(others))
     if not images:

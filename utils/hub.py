@@ -8,11 +8,16 @@ from utils.errors import UserError
 UPLOADED = ["unet/**", "text_encoder/**", "validation/**", "README.md"]
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, at the time of the call."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def resolve_hub_repo(args) -> tuple[str, str]:
     """(repo id, token) for --push_to_hub, or a UserError now rather than after hours of training."""
     from huggingface_hub import get_token, whoami
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         raise UserError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop --push_to_hub")
     token = args.hub_token or get_token()
     if not token:

@@ -77,12 +77,12 @@ class LatentCache:
 
 def plan_latent_cache(images, resolution: int, center_crop: bool, requested, folder, fingerprint: str):
     """(cache or None, {image path: cache key}, notice) for --cache_latents (None: on when it is exact for all)."""
-    varying = [path for path in images if not crop_is_fixed(path, resolution, center_crop)]
+    varying = {path for path in images if not crop_is_fixed(path, resolution, center_crop)}
     why = (f"{len(varying)} image(s) are not square and --center_crop is off: their random crops change every "
            "epoch, so they are encoded every step")
     if requested is False or (requested is None and varying):
         return None, {}, "Latent cache off: " + ("--no_cache_latents" if requested is False else why)
     cache = LatentCache(folder, fingerprint, resolution, center_crop)
-    keys = {path: cache.key(file_digest(path)) for path in images if path not in set(varying)}
+    keys = {path: cache.key(file_digest(path)) for path in images if path not in varying}
     notice = f"Latent cache on ({folder}): each image is encoded once" + (f"; but {why}" if varying else "")
     return cache, keys, notice

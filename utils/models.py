@@ -5,11 +5,11 @@ fail that a user can fix (a missing sub-folder, an id that is not cached while o
 encoder) ends in a UserError naming what is missing.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.hub import hub_offline
 
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel",)
@@ -41,8 +41,7 @@ def check_model_source(name_or_path: str, revision=None) -> None:
     try:
         hf_hub_download(name_or_path, "model_index.json", revision=revision)
     except Exception as error:  # huggingface_hub raises many types here; all mean "cannot reach this model"
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else type(error).__name__
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if hub_offline() else type(error).__name__
         raise UserError(
             f"cannot load the model {name_or_path} ({reason}). Download it once with network access "
             f"(`hf download {name_or_path}`), or pass a local folder in diffusers layout to "
