@@ -39,6 +39,7 @@ from utils.boft import (
     trainable_parameter_summary,
 )
 from utils.class_images import generate_class_images
+from utils.cpu_allocator import keep_freed_memory
 from utils.dataset import (
     DreamBoothDataset,
     EpochShuffleSampler,
@@ -94,6 +95,8 @@ def setup_accelerator(args, trackers) -> Accelerator:
         logging.getLogger().setLevel(logging.ERROR)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.device.type == "cpu" and keep_freed_memory():
+        logger.info("Training on a CPU: malloc keeps freed memory for the next step (utils/cpu_allocator.py)")
     logger.info("%s", accelerator.state)
     return accelerator
 

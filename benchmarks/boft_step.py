@@ -1,12 +1,14 @@
 """Time one UNet training step (batch 2, AdamW step included) with BOFT: the fast forward, stock peft, the floor.
 
 The floor is the frozen UNet with the gradient flowing to its input: what any adapter costs at least. Each
-configuration runs in a fresh process (so peak RSS is its own); the floor runs first and last, and ratios use
-the mean of the two, which cancels slow drift of a shared machine.
+configuration runs in a fresh process (so peak RSS is its own) that alternates BOFT steps with floor steps of the
+same UNet, adapters disabled; ratios divide medians from that one process, so a shared machine's drift hits both
+alike. The floor's own row (time and peak RSS) comes from a process that holds only the frozen UNet. Every process
+keeps freed memory for the next step (utils/cpu_allocator.py), as the trainer does on a CPU.
 
     python -m benchmarks.boft_step --quick                  # about a minute: SD 1.5, 128 px, m = 1
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
-Prints a markdown table: seconds per step (median of --repeats after a warm-up), ratio to the floor, peak RSS.
+Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, peak RSS.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import time
 import torch
 
 from benchmarks.sd_architectures import build_unet
+from utils.cpu_allocator import keep_freed_memory
 
 
 def peak_rss_mb() -> int:
@@ -43,33 +46,50 @@ def make_model(unet, mode: str, n_factors: int, block_num: int):
     model = get_peft_model(unet, config)
     if mode == "fast":
         use_fast_forward(model)
-    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trained, lr=1e-5, fused=True)  # as the trainer's make_optimizer on a CPU
 
 
-def time_steps(model, optimizer, inputs, repeats: int) -> float:
+# Untimed rounds first: the heap takes two or three steps to reach the layout it then reuses.
+WARM_UP_ROUNDS = 3
+
+
+def one_step(model, optimizer, inputs) -> float:
+    """Seconds for one step: BOFT (adapters trained, AdamW step) with an optimizer, else the floor."""
     latents, timesteps, context = inputs
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        noisy = latents.clone().requires_grad_(optimizer is None)
-        model(noisy, timesteps, context).sample.float().pow(2).mean().backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if i:  # the first step warms up allocators and caches
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    start = time.perf_counter()
+    noisy = latents.clone().requires_grad_(optimizer is None)
+    model(noisy, timesteps, context).sample.float().pow(2).mean().backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def floor_step(model, inputs) -> float:
+    if not hasattr(model, "disable_adapter"):
+        return one_step(model, None, inputs)
+    with model.disable_adapter():
+        return one_step(model, None, inputs)
 
 
 def measure_one(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
+    keep_freed_memory()
     unet, text_dim = build_unet(arch)
     model, optimizer = make_model(unet, mode, n_factors, block_num)
     generator = torch.Generator().manual_seed(0)
     size = resolution // 8
     inputs = (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500]),
               torch.randn(2, 77, text_dim, generator=generator))
-    seconds = time_steps(model, optimizer, inputs, repeats)
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+    floor_times, boft_times = [], []
+    for i in range(WARM_UP_ROUNDS + repeats):
+        floor_seconds = floor_step(model, inputs)
+        boft_seconds = one_step(model, optimizer, inputs) if optimizer is not None else floor_seconds
+        if i >= WARM_UP_ROUNDS:
+            floor_times.append(floor_seconds)
+            boft_times.append(boft_seconds)
+    return {"seconds": statistics.median(boft_times), "floor_seconds": statistics.median(floor_times),
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
@@ -80,15 +100,14 @@ def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats)
 
 
 def run(arch, resolution, factors, block_num, repeats, modes):
-    configs = [(mode, m) for m in factors for mode in modes]
-    first = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats)
-    results = [(mode, m, measure_in_subprocess(arch, resolution, mode, m, block_num, repeats)) for mode, m in configs]
-    last = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats)
-    floor = (first["seconds"] + last["seconds"]) / 2
-    floor_row = ("floor", "-", {"seconds": floor, "peak_rss_mb": max(first["peak_rss_mb"], last["peak_rss_mb"])})
-    for mode, m, measured in [floor_row] + results:
-        print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.2f} | {measured['seconds'] / floor:.2f} "
-              f"| {measured['peak_rss_mb']} |", flush=True)
+    floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats)
+    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.2f} | 1.00 | {floor['peak_rss_mb']} |", flush=True)
+    for m in factors:
+        for mode in modes:
+            measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats)
+            ratio = measured["seconds"] / measured["floor_seconds"]
+            print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.2f} | {ratio:.2f} "
+                  f"| {measured['peak_rss_mb']} |", flush=True)
 
 
 def main(argv=None):
@@ -97,7 +116,7 @@ def main(argv=None):
     parser.add_argument("--resolution", nargs="+", type=int, default=[256])
     parser.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--block_num", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft"])
     parser.add_argument("--quick", action="store_true", help="SD 1.5, 128 px, m = 1, two repeats")
     parser.add_argument("--one", nargs=4, metavar=("ARCH", "PX", "MODE", "M"), help=argparse.SUPPRESS)
@@ -109,7 +128,7 @@ def main(argv=None):
     if args.quick:
         args.arch, args.resolution, args.factors, args.repeats = ["sd15"], [128], [1], 2
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, block_num {args.block_num}, batch 2, "
-          f"median of {args.repeats} steps")
+          f"median of {args.repeats} steps; x floor: against floor steps interleaved in the same process")
     print("| arch | px | BOFT forward | factors | s/step | x floor | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for arch in args.arch:

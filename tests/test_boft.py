@@ -155,7 +155,7 @@ def test_the_rotation_is_orthogonal(factors):
 
 def _blocks_and_permutations(layer):
     boft_r = layer.boft_R["default"]
-    return boft.cayley(boft_r), boft._permutations(layer, boft_r)
+    return boft.cayley(boft_r), boft._rotation_plan(layer, boft_r, False)
 
 
 def test_cayley_equals_peft_s():
@@ -207,3 +207,30 @@ def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):
         assert (fast(*inputs).sample - expected).abs().max() < 1e-4
         merged = fast.merge_and_unload()
         assert (merged(*inputs).sample - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("factors, block_num", [(2, 8), (4, 8), (3, 16)])
+def test_butterfly_permutations_are_applied_as_reshapes_and_equal_the_gather(factors, block_num):
+    layer = random_boft_layer(in_features=64, block_num=block_num, factors=factors)
+    z = torch.randn(5, 64)
+    for _, before, after in boft._rotation_plan(layer, layer.boft_R["default"], transpose=False):
+        for permutation in (p for p in (before, after) if p is not None):
+            assert permutation.chunk_shape is not None  # peft's permutations all have the chunk structure
+            assert torch.equal(permutation(z), z[:, permutation.index])
+            assert torch.equal(permutation.inverse()(permutation(z)), z)
+
+
+def test_an_unstructured_permutation_falls_back_to_a_gather():
+    index = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    permutation = boft._ColumnPermutation.of(index, 4)
+    z = torch.randn(3, 64)
+    assert permutation.chunk_shape is None
+    assert torch.equal(permutation(z), z[:, index]) and torch.equal(permutation.inverse()(permutation(z)), z)
+
+
+@pytest.mark.parametrize("factors", [1, 2])
+def test_gradients_come_back_in_the_activations_layout(factors):
+    layer = random_boft_layer(factors=factors)
+    x = torch.randn(2, 33, 64, requires_grad=True)
+    boft.boft_linear(layer, x, "default", "activation").square().sum().backward()
+    assert x.grad.is_contiguous()  # a transposed gradient would make every later layer's backward copy it

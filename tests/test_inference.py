@@ -1,6 +1,7 @@
 """Loading, switching, merging and exporting adapters; the command line and the notebook."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -124,5 +125,7 @@ def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
             else:
                 os.environ[key] = value
     text = "\n".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
-    assert "toy at step 3" in text and "largest pixel difference between unmerged and merged: 0 / 255" in text
+    assert "toy at step 3" in text
+    difference = re.search(r"largest pixel difference between unmerged and merged: (\d+) / 255", text)
+    assert difference and int(difference.group(1)) <= 1, text[-2000:]  # the same picture up to rounding
     assert (tmp_path / "merged" / "model_index.json").is_file()

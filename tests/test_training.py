@@ -50,3 +50,17 @@ def test_scale_lr_and_8bit_adam():
                            adam_epsilon=1e-8)
     optimizer = make_optimizer(args, [torch.nn.Parameter(torch.zeros(4))], num_processes=2)
     assert type(optimizer).__name__ == "AdamW8bit" and optimizer.param_groups[0]["lr"] == 1e-4 * 12
+
+
+def test_adamw_is_the_fused_kernel_on_a_cpu_and_steps_like_the_default():
+    args = SimpleNamespace(scale_lr=False, learning_rate=1e-2, use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999,
+                           adam_weight_decay=1e-2, adam_epsilon=1e-8)
+    fused_param, plain_param = (torch.nn.Parameter(torch.linspace(-1, 1, 64)) for _ in range(2))
+    fused = make_optimizer(args, [fused_param], num_processes=1)
+    plain = torch.optim.AdamW([plain_param], lr=1e-2, weight_decay=1e-2)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for param, optimizer in ((fused_param, fused), (plain_param, plain)):
+            param.grad = torch.cos(param.detach() * 3)
+            optimizer.step()
+    assert torch.allclose(fused_param, plain_param, atol=1e-6)

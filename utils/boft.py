@@ -169,65 +169,129 @@ def install_block_diagonal() -> bool:
     return True
 
 
-def _permutations(layer, boft_r):
-    """Index forms of peft's butterfly permutations for an adapter of this shape: (perm, inverse) per factor,
-    None where the permutation is the identity. Built from the adapter's own shape rather than the layer's
-    `boft_P` buffer, which peft shares between adapters, so adapters of different shapes can share a layer."""
+class _ColumnPermutation:
+    """z -> z[:, index] for z of shape (n, in). peft's butterfly permutations reorder chunks of half a block
+    (evens, then odds); such an index is applied as a reshape-transpose copy, three times faster than a gather."""
+
+    def __init__(self, index, chunk_shape=None):
+        self.index, self.chunk_shape, self._inverse = index, chunk_shape, None
+
+    @classmethod
+    def of(cls, index, chunk: int):
+        """The permutation by `index`, structured when it is a butterfly permutation with chunks of `chunk`."""
+        columns = len(index)
+        ramp = torch.arange(columns, device=index.device)
+        candidates = [2**k for k in range(columns.bit_length())] if chunk > 0 else []
+        for groups in (g for g in candidates if columns % (g * chunk) == 0):
+            pairs = columns // (groups * chunk)
+            for shape in ((groups, pairs // 2, 2, chunk), (groups, 2, pairs // 2, chunk)):
+                if pairs % 2 == 0 and torch.equal(ramp.view(*shape).transpose(1, 2).reshape(-1), index):
+                    return cls(index, shape)
+        return cls(index)
+
+    def __call__(self, z):
+        if self.chunk_shape is None:
+            return z.index_select(1, self.index)
+        return z.view(z.shape[0], *self.chunk_shape).transpose(2, 3).reshape(z.shape[0], -1)
+
+    def inverse(self):
+        if self._inverse is None:
+            inverse = torch.argsort(self.index)
+            if self.chunk_shape is None:
+                self._inverse = _ColumnPermutation(inverse)
+            else:
+                groups, first, second, chunk = self.chunk_shape
+                self._inverse = _ColumnPermutation(inverse, (groups, second, first, chunk))
+        return self._inverse
+
+
+def _rotation_plan(layer, boft_r, transpose: bool):
+    """How rows @ R (or rows @ R^T) is applied: a list of (factor, permutation before, permutation after).
+
+    R = B_{m-1} ... B_0 with B_i = P_i BD(Q_i) P_i^T, as peft builds it. Since P z = z[perm], on rows
+    rows P = rows[:, perm^-1] and rows P^T = rows[:, perm]: each factor is a column permutation, a block product
+    and a column permutation; identity permutations are None. Built from the adapter's own shape rather than the
+    layer's `boft_P` buffer, which peft shares between adapters, so adapters of different shapes can share a layer.
+    """
     m, d, h, _ = boft_r.shape
-    key = (m, d, h, boft_r.device)
-    cache = layer.__dict__.setdefault("_fast_boft_permutations", {})
+    key = (m, d, h, boft_r.device, transpose)
+    cache = layer.__dict__.setdefault("_fast_boft_plans", {})
     if key not in cache:
-        pairs = []
+        steps = []
         for i in range(m):
-            perm = layer.block_butterfly_perm(d * h, int(d / 2**i), int(h / 2), m - 1).to(boft_r.device)
-            identity = torch.equal(perm, torch.arange(d * h, device=boft_r.device))
-            pairs.append(None if identity else (perm, torch.argsort(perm)))
-        cache[key] = pairs
+            index = layer.block_butterfly_perm(d * h, int(d / 2**i), int(h / 2), m - 1).to(boft_r.device)
+            if torch.equal(index, torch.arange(d * h, device=index.device)):
+                steps.append((i, None, None))
+            else:
+                after = _ColumnPermutation.of(index, h // 2)
+                steps.append((i, after.inverse(), after))
+        cache[key] = steps if transpose else steps[::-1]
     return cache[key]
 
 
-class _PermuteRows(torch.autograd.Function):
-    """z[index] along the first dimension; its gradient is a gather by the inverse (autograd's is a scatter-add)."""
+def _block_product(rows, blocks):
+    """rows (n, D*H) times the block-diagonal matrix of `blocks` (D, H, H), written straight into row layout:
+    one strided batched matmul, no transposed copies."""
+    n = rows.shape[0]
+    d, h, _ = blocks.shape
+    out = rows.new_empty(n, d, h)
+    torch.bmm(rows.view(n, d, h).transpose(0, 1), blocks, out=out.transpose(0, 1))
+    return out.view(n, d * h)
+
+
+class _RotateRows(torch.autograd.Function):
+    """rows @ R or rows @ R^T for rows (n, in): block products and column permutations, with a hand-written
+    backward that keeps every gradient in row layout (autograd's would transpose and copy)."""
 
     @staticmethod
-    def forward(ctx, z, index, inverse):
-        ctx.save_for_backward(inverse)
-        return z.index_select(0, index)
+    def forward(ctx, rows, blocks, plan, transpose):
+        with torch.autocast(rows.device.type, enabled=False):
+            z = rows if rows.stride(-1) == 1 else rows.contiguous()
+            inputs = []
+            for i, before, after in plan:
+                z = before(z) if before is not None else z
+                inputs.append(z)
+                z = _block_product(z, blocks[i].transpose(1, 2) if transpose else blocks[i])
+                z = after(z) if after is not None else z
+        ctx.save_for_backward(blocks, *inputs)
+        ctx.plan, ctx.transpose = plan, transpose
+        return z
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        blocks, *inputs = ctx.saved_tensors
+        d, h = blocks.shape[1], blocks.shape[2]
+        factor_grads = {}
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.contiguous()
+            for k in reversed(range(len(ctx.plan))):
+                (i, before, after), z = ctx.plan[k], inputs[k]
+                g = after.inverse()(g) if after is not None else g
+                if ctx.needs_input_grad[1]:  # d(z_j q_j)/dq_j = z_j^T g_j, per block j
+                    n = z.shape[0]
+                    grad_q = torch.bmm(z.view(n, d, h).permute(1, 2, 0), g.view(n, d, h).transpose(0, 1))
+                    factor_grads[i] = grad_q.transpose(1, 2) if ctx.transpose else grad_q
+                if k == 0 and not ctx.needs_input_grad[0]:
+                    g = None
+                    break
+                g = _block_product(g, blocks[i] if ctx.transpose else blocks[i].transpose(1, 2))
+                g = before.inverse()(g) if before is not None else g
+        grad_blocks = torch.stack([factor_grads[i] for i in range(len(blocks))]) if factor_grads else None
+        return g, grad_blocks, None, None
 
 
-def rotate_columns(z, blocks, permutations, transpose: bool):
-    """R @ z (transpose=False) or R^T @ z for z of shape (in, n), R = B_{m-1} ... B_0 as in peft, where
-    B_i = P_i BD(Q_i) P_i^T. Nothing dense is formed: each factor is a row gather, a batched (D, size, size) matmul
-    over contiguous rows, and a row gather; identity permutations are skipped.
-    """
-    m, d, h, _ = blocks.shape
-    n = z.shape[1]
-    z = z.contiguous()
-    for i in reversed(range(m)) if transpose else range(m):
-        q = blocks[i].transpose(1, 2) if transpose else blocks[i]
-        if permutations[i] is not None:
-            perm, inverse = permutations[i]
-            z = _PermuteRows.apply(z, inverse, perm)  # P_i^T z
-        z = torch.bmm(q, z.view(d, h, n)).view(d * h, n)
-        if permutations[i] is not None:
-            z = _PermuteRows.apply(z, perm, inverse)  # P_i z
-    return z
-
-
-def rotate_rows(rows, blocks, permutations, transpose: bool):
-    """rows @ R (transpose=False) or rows @ R^T, for rows of shape (..., in)."""
+def rotate_rows(rows, blocks, plan, transpose: bool):
+    """rows @ R (transpose=False) or rows @ R^T, for rows of shape (..., in) and blocks (m, D, H, H) from
+    cayley(); plan from _rotation_plan for the same `transpose`. Nothing dense is formed."""
     flat = rows.reshape(-1, rows.shape[-1])
-    return rotate_columns(flat.t(), blocks, permutations, transpose=not transpose).t().reshape(rows.shape)
+    return _RotateRows.apply(flat, blocks, plan, transpose).view(rows.shape)
 
 
-# Cost of moving one element through a factor (permutations, layout copies), in multiply-add equivalents;
-# measured on a 2-core CPU. It only decides which side is faster, never what is computed.
-ELEMENT_OVERHEAD = 400
+# Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
+# equivalents; fitted to SD 1.5's layers on a 2-core CPU (benchmarks/boft_step.py). It only decides which side is
+# faster, never what is computed.
+ELEMENT_OVERHEAD = 300
 
 
 def cheaper_side(layer, x, n_factors: int, block_size: int) -> str:
@@ -245,25 +309,47 @@ def cheaper_side(layer, x, n_factors: int, block_size: int) -> str:
     return "weight" if weight_cost <= tokens * in_features * per_element else "activation"
 
 
+class _Cayley(torch.autograd.Function):
+    """Q = (I - S)(I + S)^-1 with S the skew part of R, computed as the equal 2 (I + S)^-1 - I: one inverse, and a
+    backward of two matmuls, dQ = -2 A^-1 dA A^-1 with A = I + S."""
+
+    @staticmethod
+    def forward(ctx, r):
+        a = (r - r.transpose(1, 2)) * 0.5
+        a.diagonal(dim1=1, dim2=2).add_(1)
+        a_inverse = torch.linalg.inv_ex(a)[0]  # I + S is invertible for every real skew S
+        ctx.save_for_backward(a_inverse)
+        q = a_inverse * 2
+        q.diagonal(dim1=1, dim2=2).sub_(1)
+        return q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (a_inverse,) = ctx.saved_tensors
+        t = torch.bmm(torch.bmm(a_inverse.transpose(1, 2), grad), a_inverse.transpose(1, 2))
+        return t.transpose(1, 2) - t  # grad_R = (grad_A - grad_A^T) / 2 with grad_A = -2 t
+
+
 def cayley(boft_r):
-    """peft's Cayley map of the skew part, Q = (I - S)(I + S)^-1, as the equal 2 (I + S)^-1 - I: one inverse
-    instead of a solve with size right-hand sides, 20-35 % faster forward and backward. Shape (m, D, H, H)."""
+    """peft's Cayley map of the skew part of each block, in float32 as peft computes it. Shape (m, D, H, H)."""
     m, d, h, _ = boft_r.shape
-    data = boft_r.view(m * d, h, h).float()
-    eye = torch.eye(h, device=data.device)
-    q = 2 * torch.linalg.inv(eye + 0.5 * (data - data.transpose(1, 2))) - eye
-    return q.view(m, d, h, h).to(boft_r.dtype)
+    return _Cayley.apply(boft_r.reshape(m * d, h, h).float()).view(m, d, h, h).to(boft_r.dtype)
 
 
 def multiplicative_dropout(dropout, blocks):
     """peft's MultiplicativeDropoutLayer (in one factor chosen at random, a fraction p of the blocks become the
-    identity), drawing exactly its random numbers in its order, with one `where` instead of its mask arithmetic."""
+    identity), drawing exactly its random numbers in its order, with one `where` instead of its mask arithmetic.
+    When p of the blocks rounds down to none, the draws are made and the blocks returned untouched."""
     layer_class = _peft_layer_module().MultiplicativeDropoutLayer
     if not (isinstance(dropout, layer_class) and dropout.training):
         return dropout(blocks)
     n, d, h, _ = blocks.shape
+    dropped = int(dropout.p * d)
     factor = torch.randint(0, n, (1,)).item()
-    replaced = torch.randperm(d) < int(dropout.p * d)  # peft: ones then zeros, shuffled by this permutation
+    replaced = torch.randperm(d) < dropped  # peft: ones then zeros, shuffled by this permutation
+    if not dropped:
+        return blocks
     mask = torch.zeros(n, d, 1, 1, dtype=torch.bool)
     mask[factor] = replaced.view(d, 1, 1)
     eye = torch.eye(h, device=blocks.device, dtype=blocks.dtype)
@@ -275,15 +361,13 @@ def boft_linear(layer, x, adapter: str, side: str):
     weight, bias = layer.base_layer.weight, layer.base_layer.bias
     boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
     blocks = multiplicative_dropout(layer.boft_dropout[adapter], cayley(boft_r))
-    permutations = _permutations(layer, boft_r)
-    if side == "weight":  # W_eff^T = R W^T, columns scaled by s
-        rotated_t = rotate_columns(weight.t().to(blocks.dtype), blocks, permutations, transpose=False)
-        return F.linear(x, (rotated_t * boft_s.view(1, -1)).t().to(weight.dtype), bias).to(x.dtype)
-    # (x R)^T = R^T x^T; the linear reads the rotated activations through a transposed view, without a copy
-    rotated_x = rotate_columns(x.reshape(-1, x.shape[-1]).t(), blocks.to(x.dtype), permutations, transpose=True)
-    result = F.linear(rotated_x.t(), weight)
+    if side == "weight":  # W_eff = diag(s) W R^T
+        rotated = rotate_rows(weight.to(blocks.dtype), blocks, _rotation_plan(layer, boft_r, True), transpose=True)
+        return F.linear(x, (rotated * boft_s.view(-1, 1)).to(weight.dtype), bias).to(x.dtype)
+    rotated_x = rotate_rows(x, blocks.to(x.dtype), _rotation_plan(layer, boft_r, False), transpose=False)
+    result = F.linear(rotated_x, weight)
     result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result, boft_s.view(-1))
-    return result.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return result.to(x.dtype)
 
 
 def fast_boft_forward(layer, x, *args, **kwargs):
@@ -306,7 +390,7 @@ def structured_merge(layer, safe_merge: bool = False, adapter_names=None) -> Non
             continue
         boft_r = layer.boft_R[name]
         blocks = cayley(boft_r.float())
-        rotated = rotate_rows(weight.float(), blocks, _permutations(layer, boft_r), transpose=True)
+        rotated = rotate_rows(weight.float(), blocks, _rotation_plan(layer, boft_r, True), transpose=True)
         merged = layer.boft_s[name].float() * rotated
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -325,7 +409,8 @@ def structured_unmerge(layer) -> None:
         boft_r = layer.boft_R[name]
         blocks = cayley(boft_r.float())
         unscaled = weight.float() / layer.boft_s[name].float()
-        weight.copy_(rotate_rows(unscaled, blocks, _permutations(layer, boft_r), transpose=False).to(weight.dtype))
+        plan = _rotation_plan(layer, boft_r, False)
+        weight.copy_(rotate_rows(unscaled, blocks, plan, transpose=False).to(weight.dtype))
 
 
 def use_fast_forward(peft_model) -> int:
