@@ -6,7 +6,7 @@ same UNet, adapters disabled; ratios divide medians from that one process, so a 
 alike. The floor's own row (time and peak RSS) comes from a process that holds only the frozen UNet. Every process
 keeps freed memory for the next step (utils/cpu_allocator.py), as the trainer does on a CPU.
 
-    python -m benchmarks.boft_step --quick                  # about a minute: SD 1.5, 128 px, m = 1
+    python -m benchmarks.boft_step --quick                  # about three minutes on 2 cores: SD 1.5, 128 px, m = 1
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
 Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, peak RSS.
 """

@@ -234,3 +234,11 @@ def test_gradients_come_back_in_the_activations_layout(factors):
     x = torch.randn(2, 33, 64, requires_grad=True)
     boft.boft_linear(layer, x, "default", "activation").square().sum().backward()
     assert x.grad.is_contiguous()  # a transposed gradient would make every later layer's backward copy it
+
+
+def test_the_copying_block_product_for_other_devices_computes_the_same(monkeypatch):
+    layer = random_boft_layer(factors=2)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(7))
+    strided = outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", "activation"))
+    monkeypatch.setattr(boft, "STRIDED_OUT_DEVICES", ())
+    assert_close(outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", "activation")), strided)

@@ -229,13 +229,20 @@ def _rotation_plan(layer, boft_r, transpose: bool):
     return cache[key]
 
 
+# Devices whose batched matmul writes a strided `out` directly (CPU BLAS, cuBLAS); elsewhere the product is copied.
+STRIDED_OUT_DEVICES = ("cpu", "cuda")
+
+
 def _block_product(rows, blocks):
     """rows (n, D*H) times the block-diagonal matrix of `blocks` (D, H, H), written straight into row layout:
     one strided batched matmul, no transposed copies."""
     n = rows.shape[0]
     d, h, _ = blocks.shape
+    per_block = rows.view(n, d, h).transpose(0, 1)
+    if rows.device.type not in STRIDED_OUT_DEVICES:
+        return torch.bmm(per_block, blocks).transpose(0, 1).reshape(n, d * h)
     out = rows.new_empty(n, d, h)
-    torch.bmm(rows.view(n, d, h).transpose(0, 1), blocks, out=out.transpose(0, 1))
+    torch.bmm(per_block, blocks, out=out.transpose(0, 1))
     return out.view(n, d * h)
 
 
