@@ -149,7 +149,7 @@ def test_the_rotation_is_orthogonal(factors):
     layer = random_boft_layer(block_num=16, factors=factors)
     eye = torch.eye(64)
     with torch.no_grad():
-        rotation = boft.rotate_rows(eye, *_blocks_and_permutations(layer), transpose=False)
+        rotation = boft.rotate_rows(eye, *_blocks_and_permutations(layer))
     assert (rotation.T @ rotation - eye).abs().max() < 1e-5
 
 
@@ -213,7 +213,8 @@ def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):
 def test_butterfly_permutations_are_applied_as_reshapes_and_equal_the_gather(factors, block_num):
     layer = random_boft_layer(in_features=64, block_num=block_num, factors=factors)
     z = torch.randn(5, 64)
-    for _, before, after in boft._rotation_plan(layer, layer.boft_R["default"], transpose=False):
+    steps, _ = boft._rotation_plan(layer, layer.boft_R["default"], transpose=False)
+    for _, before, after in steps:
         for permutation in (p for p in (before, after) if p is not None):
             assert permutation.chunk_shape is not None  # peft's permutations all have the chunk structure
             assert torch.equal(permutation(z), z[:, permutation.index])

@@ -206,7 +206,8 @@ class _ColumnPermutation:
 
 
 def _rotation_plan(layer, boft_r, transpose: bool):
-    """How rows @ R (or rows @ R^T) is applied: a list of (factor, permutation before, permutation after).
+    """How rows @ R (or rows @ R^T) is applied: (steps, transpose), the steps a list of (factor, permutation
+    before, permutation after) in the order they apply.
 
     R = B_{m-1} ... B_0 with B_i = P_i BD(Q_i) P_i^T, as peft builds it. Since P z = z[perm], on rows
     rows P = rows[:, perm^-1] and rows P^T = rows[:, perm]: each factor is a column permutation, a block product
@@ -225,7 +226,7 @@ def _rotation_plan(layer, boft_r, transpose: bool):
             else:
                 after = _ColumnPermutation.of(index, h // 2)
                 steps.append((i, after.inverse(), after))
-        cache[key] = steps if transpose else steps[::-1]
+        cache[key] = (steps if transpose else steps[::-1], transpose)
     return cache[key]
 
 
@@ -251,17 +252,17 @@ class _RotateRows(torch.autograd.Function):
     backward that keeps every gradient in row layout (autograd's would transpose and copy)."""
 
     @staticmethod
-    def forward(ctx, rows, blocks, plan, transpose):
+    def forward(ctx, rows, blocks, steps, transpose):
         with torch.autocast(rows.device.type, enabled=False):
             z = rows if rows.stride(-1) == 1 else rows.contiguous()
             inputs = []
-            for i, before, after in plan:
+            for i, before, after in steps:
                 z = before(z) if before is not None else z
                 inputs.append(z)
                 z = _block_product(z, blocks[i].transpose(1, 2) if transpose else blocks[i])
                 z = after(z) if after is not None else z
         ctx.save_for_backward(blocks, *inputs)
-        ctx.plan, ctx.transpose = plan, transpose
+        ctx.steps, ctx.transpose = steps, transpose
         return z
 
     @staticmethod
@@ -272,8 +273,8 @@ class _RotateRows(torch.autograd.Function):
         factor_grads = {}
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.contiguous()
-            for k in reversed(range(len(ctx.plan))):
-                (i, before, after), z = ctx.plan[k], inputs[k]
+            for k in reversed(range(len(ctx.steps))):
+                (i, before, after), z = ctx.steps[k], inputs[k]
                 g = after.inverse()(g) if after is not None else g
                 if ctx.needs_input_grad[1]:  # d(z_j q_j)/dq_j = z_j^T g_j, per block j
                     n = z.shape[0]
@@ -288,11 +289,12 @@ class _RotateRows(torch.autograd.Function):
         return g, grad_blocks, None, None
 
 
-def rotate_rows(rows, blocks, plan, transpose: bool):
-    """rows @ R (transpose=False) or rows @ R^T, for rows of shape (..., in) and blocks (m, D, H, H) from
-    cayley(); plan from _rotation_plan for the same `transpose`. Nothing dense is formed."""
+def rotate_rows(rows, blocks, plan):
+    """rows @ R or rows @ R^T, as the plan from _rotation_plan says, for rows of shape (..., in) and blocks
+    (m, D, H, H) from cayley(). Nothing dense is formed."""
+    steps, transpose = plan
     flat = rows.reshape(-1, rows.shape[-1])
-    return _RotateRows.apply(flat, blocks, plan, transpose).view(rows.shape)
+    return _RotateRows.apply(flat, blocks, steps, transpose).view(rows.shape)
 
 
 # Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
@@ -369,9 +371,9 @@ def boft_linear(layer, x, adapter: str, side: str):
     boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
     blocks = multiplicative_dropout(layer.boft_dropout[adapter], cayley(boft_r))
     if side == "weight":  # W_eff = diag(s) W R^T
-        rotated = rotate_rows(weight.to(blocks.dtype), blocks, _rotation_plan(layer, boft_r, True), transpose=True)
+        rotated = rotate_rows(weight.to(blocks.dtype), blocks, _rotation_plan(layer, boft_r, True))
         return F.linear(x, (rotated * boft_s.view(-1, 1)).to(weight.dtype), bias).to(x.dtype)
-    rotated_x = rotate_rows(x, blocks.to(x.dtype), _rotation_plan(layer, boft_r, False), transpose=False)
+    rotated_x = rotate_rows(x, blocks.to(x.dtype), _rotation_plan(layer, boft_r, False))
     result = F.linear(rotated_x, weight)
     result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result, boft_s.view(-1))
     return result.to(x.dtype)
@@ -397,7 +399,7 @@ def structured_merge(layer, safe_merge: bool = False, adapter_names=None) -> Non
             continue
         boft_r = layer.boft_R[name]
         blocks = cayley(boft_r.float())
-        rotated = rotate_rows(weight.float(), blocks, _rotation_plan(layer, boft_r, True), transpose=True)
+        rotated = rotate_rows(weight.float(), blocks, _rotation_plan(layer, boft_r, True))
         merged = layer.boft_s[name].float() * rotated
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
@@ -416,8 +418,7 @@ def structured_unmerge(layer) -> None:
         boft_r = layer.boft_R[name]
         blocks = cayley(boft_r.float())
         unscaled = weight.float() / layer.boft_s[name].float()
-        plan = _rotation_plan(layer, boft_r, False)
-        weight.copy_(rotate_rows(unscaled, blocks, plan, transpose=False).to(weight.dtype))
+        weight.copy_(rotate_rows(unscaled, blocks, _rotation_plan(layer, boft_r, False)).to(weight.dtype))
 
 
 def use_fast_forward(peft_model) -> int:
