@@ -29,13 +29,13 @@ def build_unet(name: str, seed: int = 0):
 def save_random_pipeline(name: str, folder, seed: int = 0):
     """A full Stable Diffusion pipeline of the real sizes with random weights, in diffusers layout (about 4 GB).
 
-    The tokenizer is the tiny one (a byte-level vocabulary): token ids stay valid for the full-size text encoder,
-    and tokenization costs nothing either way.
+    Tokenizer, scheduler and assembly are the tiny pipeline's (utils/tiny_model.py); its byte-level tokenizer
+    gives token ids valid for the full-size text encoder, and tokenization costs nothing either way.
     """
     from pathlib import Path
 
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from utils.tiny_model import build_tiny_pipeline
@@ -58,10 +58,7 @@ def save_random_pipeline(name: str, folder, seed: int = 0):
         num_attention_heads=text_dim // 64, max_position_embeddings=77, projection_dim=text_dim,
         hidden_act="quick_gelu" if name == "sd15" else "gelu",
     ))
-    tiny = build_tiny_pipeline()
-    prediction_type = "epsilon" if name == "sd15" else "v_prediction"
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              prediction_type=prediction_type, steps_offset=1, clip_sample=False)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    tiny = build_tiny_pipeline(prediction_type="epsilon" if name == "sd15" else "v_prediction", seed=seed)
+    full_size = dict(vae=vae, text_encoder=text_encoder, unet=unet)
+    StableDiffusionPipeline(**{**tiny.components, **full_size}, requires_safety_checker=False).save_pretrained(folder)
     return folder
