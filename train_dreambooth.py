@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shlex
-import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,27 +39,20 @@ from utils.boft import (
 )
 from utils.class_images import generate_class_images
 from utils.cpu_allocator import keep_freed_memory
-from utils.dataset import (
-    DreamBoothDataset,
-    EpochShuffleSampler,
-    check_images,
-    collate_fn,
-    fetch_dreambooth_dataset,
-    is_dreambooth_dataset_folder,
-    list_images,
-    require_images,
-)
+from utils.dataset import check_images, fetch_dreambooth_dataset, is_dreambooth_dataset_folder, list_images, require_images
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.latents import CACHE_FOLDER, model_fingerprint, plan_latent_cache
+from utils.layout import RunLayout
 from utils.models import cast_frozen, check_model_source, empty_models, enable_xformers, load_models, weight_dtype
 from utils.plan import plan_lines
+from utils.run_lock import lock_run
+from utils.stopping import StopRequests, Stopped
 from utils.timing import StageTimer
 from utils.tracemalloc import TorchTracemalloc
 from utils.training import TextConditioning, diffusion_loss, latent_posterior, make_lr_scheduler, make_optimizer
+from utils.training_data import make_dataloader
 
 logger = logging.getLogger("train_dreambooth")
 DATA_ROOT = Path(__file__).resolve().parent / "data"
-INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def preflight(args):
@@ -77,12 +69,12 @@ def preflight(args):
     return trackers, hub_target, meta_models
 
 
-def setup_accelerator(args, trackers) -> Accelerator:
+def setup_accelerator(args, trackers, layout) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(layout.logs(args.logging_dir))),
     )
     if accelerator.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
         logger.warning("accelerate launch --cpu started one process (it needs mpirun for more), so this run trains on "
@@ -136,35 +128,12 @@ def wrap_with_adapters(args, parts, accelerator):
     return unet, text_encoder
 
 
-def make_dataloader(args, parts, images, seed, unreadable=()):
-    """The training data: instance (and class) images, as cached latents where that is exact, else pixels."""
-    class_images = [p for p in list_images(args.class_data_dir) if p not in unreadable] if args.with_prior_preservation else []
-    class_images = class_images[: args.num_class_images]
-    cache, cache_keys, notice = plan_latent_cache(
-        images + class_images, args.resolution, args.center_crop, args.cache_latents, Path(args.output_dir, CACHE_FOLDER),
-        model_fingerprint(args.pretrained_model_name_or_path, args.revision, dict(parts.vae.config)),
-    )
-    logger.info(notice)
-    dataset = DreamBoothDataset(
-        images, args.instance_prompt, parts.tokenizer, args.resolution, args.center_crop, seed,
-        class_images=class_images, class_prompt=args.class_prompt, latent_cache=cache, cache_keys=cache_keys,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        sampler=EpochShuffleSampler(len(dataset), seed),
-        collate_fn=lambda examples: collate_fn(examples, args.with_prior_preservation),
-        num_workers=args.num_dataloader_workers,
-        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched by the loader
-    )
-    return loader, cache
-
-
 class Trainer:
     """The training loop and what it does on schedule: log, checkpoint, validate, stop on a signal."""
 
-    def __init__(self, args, accelerator, parts, unet, text_encoder, state, latent_cache):
+    def __init__(self, args, accelerator, parts, unet, text_encoder, state, latent_cache, layout, stops):
         self.args, self.accelerator, self.parts, self.state = args, accelerator, parts, state
+        self.layout, self.stops, self.last_checkpoint = layout, stops, None
         self.unet, self.text_encoder, self.latent_cache = unet, text_encoder, latent_cache
         self.trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
         self.settings = checkpoints.compatibility_settings(
@@ -175,7 +144,6 @@ class Trainer:
         prompts = {0: args.instance_prompt, **({1: args.class_prompt} if args.with_prior_preservation else {})}
         self.conditioning = TextConditioning(text_encoder, parts.tokenizer, prompts, args.train_text_encoder,
                                              accelerator.device, self.dtype)
-        self.interrupted_by = None
         self.embedder = None
         if not args.train_text_encoder and accelerator.device.type != "cpu":
             self.text_encoder.to("cpu")  # its embeddings are computed; it comes back for validation
@@ -185,18 +153,20 @@ class Trainer:
         state_dicts = {name: self.accelerator.get_state_dict(model) for name, model in self.trained.items()}
         if self.accelerator.is_main_process:
             models = {name: self.accelerator.unwrap_model(model) for name, model in self.trained.items()}
-            for path in checkpoints.save_adapters(models, self.args.output_dir, self.state.global_step,
-                                                  self.args.adapter_name, state_dicts):
+            for path in checkpoints.save_adapters(models, self.layout, self.state.global_step, state_dicts):
                 logger.info("Saved adapter %s", path)
 
     def save_checkpoint(self):
+        if self.last_checkpoint == self.state.global_step:  # a stop right after a scheduled checkpoint
+            return
         with self.timer("saving"):
             path = checkpoints.save_checkpoint(
-                self.accelerator, self.args.output_dir, self.state, self.settings, self.args.checkpoints_total_limit
+                self.accelerator, self.layout, self.state, self.settings, self.args.checkpoints_total_limit
             )
             logger.info("Saved training state %s", path)
             self.save_adapters()
             self.accelerator.wait_for_everyone()
+        self.last_checkpoint = self.state.global_step
 
     def validate(self):
         args, step = self.args, self.state.global_step
@@ -212,11 +182,14 @@ class Trainer:
             images, captions = validation.generate_validation_images(
                 pipeline, args.validation_prompts, args.num_validation_images, self.state.seed,
                 args.validation_inference_steps, args.resolution, self.accelerator.autocast, args.sample_batch_size,
-            )
+                should_stop=lambda: self.stops.requested,
+            ) or (None, None)
         unet.train()
         if not args.train_text_encoder and self.accelerator.device.type != "cpu":
             text_encoder.to("cpu")
-        folder = Path(args.output_dir, "validation", str(step))
+        if images is None:
+            return logger.info("Validation at step %d cut short: stopping", step)
+        folder = self.layout.validation(step)
         validation.save_validation_images(images, captions, args.validation_prompts, folder)
         tracking.log_images(self.accelerator, images, [f"{i}: {c}" for i, c in enumerate(captions)], step)
         logger.info("Validation images in %s", folder)
@@ -245,10 +218,6 @@ class Trainer:
         if state.global_step % args.validation_steps == 0 or state.global_step >= args.max_train_steps:
             self.validate()
 
-    def handle_signal(self, signum, _frame):
-        self.interrupted_by = signum
-        self.accelerator.set_trigger()
-
     def training_step(self, batch, optimizer, lr_scheduler, params):
         accelerator, timer, args = self.accelerator, self.timer, self.args
         with timer("vae"):
@@ -268,13 +237,18 @@ class Trainer:
             optimizer.zero_grad(set_to_none=args.set_grads_to_none)
         return loss
 
+    def stop_requested(self) -> bool:
+        """True on every process once any process got a stop signal (accelerate's trigger is all-reduced)."""
+        if self.stops.requested:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
     def run(self, optimizer, lr_scheduler, loader, params, resume_skip: int) -> bool:
         """Train to --max_train_steps; False when a signal stopped it (after saving a checkpoint)."""
         args, state, accelerator = self.args, self.state, self.accelerator
         progress = tqdm(initial=state.global_step, total=args.max_train_steps, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-        for signum in INTERRUPT_EXIT_CODES:
-            signal.signal(signum, self.handle_signal)
+        self.stops.defer()  # from here on a signal is acted on between steps, after saving
         models = list(self.trained.values())
         while state.global_step < args.max_train_steps:
             epoch_loader = accelerator.skip_first_batches(loader, resume_skip) if resume_skip else loader
@@ -297,7 +271,7 @@ class Trainer:
                 self.on_optimizer_step(accelerator.reduce(loss.detach(), "mean").item(), lr_scheduler.get_last_lr()[0], progress)
                 if state.global_step >= args.max_train_steps:
                     break
-                if accelerator.check_trigger():
+                if self.stop_requested():
                     self.save_checkpoint()
                     return False
         progress.close()
@@ -307,7 +281,7 @@ class Trainer:
 def resume(trainer, loader) -> int:
     """Load the checkpoint --resume_from_checkpoint names; return how many batches of its epoch to skip."""
     args = trainer.args
-    folder = checkpoints.find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+    folder = checkpoints.find_resume_checkpoint(args.resume_from_checkpoint, trainer.layout) if args.resume_from_checkpoint else None
     if folder is None:
         return 0
     saved = checkpoints.read_checkpoint(folder, trainer.settings)
@@ -320,15 +294,21 @@ def resume(trainer, loader) -> int:
     return saved.batches_done_in_epoch
 
 
-def train(args):
+def train(args, stops):
+    layout = RunLayout(args.output_dir, args.adapter_name)
     trackers, hub_target, meta_models = preflight(args)
-    accelerator = setup_accelerator(args, trackers)
+    accelerator = setup_accelerator(args, trackers, layout)
     images = instance_images(args, accelerator)
     present = list_images(args.class_data_dir) if args.with_prior_preservation else []
     unreadable = set(present) - set(check_images(present, args.resolution, args.skip_bad_images, "--class_data_dir")
                                     if present else [])
     if args.dry_run:
         return accelerator.print("\n".join(plan_lines(args, accelerator, *meta_models, images)))
+    with lock_run(layout, accelerator):  # before anything of the run is written
+        train_locked(args, accelerator, layout, stops, images, unreadable, trackers, hub_target)
+
+
+def train_locked(args, accelerator, layout, stops, images, unreadable, trackers, hub_target):
     state = checkpoints.TrainState(seed=checkpoints.run_seed(args.seed, args.adapter_name))
     set_seed(state.seed)
     logger.info("Seed %d%s", state.seed, "" if args.seed is not None else f" (derived from the run name {args.adapter_name!r})")
@@ -340,7 +320,7 @@ def train(args):
     unet, text_encoder = wrap_with_adapters(args, parts, accelerator)
     params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
     optimizer = make_optimizer(args, params, accelerator.num_processes)
-    loader, latent_cache = make_dataloader(args, parts, images, state.seed, unreadable)
+    loader, latent_cache = make_dataloader(args, accelerator, parts, images, state.seed, layout.latent_cache, unreadable)
 
     trained = [unet, text_encoder] if args.train_text_encoder else [unet]
     *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
@@ -348,11 +328,11 @@ def train(args):
     args.max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
     lr_scheduler = accelerator.prepare(make_lr_scheduler(args, optimizer, accelerator.num_processes))
 
-    trainer = Trainer(args, accelerator, parts, unet, text_encoder, state, latent_cache)
+    trainer = Trainer(args, accelerator, parts, unet, text_encoder, state, latent_cache, layout, stops)
     checkpoints.register_adapter_hooks(
         accelerator, args.adapter_name, {id(accelerator.unwrap_model(m)): n for n, m in trainer.trained.items()}
     )
-    tracking.start_trackers(args, accelerator, trackers)
+    tracking.start_trackers(args, accelerator, trackers, layout.logs(args.logging_dir))
     resume_skip = resume(trainer, loader)
     logger.info("Training %d optimizer steps: %d examples, batch %d per device x %d process(es) x %d accumulation",
                 args.max_train_steps, len(loader.dataset), args.train_batch_size, accelerator.num_processes,
@@ -362,9 +342,11 @@ def train(args):
         finished = trainer.run(optimizer, lr_scheduler, loader, params, resume_skip)
     if not finished:
         accelerator.end_training()
-        print(f"Interrupted at step {state.global_step}; the training state is saved. Resume with the same command "
-              "and --resume_from_checkpoint latest", file=sys.stderr)
-        raise SystemExit(INTERRUPT_EXIT_CODES[trainer.interrupted_by])
+        if accelerator.is_main_process:
+            print(f"Interrupted at step {state.global_step}; the training state is saved in "
+                  f"{layout.checkpoint(state.global_step)}. Resume with the same command and "
+                  "--resume_from_checkpoint latest", file=sys.stderr)
+        raise SystemExit(stops.exit_code)
     finish(args, accelerator, trainer, memory, hub_target)
 
 
@@ -378,11 +360,11 @@ def finish(args, accelerator, trainer, memory, hub_target):
     for line in trainer.timer.summary(step) + (memory.report() if memory is not None else []):
         accelerator.print(line)
     if accelerator.is_main_process and hub_target:
-        hub.write_model_card(args.output_dir, args, step)
-        logger.info("Pushed to %s", hub.push_to_hub(args.output_dir, *hub_target))
+        hub.write_model_card(trainer.layout, args, step)
+        logger.info("Pushed to %s", hub.push_to_hub(trainer.layout, *hub_target))
     accelerator.end_training()
     if accelerator.is_main_process:
-        adapter = Path(args.output_dir, "unet", str(step), args.adapter_name)
+        adapter = trainer.layout.adapter("unet", step)
         command = ["python", "-m", "utils.inference", "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
                    "--output_dir", args.output_dir, "--adapter_name", args.adapter_name, "--prompt", args.instance_prompt]
         print(f"Done: {step} steps. UNet adapter: {adapter}\nGenerate with it: {shlex.join(command)}")
@@ -390,11 +372,16 @@ def finish(args, accelerator, trainer, memory, hub_target):
 
 def main(argv=None):
     args = parse_args(argv)
+    stops = StopRequests().install()
     try:
-        train(args)
+        train(args, stops)
     except UserError as error:
         print(f"train_dreambooth.py: error: {error}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
+    except Stopped as stop:
+        print(f"Stopped by {stop} before training started; nothing to resume from: run the same command again",
+              file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 #   ./train_dreambooth.sh IDX [extra train_dreambooth.py flags...]
 #   ACCELERATE_ARGS="--num_processes 2" ./train_dreambooth.sh 11 --max_train_steps=400
 # Environment overrides: MODEL_NAME, OUTPUT_DIR, BLOCK_NUM, BLOCK_SIZE, N_BUTTERFLY_FACTOR, REPORT_TO,
-# DATASET_DIR (subjects' photo folders), CLASS_DATA_DIR (class image folders), ACCELERATE_ARGS.
+# DATASET_DIR (subjects' photo folders), CLASS_DATA_DIR (class image folders), ACCELERATE_ARGS, PYTHON.
+# It launches through utils/launch.py: accelerate launch's flags and code, the trainer's exit status passed on
+# (2 usage error, 143/130 stopped by SIGTERM/SIGINT after saving a checkpoint) without a launcher traceback.
 set -euo pipefail
 
 SUBJECTS=(
@@ -98,7 +100,8 @@ if [[ " ${ACCELERATE_FLAGS[*]} " == *" --cpu "* && " ${ACCELERATE_FLAGS[*]} " =~
   export ACCELERATE_USE_CPU=1
 fi
 
-exec accelerate launch "${ACCELERATE_FLAGS[@]}" "$HERE/train_dreambooth.py" \
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+exec "${PYTHON:-python3}" -m utils.launch "${ACCELERATE_FLAGS[@]}" "$HERE/train_dreambooth.py" \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --instance_data_dir="$DATASET_DIR/$SUBJECT" \
   --class_data_dir="$CLASS_DATA_DIR/$CLASS_TOKEN" \

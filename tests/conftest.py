@@ -1,8 +1,10 @@
 """Shared fixtures: the tiny pipeline and a synthetic subject, built once per session; a CLI runner."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,37 @@ def assert_clean_error(result, *phrases):
     assert "Traceback" not in output, output[-3000:]
     for phrase in phrases:
         assert phrase in output, f"{phrase!r} not in:\n{output[-3000:]}"
+
+
+def start_in_session(command, **env) -> subprocess.Popen:
+    """Start a command as a terminal or a scheduler does: in a session (process group) of its own."""
+    return subprocess.Popen([str(c) for c in command], cwd=REPO, env=cli_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def group_ends(pgid, timeout=120) -> bool:
+    """True once no process of the group is left (each one ended by itself, none orphaned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)
+    return False
+
+
+def adapter_weights(out, step, run="dreambooth_boft", models=("unet",)):
+    from safetensors.torch import load_file
+
+    return {f"{m}.{k}": v for m in models
+            for k, v in load_file(Path(out, m, str(step), run, "adapter_model.safetensors")).items()}

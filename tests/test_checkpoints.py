@@ -7,6 +7,7 @@ import pytest
 
 from utils import checkpoints
 from utils.errors import UserError
+from utils.layout import RunLayout
 
 
 def write_checkpoint(root, step, settings=None, content=b"weights"):
@@ -21,40 +22,59 @@ def write_checkpoint(root, step, settings=None, content=b"weights"):
 
 
 def test_latest_is_the_newest_complete_checkpoint_and_truncated_ones_are_skipped(tmp_path, caplog):
+    layout = RunLayout(tmp_path, "dog")
     for step in (2, 10, 4):
-        write_checkpoint(tmp_path, step)
-    assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "checkpoint-10"
-    (tmp_path / "checkpoint-10" / "optimizer.bin").write_bytes(b"wei")  # truncated
-    (tmp_path / "checkpoint-12").mkdir()  # never finished (no state file)
-    assert checkpoints.find_resume_checkpoint("latest", tmp_path).name == "checkpoint-4"
+        write_checkpoint(layout.checkpoints, step)
+    assert checkpoints.find_resume_checkpoint("latest", layout).name == "checkpoint-10"
+    (layout.checkpoint(10) / "optimizer.bin").write_bytes(b"wei")  # truncated
+    layout.checkpoint(12).mkdir()  # never finished (no state file)
+    assert checkpoints.find_resume_checkpoint("latest", layout).name == "checkpoint-4"
     assert "Skipping checkpoint" in caplog.text and "checkpoint-10" in caplog.text and "checkpoint-12" in caplog.text
 
 
-def test_latest_without_checkpoints_starts_fresh(tmp_path, caplog):
+def test_each_run_sees_only_its_own_checkpoints(tmp_path, caplog):
+    dog, cat = RunLayout(tmp_path, "dog"), RunLayout(tmp_path, "cat")
+    write_checkpoint(dog.checkpoints, 2)
+    write_checkpoint(cat.checkpoints, 4)
+    assert checkpoints.find_resume_checkpoint("latest", dog) == dog.checkpoint(2)
+    assert checkpoints.find_resume_checkpoint("checkpoint-2", dog) == dog.checkpoint(2)
+    with pytest.raises(UserError, match="no such folder"):
+        checkpoints.find_resume_checkpoint("checkpoint-4", dog)
+    assert checkpoints.complete_checkpoints(cat) == [cat.checkpoint(4)]
+
+
+def test_latest_without_checkpoints_starts_fresh_and_points_at_old_layout_ones(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    assert checkpoints.find_resume_checkpoint("latest", tmp_path) is None
-    assert "starting from the beginning" in caplog.text
+    layout = RunLayout(tmp_path, "dog")
+    assert checkpoints.find_resume_checkpoint("latest", layout) is None
+    assert "starting from the beginning" in caplog.text and "layout before" not in caplog.text
+    old = write_checkpoint(tmp_path, 6)  # written by a version that kept checkpoints at the top
+    assert checkpoints.find_resume_checkpoint("latest", layout) is None
+    assert "checkpoint-6" in caplog.text and "--resume_from_checkpoint PATH" in caplog.text
+    assert checkpoints.find_resume_checkpoint(str(old), layout) == old
 
 
 def test_a_named_incomplete_checkpoint_is_refused(tmp_path):
-    (tmp_path / "checkpoint-3").mkdir()
+    layout = RunLayout(tmp_path, "dog")
+    layout.checkpoint(3).mkdir(parents=True)
     with pytest.raises(UserError, match="cannot be used"):
-        checkpoints.find_resume_checkpoint(str(tmp_path / "checkpoint-3"), tmp_path)
+        checkpoints.find_resume_checkpoint(str(layout.checkpoint(3)), layout)
     with pytest.raises(UserError, match="no such folder"):
-        checkpoints.find_resume_checkpoint("checkpoint-9", tmp_path)
+        checkpoints.find_resume_checkpoint("checkpoint-9", layout)
 
 
 def test_a_failed_save_leaves_nothing_half_written_and_the_previous_checkpoint_intact(tmp_path):
-    previous = write_checkpoint(tmp_path, 2)
+    layout = RunLayout(tmp_path, "dog")
+    previous = write_checkpoint(layout.checkpoints, 2)
 
     def disk_full(tmp):
         (tmp / "optimizer.bin").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(UserError, match="No space left on device"):
-        checkpoints.atomic_folder(tmp_path / "checkpoint-4", disk_full)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
-    assert checkpoints.find_resume_checkpoint("latest", tmp_path) == previous
+        checkpoints.atomic_folder(layout.checkpoint(4), disk_full)
+    assert sorted(p.name for p in layout.checkpoints.iterdir()) == ["checkpoint-2"]
+    assert checkpoints.find_resume_checkpoint("latest", layout) == previous
 
 
 def test_incompatible_settings_are_named(tmp_path):

@@ -103,7 +103,7 @@ def test_generate_then_score_end_to_end(trained_run, tiny_model, subject, metric
               "--num_images", 2, "--num_inference_steps", 2, "--resolution", 64]
     generated = evaluate("generate", *common, "--prompts_file", prompts, "--class_prompt", "a photo of toy")
     assert generated.returncode == 0, generated.stderr[-3000:]
-    folder = trained_run / "eval" / "2"
+    folder = trained_run / "eval" / "toy" / "2"
     assert (folder / "prompts.txt").read_text().splitlines() == ["a qwe toy in the snow", "a red qwe toy"]
     assert sorted(p.name for p in (folder / "001").iterdir()) == ["00.png", "01.png"]
     base = trained_run / "eval" / "base" / "class"
@@ -126,8 +126,8 @@ def test_every_checkpoint_scores_each_step_and_plots(trained_run, tiny_model, su
                       "--instance_data_dir", subject, "--dino_model", metric_models[0], "--clip_model", metric_models[1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 1:" in result.stdout and "step 2:" in result.stdout
-    assert len((trained_run / "eval" / "1" / "prompts.txt").read_text().splitlines()) == 25
-    assert Image.open(trained_run / "eval" / "scores_by_step.png").size == (640, 400)
+    assert len((trained_run / "eval" / "toy" / "1" / "prompts.txt").read_text().splitlines()) == 25
+    assert Image.open(trained_run / "eval" / "toy" / "scores_by_step.png").size == (640, 400)
 
 
 def test_missing_inputs_are_clear_errors(tmp_path, subject, metric_models):

@@ -5,6 +5,7 @@ import pytest
 
 from utils import hub
 from utils.errors import UserError
+from utils.layout import RunLayout
 
 
 def hub_args(tmp_path, **overrides):
@@ -43,10 +44,12 @@ def test_push_uploads_adapters_validation_and_card_only(tmp_path, monkeypatch):
     calls = {}
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, token, exist_ok: calls.update(repo=repo_id))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.update(upload=kwargs))
+    monkeypatch.setattr(huggingface_hub, "upload_file", lambda **kwargs: calls.update(card=kwargs))
     args = hub_args(tmp_path)
-    hub.write_model_card(tmp_path, args, 400)
-    card = (tmp_path / "README.md").read_text()
+    layout = RunLayout(tmp_path, "rex")
+    card = hub.write_model_card(layout, args, 400).read_text()
     assert "unet/400/rex" in card and "text_encoder/400/rex" in card and "base_model: m" in card
-    assert hub.push_to_hub(tmp_path, "ada/rex", "secret") == "https://huggingface.co/ada/rex"
-    assert calls["repo"] == "ada/rex" and calls["upload"]["allow_patterns"] == hub.UPLOADED
-    assert "checkpoint-*" not in str(calls["upload"]["allow_patterns"])
+    assert hub.push_to_hub(layout, "ada/rex", "secret") == "https://huggingface.co/ada/rex"
+    patterns = calls["upload"]["allow_patterns"]
+    assert calls["repo"] == "ada/rex" and patterns == ["unet/*/rex/**", "text_encoder/*/rex/**", "validation/rex/**"]
+    assert calls["card"]["path_in_repo"] == "README.md" and calls["card"]["path_or_fileobj"] == str(layout.model_card)

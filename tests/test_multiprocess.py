@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, assert_clean_error, base_args, cli_env
+from utils.dataset import list_images
 from utils.tiny_model import make_synthetic_subject
 
 
@@ -49,20 +50,20 @@ def two_process_run(tiny_model, four_photos, tmp_path_factory):
 
 def test_class_images_are_split_without_duplicates_or_gaps(two_process_run):
     root, argv, _ = two_process_run
-    assert sorted(p.name for p in (root / "class").iterdir()) == [f"class_0000{i}.jpg" for i in range(3)]
+    assert [p.name for p in list_images(root / "class")] == [f"class_0000{i}.jpg" for i in range(3)]
     again = launch(argv + ["--max_train_steps", "4", "--output_dir", str(root / "again")])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Generating" not in again.stderr and len(list((root / "class").iterdir())) == 3
+    assert "Generating" not in again.stderr and len(list_images(root / "class")) == 3
 
 
 def test_everything_is_written_once_by_the_main_process(two_process_run):
     root, _, result = two_process_run
     out = root / "out"
-    assert sorted(p.name for p in (out / "validation" / "4").iterdir()) == [
+    assert sorted(p.name for p in (out / "validation" / "dreambooth_boft" / "4").iterdir()) == [
         "00_a_qwe_toy_0.png", "01_a_red_qwe_toy_0.png"]
     assert result.stderr.count("Saved adapter") == 2  # steps 2 and 4, once each
     assert len(list((out / "logs").rglob("events.out.tfevents.*"))) >= 1
-    checkpoint = out / "checkpoint-2"
+    checkpoint = out / "checkpoints" / "dreambooth_boft" / "checkpoint-2"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert not list(out.glob(".*partial*"))
 
@@ -109,7 +110,7 @@ def test_the_launcher_and_plain_accelerate_cpu_flags(tiny_model, four_photos, tm
     result = subprocess.run([str(REPO / "train_dreambooth.sh"), "27", *flags], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "out" / "checkpoint-2" / "random_states_1.pkl").is_file()  # really two processes
+    assert (tmp_path / "out" / "checkpoints" / "teapot_boft_801" / "checkpoint-2" / "random_states_1.pkl").is_file()  # really two processes
     plain = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_dreambooth.py"),

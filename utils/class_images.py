@@ -2,7 +2,9 @@
 
 Image i of the class is always generated from seed i and saved as class_{i:05d}.jpg (written to a temporary name,
 then renamed), so an interrupted generation resumes where it stopped, a rerun yields the same images, and several
-processes share the missing indices without duplicates or gaps.
+processes share the missing indices without duplicates or gaps. Runs of other subjects of the same class share the
+folder: while one generates, it holds the folder's lock, and another waits for it and then counts again, so each
+image is generated once, whole.
 """
 
 import logging
@@ -14,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.dataset import list_images
+from utils.run_lock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +50,31 @@ def generation_dtype(precision, device_type: str) -> torch.dtype:
     return torch.float32
 
 
+LOCK_NAME = ".generating.lock"
+
+
 def generate_class_images(args, accelerator) -> int:
     """Fill --class_data_dir up to --num_class_images images; return how many this process generated."""
     class_dir = Path(args.class_data_dir)
+    if not missing_class_indices(class_dir, args.num_class_images):
+        return 0  # nothing to write: a complete folder may be read-only or in use by another run
+    lock = FileLock(class_dir / LOCK_NAME)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    todo = missing_class_indices(class_dir, args.num_class_images)
-    accelerator.wait_for_everyone()  # every process has planned before any writes
-    if not todo:
-        return 0
-    logger.info("Generating %d class images from %r", len(todo), args.class_prompt)
-    mine = share_of(todo, accelerator.process_index, accelerator.num_processes)
-    generate_indices(args, mine, accelerator.device, show_progress=accelerator.is_local_main_process)
-    accelerator.wait_for_everyone()
-    return len(mine)
+        lock.acquire(f"Waiting for another run that is generating class images in {class_dir}")
+    try:
+        accelerator.wait_for_everyone()
+        todo = missing_class_indices(class_dir, args.num_class_images)
+        accelerator.wait_for_everyone()  # every process has planned before any writes
+        if not todo:
+            return 0
+        logger.info("Generating %d class images from %r", len(todo), args.class_prompt)
+        mine = share_of(todo, accelerator.process_index, accelerator.num_processes)
+        generate_indices(args, mine, accelerator.device, show_progress=accelerator.is_local_main_process)
+        accelerator.wait_for_everyone()
+        return len(mine)
+    finally:
+        lock.release()
 
 
 def share_of(indices: list[int], process_index: int, num_processes: int) -> list[int]:
@@ -95,6 +108,9 @@ def generate_indices(args, indices: list[int], device, show_progress: bool = Tru
             generator=[torch.Generator().manual_seed(index) for index in batch],
         ).images
         for index, image in zip(batch, images):
-            partial = class_dir / f".{class_image_name(index)}.partial"
-            image.save(partial, format="JPEG", quality=95)
-            os.replace(partial, class_dir / class_image_name(index))
+            partial = class_dir / f".{class_image_name(index)}.{os.getpid()}.partial"
+            try:
+                image.save(partial, format="JPEG", quality=95)
+                os.replace(partial, class_dir / class_image_name(index))
+            finally:  # a stop or a full disk leaves no partial file behind
+                partial.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
     python -m utils.evaluate generate --pretrained_model_name_or_path M --output_dir OUT --adapter_name NAME \\
         [--step N|latest] [--subject_index IDX | --prompts_file F] [--num_images 4] [--class_prompt "a photo of dog"]
-    python -m utils.evaluate score --instance_data_dir REAL --generated_dir OUT/eval/1000 [--class_generated_dir B]
+    python -m utils.evaluate score --instance_data_dir REAL --generated_dir OUT/eval/NAME/1000 [--class_generated_dir B]
     python -m utils.evaluate score --every_checkpoint ...generate's flags... --instance_data_dir REAL
 
 A generated folder holds prompts.txt (one prompt a line) and one sub-folder per prompt named by its zero-based line
@@ -22,6 +22,7 @@ import torch
 
 from utils.dataset import list_images, load_rgb
 from utils.errors import USAGE_EXIT_CODE, UserError
+from utils.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -247,12 +248,13 @@ def write_images(pipe, prompt, folder, num_images, seed, steps, resolution, batc
 def generate_for_step(args, pipe, step) -> Path:
     prompts = subject_prompts(args.subject_index) if args.subject_index is not None else \
         [p for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
-    folder = Path(args.output_dir, "eval", str(step))
+    layout = RunLayout(args.output_dir, args.adapter_name)
+    folder = layout.evaluation(step)
     options = (args.num_images, args.seed, args.num_inference_steps, args.resolution, args.batch_size)
     generate(pipe, prompts, folder, *options)
     if args.class_prompt:
         write_images(pipe, args.class_prompt, folder / "class", *options)
-        base = Path(args.output_dir, "eval", "base", "class")
+        base = layout.base_class_images
         if not list_images(base):
             active = pipe.active
             pipe.set_adapter(None)
@@ -305,13 +307,11 @@ def _pipeline(args):
 
 
 def every_checkpoint(args, embedder):
-    from utils.inference import resolve_adapter
-
-    pipe = _pipeline(args)
-    steps = sorted({int(p.name) for p in Path(args.output_dir, "unet").iterdir() if p.name.isdigit()
-                    and (p / args.adapter_name).is_dir()}) if Path(args.output_dir, "unet").is_dir() else []
+    layout = RunLayout(args.output_dir, args.adapter_name)
+    steps = layout.adapter_steps()
     if not steps:
-        resolve_adapter(args.output_dir, args.adapter_name)  # raises, listing what exists
+        layout.resolve_adapters()  # raises, listing what exists
+    pipe = _pipeline(args)
     points = {}
     for step in steps:
         pipe.load_adapter(args.output_dir, args.adapter_name, step)
@@ -320,7 +320,7 @@ def every_checkpoint(args, embedder):
         write_reports(rows, folder, args.instance_data_dir)
         points[step] = rows[-1]
         print(f"step {step}: " + ", ".join(f"{m} {rows[-1][m]:.3f}" for m in METRICS))
-    print(f"plot: {plot_scores(points, Path(args.output_dir, 'eval', 'scores_by_step.png'))}")
+    print(f"plot: {plot_scores(points, layout.evaluation_plot)}")
 
 
 def main(argv=None):

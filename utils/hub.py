@@ -5,9 +5,6 @@ from pathlib import Path
 
 from utils.errors import UserError
 
-UPLOADED = ["unet/**", "text_encoder/**", "validation/**", "README.md"]
-
-
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it, at the time of the call."""
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -29,7 +26,8 @@ def resolve_hub_repo(args) -> tuple[str, str]:
     return args.hub_model_id or f"{user}/{Path(args.output_dir).resolve().name}", token
 
 
-def write_model_card(output_dir, args, step: int) -> None:
+def write_model_card(layout, args, step: int) -> Path:
+    """The run's model card (its own file: other runs in the folder have theirs)."""
     card = f"""---
 base_model: {args.pretrained_model_name_or_path}
 library_name: peft
@@ -41,12 +39,17 @@ BOFT adapters (block_num {args.boft_block_num}, block_size {args.boft_block_size
 {args.boft_n_butterfly_factor}) trained with DreamBooth on "{args.instance_prompt}" for {step} steps.
 Adapters: `unet/{step}/{args.adapter_name}`{f" and `text_encoder/{step}/{args.adapter_name}`" if args.train_text_encoder else ""}.
 """
-    Path(output_dir, "README.md").write_text(card)
+    layout.model_card.parent.mkdir(parents=True, exist_ok=True)
+    layout.model_card.write_text(card)
+    return layout.model_card
 
 
-def push_to_hub(output_dir, repo_id: str, token: str) -> str:
-    from huggingface_hub import create_repo, upload_folder
+def push_to_hub(layout, repo_id: str, token: str) -> str:
+    """Upload the run's adapters, validation images and model card (no checkpoints, no other run's files)."""
+    from huggingface_hub import create_repo, upload_file, upload_folder
 
     create_repo(repo_id, token=token, exist_ok=True)
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), allow_patterns=UPLOADED, token=token)
+    upload_folder(repo_id=repo_id, folder_path=str(layout.output_dir), allow_patterns=layout.uploaded_patterns(),
+                  token=token)
+    upload_file(path_or_fileobj=str(layout.model_card), path_in_repo="README.md", repo_id=repo_id, token=token)
     return f"https://huggingface.co/{repo_id}"

@@ -18,8 +18,8 @@ import torch
 
 from utils import boft
 from utils.errors import USAGE_EXIT_CODE, UserError
+from utils.layout import RunLayout
 
-PARTS = ("unet", "text_encoder")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -37,26 +37,9 @@ def choose_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torc
     return device, DTYPES[dtype]
 
 
-def _listing(folder: Path) -> str:
-    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    return ", ".join(entries) if entries else "nothing"
-
-
 def resolve_adapter(output_dir, adapter_name: str, step="latest") -> tuple[int, dict]:
     """(step, {part: adapter folder}) of a training output; a UserError listing what exists when not found."""
-    unet_root = Path(output_dir, "unet")
-    if not unet_root.is_dir():
-        raise UserError(f"{output_dir} holds no unet/ adapters (it holds: {_listing(Path(output_dir))})")
-    steps = sorted(int(p.name) for p in unet_root.iterdir() if p.name.isdigit() and (p / adapter_name).is_dir())
-    if not steps:
-        names = sorted({a.name for s in unet_root.iterdir() if s.is_dir() for a in s.iterdir() if a.is_dir()})
-        raise UserError(f"no adapter named {adapter_name!r} in {unet_root} (adapters there: {', '.join(names) or 'none'})")
-    if str(step) == "latest":
-        step = steps[-1]
-    elif int(step) not in steps:
-        raise UserError(f"adapter {adapter_name!r} has no step {step} in {unet_root} (steps: {', '.join(map(str, steps))})")
-    folders = {part: Path(output_dir, part, str(step), adapter_name) for part in PARTS}
-    return int(step), {part: folder for part, folder in folders.items() if (folder / "adapter_config.json").is_file()}
+    return RunLayout(output_dir, adapter_name).resolve_adapters(step)
 
 
 def make_grid(images, columns=None):

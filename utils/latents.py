@@ -5,6 +5,11 @@ the encoding is saved. An entry is keyed by the model, the image's content, the 
 resumed run, or another subject trained into the same output folder with the same class images, encodes nothing
 again. Only images whose crop is the same every epoch can be cached: with --center_crop, or when the image is
 square. A random crop of a non-square image changes every epoch and is encoded every step.
+
+Every image is encoded alone (a batch of one), before training for cached ones and row by row during it for the
+others: a batched convolution can round differently with the batch's other rows, and which rows would share a
+batch depends on how far the data-loader workers have read ahead, so batching would make runs, and a resumed run
+against an uninterrupted one, differ in their last bits.
 """
 
 import hashlib
@@ -16,7 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-CACHE_FOLDER = "latent_cache"
+from utils.dataset import load_rgb, to_training_tensor
+
 
 
 def file_digest(path) -> str:
@@ -86,3 +92,23 @@ def plan_latent_cache(images, resolution: int, center_crop: bool, requested, fol
     keys = {path: cache.key(file_digest(path)) for path in images if path not in varying}
     notice = f"Latent cache on ({folder}): each image is encoded once" + (f"; but {why}" if varying else "")
     return cache, keys, notice
+
+
+@torch.no_grad()
+def encode_one(vae, pixels: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of one image's posterior, encoded as a batch of one (see the module's docstring)."""
+    posterior = vae.encode(pixels.unsqueeze(0).to(vae.device, dtype)).latent_dist
+    return posterior.mean[0], posterior.std[0]
+
+
+def fill_latent_cache(cache, cache_keys: dict, vae, resolution: int, center_crop: bool, dtype) -> int:
+    """Encode every cacheable image that is not cached yet; return how many were encoded."""
+    encoded = 0
+    for path, key in cache_keys.items():
+        if cache.load(key) is not None:
+            continue
+        # The crop of a cacheable image is fixed, so the generator that would place a random one is never used.
+        pixels = to_training_tensor(load_rgb(path, resolution), resolution, center_crop, torch.Generator())
+        cache.save(key, *encode_one(vae, pixels, dtype))
+        encoded += 1
+    return encoded

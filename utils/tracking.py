@@ -5,7 +5,6 @@ import logging
 import netrc
 import os
 import sys
-from pathlib import Path
 
 from utils.errors import UserError
 
@@ -85,17 +84,18 @@ def tracker_config(args) -> dict:
     return config
 
 
-def start_trackers(args, accelerator, trackers) -> None:
+def start_trackers(args, accelerator, trackers, logging_dir) -> None:
     """On the main process: wandb's mode, secrets out of argv, then accelerate's trackers with a clean config."""
     if not accelerator.is_main_process:
         return
     if "wandb" in trackers:
         logger.info(prepare_wandb(args))
     scrub_process_arguments()
+    logging_dir.mkdir(parents=True, exist_ok=True)
     accelerator.init_trackers(
         args.wandb_project_name or "dreambooth_boft",
         config=tracker_config(args),
-        init_kwargs={"wandb": {"name": args.adapter_name, "dir": str(Path(args.output_dir, args.logging_dir))}},
+        init_kwargs={"wandb": {"name": args.adapter_name, "dir": str(logging_dir)}},
     )
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from utils.dataset import example_noise, tokenize
 from utils.errors import UserError
+from utils.latents import encode_one
 
 
 class TextConditioning:
@@ -29,16 +30,13 @@ class TextConditioning:
 
 
 def latent_posterior(batch, vae, dtype, cache=None):
-    """(mean, std) of each row's VAE posterior: encoded now for pixel rows (and cached when allowed), read for
-    cached rows."""
+    """(mean, std) of each row's VAE posterior: read for cached rows, encoded now (one row at a time, see
+    utils/latents.py) for pixel rows, and cached when allowed."""
     rows = [None] * len(batch["keys"])
-    if batch["pixel_rows"]:
-        with torch.no_grad():
-            posterior = vae.encode(batch["pixel_values"].to(vae.device, dtype)).latent_dist
-        for j, row in enumerate(batch["pixel_rows"]):
-            rows[row] = (posterior.mean[j], posterior.std[j])
-            if cache is not None and batch["pixel_cache_keys"][j] is not None:
-                cache.save(batch["pixel_cache_keys"][j], posterior.mean[j], posterior.std[j])
+    for j, row in enumerate(batch["pixel_rows"]):
+        rows[row] = encode_one(vae, batch["pixel_values"][j], dtype)
+        if cache is not None and batch["pixel_cache_keys"][j] is not None:
+            cache.save(batch["pixel_cache_keys"][j], *rows[row])
     for j, row in enumerate(batch["latent_rows"]):
         rows[row] = (batch["latent_mean"][j].to(vae.device, dtype), batch["latent_std"][j].to(vae.device, dtype))
     return torch.stack([mean for mean, _ in rows]), torch.stack([std for _, std in rows])

@@ -33,14 +33,18 @@ def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler):
 
 
 @torch.no_grad()
-def generate_validation_images(pipeline, prompts, num_images, seed, steps, resolution, autocast, batch_size):
-    """num_images images of every prompt, prompt after prompt, generated batch_size images at a time.
+def generate_validation_images(pipeline, prompts, num_images, seed, steps, resolution, autocast, batch_size,
+                               should_stop=lambda: False):
+    """num_images images of every prompt, prompt after prompt, generated batch_size images at a time; None when
+    `should_stop()` turned true between batches (a stop signal: the checkpoint matters, the images do not).
 
     Image k of each prompt is seeded with seed + k (a CPU generator), so steps and runs are comparable.
     """
     jobs = [(prompt, k) for prompt in prompts for k in range(num_images)]
     images = []
     for start in range(0, len(jobs), batch_size):
+        if should_stop():
+            return None
         batch = jobs[start : start + batch_size]
         with autocast():
             images += pipeline(

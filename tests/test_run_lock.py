@@ -1,0 +1,65 @@
+"""The run lock: one live process per run and folder; a dead holder's lock is taken over; waiting for a lock."""
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from utils.errors import UserError
+from utils.layout import RunLayout
+from utils.run_lock import FileLock, lock_run
+
+
+class OneProcess:
+    is_main_process, num_processes = True, 1
+
+
+def test_a_second_holder_is_refused_with_the_holders_pid_and_nothing_written(tmp_path):
+    layout = RunLayout(tmp_path, "dog")
+    with lock_run(layout, OneProcess()):
+        record = layout.lock_file.read_text()
+        assert record.startswith(f"{os.getpid()} on ")
+        with pytest.raises(UserError, match=rf"'dog' is already training into .*process {os.getpid()} on"):
+            lock_run(layout, OneProcess())
+        assert layout.lock_file.read_text() == record  # the refused one wrote nothing
+    assert layout.lock_file.read_text() == ""  # released cleanly
+    with lock_run(layout, OneProcess()):
+        pass
+
+
+def test_the_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
+    layout = RunLayout(tmp_path, "dog")
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(os.getcwd())!r})
+from utils.run_lock import FileLock
+FileLock({str(layout.lock_file)!r}).try_acquire()
+print("held", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"process {holder.pid} on"):
+        lock_run(layout, OneProcess())
+    holder.kill()
+    holder.wait()
+    with caplog.at_level(logging.WARNING), lock_run(layout, OneProcess()):
+        assert f"left by process {holder.pid} on" in caplog.text and "no longer running" in caplog.text
+
+
+def test_different_runs_lock_independently(tmp_path):
+    with lock_run(RunLayout(tmp_path, "dog"), OneProcess()), lock_run(RunLayout(tmp_path, "cat"), OneProcess()):
+        pass
+
+
+def test_acquire_waits_for_the_holder(tmp_path, caplog):
+    first = FileLock(tmp_path / "class" / ".generating.lock")
+    assert first.try_acquire() == (True, "")
+    threading.Timer(0.5, first.release).start()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO), FileLock(tmp_path / "class" / ".generating.lock") as second:
+        second.acquire("Waiting for another run")
+    assert time.monotonic() - started >= 0.4 and "Waiting for another run (held by process" in caplog.text

@@ -1,0 +1,134 @@
+"""Stops as the world delivers them: SIGTERM/SIGINT to a whole process group started with setsid, or to the
+launcher alone, through accelerate launch, utils.launch and train_dreambooth.sh; usage errors through launchers."""
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import (
+    REPO, adapter_weights, base_args, group_ends, run_trainer, start_in_session, wait_for,
+)
+from utils.layout import RunLayout
+
+ONE_PROCESS = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+LAUNCH = [sys.executable, "-m", "utils.launch"]
+VENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+
+def stopped_at(output: str) -> int:
+    match = re.search(r"Interrupted at step (\d+); the training state is saved", output)
+    assert match, output[-3000:]
+    return int(match.group(1))
+
+
+def test_sigterm_to_the_group_through_accelerate_launch_saves_with_two_workers(tiny_model, subject, tmp_path):
+    out = tmp_path / "out"
+    argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=2)
+    process = start_in_session([*ACCELERATE, *ONE_PROCESS, REPO / "train_dreambooth.py", *argv])
+    layout = RunLayout(out, "dreambooth_boft")
+    wait_for(layout.checkpoint(2), process)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode != 0  # accelerate's launcher dies of the signal; the trainer saves and ends
+    assert group_ends(process.pid), "a process of the run was left behind"
+    step = stopped_at(output)
+    assert "DataLoader worker" not in output and "Traceback" not in output, output[-3000:]
+    assert layout.checkpoint(step).is_dir() and layout.adapter("unet", step).is_dir()
+    resumed = run_trainer(base_args(tiny_model, subject, out, max_train_steps=step + 1, checkpointing_steps=2,
+                                    resume_from_checkpoint="latest"))
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stderr, resumed.stderr[-3000:]
+
+
+STEPS, RUN = 10, "teapot_boft_801"
+
+
+def launcher_run(root, model, subject, out, *flags):
+    """./train_dreambooth.sh 27 (teapot) on the tiny pipeline, in a session of its own."""
+    dataset = root / "dataset"
+    if not dataset.exists():
+        dataset.mkdir()
+        (dataset / "teapot").symlink_to(subject)
+    env = dict(MODEL_NAME=str(model), DATASET_DIR=str(dataset), CLASS_DATA_DIR=str(root / "class"),
+               OUTPUT_DIR=str(out), REPORT_TO="none", ACCELERATE_ARGS="--cpu --num_processes 1", PATH=VENV_PATH)
+    common = ["--resolution=64", "--num_class_images=2", "--class_inference_steps=2", "--checkpointing_steps=2",
+              "--validation_prompt=a qwe teapot", "--num_validation_images=1", "--validation_inference_steps=1",
+              "--validation_steps=1000", "--no_tracemalloc"]
+    return start_in_session([REPO / "train_dreambooth.sh", "27", *common, *flags], **env)
+
+
+@pytest.fixture(scope="module")
+def launcher_reference(tiny_model, subject, tmp_path_factory):
+    """The launcher's recipe run to STEPS without interruption: what every stopped and resumed run must equal."""
+    root = tmp_path_factory.mktemp("launcher")
+    reference = launcher_run(root, tiny_model, subject, root / "reference", f"--max_train_steps={STEPS}")
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()[-3000:]
+    return root, adapter_weights(root / "reference", STEPS, RUN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_through_the_launcher_script_resumes_exactly(signum, launcher_reference, tiny_model, subject):
+    root, expected = launcher_reference
+    out = root / signal.Signals(signum).name
+    stopped = launcher_run(root, tiny_model, subject, out, "--max_train_steps=1000")
+    wait_for(RunLayout(out, RUN).checkpoint(2), stopped)
+    os.killpg(stopped.pid, signum)  # Ctrl-C in a terminal, or a scheduler's stop: the whole process group
+    output = stopped.communicate(timeout=300)[0]
+    assert stopped.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], output[-3000:]
+    assert group_ends(stopped.pid) and "Traceback" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("Interrupted at step"), output[-1000:]
+    step = stopped_at(output)
+    assert step < STEPS and RunLayout(out, RUN).checkpoint(step).is_dir()
+
+    resumed = launcher_run(root, tiny_model, subject, out, f"--max_train_steps={STEPS}", "--resume_from_checkpoint=latest")
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]
+    got = adapter_weights(out, STEPS, RUN)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected), f"stopped at step {step}"
+
+
+def test_sigterm_to_the_multi_process_launcher_alone_saves_on_every_process(tiny_model, subject, tmp_path):
+    from tests.test_multiprocess import free_port
+
+    out = tmp_path / "out"
+    argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=1)
+    process = start_in_session([*LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                                str(free_port()), REPO / "train_dreambooth.py", *argv], ACCELERATE_USE_CPU="1")
+    layout = RunLayout(out, "dreambooth_boft")
+    wait_for(layout.checkpoint(2), process)
+    process.send_signal(signal.SIGTERM)  # the launcher only, as a spot-instance agent or `kill PID` does
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 143, output[-3000:]
+    assert group_ends(process.pid) and "Traceback" not in output, output[-3000:]
+    step = stopped_at(output)
+    assert (layout.checkpoint(step) / "random_states_1.pkl").is_file()  # both processes saved
+
+
+@pytest.mark.parametrize("launcher", ["script", "utils.launch", "accelerate --quiet"])
+def test_a_usage_error_through_a_launcher_ends_with_the_message_and_no_traceback(launcher, tiny_model, subject,
+                                                                               tmp_path):
+    argv = base_args(tiny_model, subject, tmp_path / "out", resolution=33)
+    if launcher == "script":
+        (tmp_path / "dataset").mkdir()
+        (tmp_path / "dataset" / "teapot").symlink_to(subject)
+        command = [REPO / "train_dreambooth.sh", "27", "--resolution=33"]
+        env = dict(MODEL_NAME=str(tiny_model), DATASET_DIR=str(tmp_path / "dataset"), PATH=VENV_PATH,
+                   OUTPUT_DIR=str(tmp_path / "out"), ACCELERATE_ARGS="--cpu --num_processes 1")
+    else:
+        flags = ["--quiet"] if launcher.endswith("--quiet") else []
+        command = [*(ACCELERATE if launcher.startswith("accelerate") else LAUNCH), *flags, *ONE_PROCESS,
+                   REPO / "train_dreambooth.py", *argv]
+        env = {}
+    process = start_in_session(command, **env)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == (1 if launcher.startswith("accelerate") else 2), output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        "train_dreambooth.py: error: --resolution must be a multiple of 8 (the VAE downsamples by 8), got 33")
+    assert not (tmp_path / "out").exists()

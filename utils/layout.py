@@ -1,0 +1,142 @@
+"""Where a run's files go, and how to find them again: the one place that knows an output folder's layout.
+
+Several subjects (runs) share one output folder; everything a run writes lives under its run name, so one run
+never overwrites, resumes from or prunes another's files:
+
+    OUTPUT_DIR/
+      unet/{step}/{run}/                     adapters (stock peft folders), every --checkpointing_steps and at the end
+      text_encoder/{step}/{run}/             with --train_text_encoder
+      checkpoints/{run}/checkpoint-{step}/   full training state, for --resume_from_checkpoint
+      checkpoints/{run}/run.lock             held while the run trains (utils/run_lock.py)
+      validation/{run}/{step}/               validation images
+      eval/{run}/{step}/                     utils.evaluate's generated images and scores
+      eval/base/class/                       the base model's class images (shared: they do not depend on a run)
+      logs/{run}/                            tensorboard events, wandb files
+      hub/{run}/README.md                    the model card pushed with --push_to_hub
+      latent_cache/                          VAE latents keyed by model and image content (shared, safe to share)
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.errors import UserError
+
+ADAPTER_PARTS = ("unet", "text_encoder")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def step_of_checkpoint(folder: Path) -> int:
+    """The step of a checkpoint-{step} folder, -1 for any other name."""
+    suffix = Path(folder).name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if Path(folder).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else -1
+
+
+def check_run_name(name: str) -> str | None:
+    """Why `name` cannot name a run's folders, or None: it must be one path component."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.strip() != name:
+        return (f"the run name {name!r} (--wandb_run_name) must be a plain folder name: no slashes, not empty, "
+                "no leading or trailing spaces")
+    if name in ("base",):
+        return f"the run name {name!r} is reserved (eval/base holds the base model's images); choose another"
+    return None
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    output_dir: Path
+    run: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+
+    # adapters ----------------------------------------------------------------------------------------------------
+    def adapter(self, part: str, step: int) -> Path:
+        return self.output_dir / part / str(step) / self.run
+
+    def adapter_steps(self, part: str = "unet") -> list[int]:
+        root = self.output_dir / part
+        if not root.is_dir():
+            return []
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / self.run).is_dir())
+
+    def adapters_at(self, step: int) -> dict:
+        """{part: folder} of the adapters saved at `step` (the text encoder only where it was trained)."""
+        folders = {part: self.adapter(part, step) for part in ADAPTER_PARTS}
+        return {part: folder for part, folder in folders.items() if (folder / "adapter_config.json").is_file()}
+
+    def resolve_adapters(self, step="latest") -> tuple[int, dict]:
+        """(step, {part: folder}) for a step or "latest"; a UserError listing what exists when there is none."""
+        unet_root = self.output_dir / "unet"
+        if not unet_root.is_dir():
+            raise UserError(f"{self.output_dir} holds no unet/ adapters (it holds: {_listing(self.output_dir)})")
+        steps = self.adapter_steps()
+        if not steps:
+            names = sorted({a.name for s in unet_root.iterdir() if s.is_dir() for a in s.iterdir() if a.is_dir()})
+            raise UserError(f"no adapter named {self.run!r} in {unet_root} (adapters there: {', '.join(names) or 'none'})")
+        if str(step) == "latest":
+            step = steps[-1]
+        elif not str(step).isdigit():
+            raise UserError(f"step {step!r} is not a number; give one of {', '.join(map(str, steps))} or latest")
+        elif int(step) not in steps:
+            raise UserError(f"adapter {self.run!r} has no step {step} in {unet_root} (steps: {', '.join(map(str, steps))})")
+        return int(step), self.adapters_at(int(step))
+
+    # training state ----------------------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.output_dir / "checkpoints" / self.run
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+
+    def checkpoint_folders(self) -> list[Path]:
+        """This run's checkpoint-{step} folders, oldest first (complete or not)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir() if p.is_dir() and step_of_checkpoint(p) >= 0]
+        return sorted(found, key=step_of_checkpoint)
+
+    def legacy_checkpoints(self) -> list[Path]:
+        """checkpoint-{step} folders at the top of the output folder, written before runs had their own."""
+        return sorted((p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and step_of_checkpoint(p) >= 0),
+                      key=step_of_checkpoint)
+
+    @property
+    def lock_file(self) -> Path:
+        return self.checkpoints / "run.lock"
+
+    # what a run shows --------------------------------------------------------------------------------------------
+    def validation(self, step: int) -> Path:
+        return self.output_dir / "validation" / self.run / str(step)
+
+    def evaluation(self, step: int) -> Path:
+        return self.output_dir / "eval" / self.run / str(step)
+
+    @property
+    def evaluation_plot(self) -> Path:
+        return self.output_dir / "eval" / self.run / "scores_by_step.png"
+
+    @property
+    def base_class_images(self) -> Path:
+        return self.output_dir / "eval" / "base" / "class"
+
+    def logs(self, logging_dir="logs") -> Path:
+        """--logging_dir (relative to the output folder, or absolute) / run."""
+        return self.output_dir / logging_dir / self.run
+
+    @property
+    def model_card(self) -> Path:
+        return self.output_dir / "hub" / self.run / "README.md"
+
+    def uploaded_patterns(self) -> list[str]:
+        """What --push_to_hub uploads of the output folder: this run's adapters and validation images."""
+        return [f"{part}/*/{self.run}/**" for part in ADAPTER_PARTS] + [f"validation/{self.run}/**"]
+
+    @property
+    def latent_cache(self) -> Path:
+        return self.output_dir / "latent_cache"
+
+
+def _listing(folder: Path) -> str:
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return ", ".join(entries) if entries else "nothing"

@@ -1,0 +1,114 @@
+"""Exclusive locks on files: one training process per run name and output folder, one class-image generator per
+class folder.
+
+The locks are flock(2) locks, which the kernel drops when their holder dies however it dies (SIGKILL, power loss
+of a container), so a lock is never left behind; the file keeps the last holder's pid and host, which names who
+holds a live lock and tells a stale one (its holder gone) from a run that ended cleanly (the file emptied).
+"""
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not protected from each other there
+    fcntl = None
+
+
+class FileLock:
+    """An exclusive flock on `path`, created if needed. `try_acquire` never blocks; `acquire` waits."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._fd = None
+
+    def _open(self) -> int:
+        if self.path.exists():
+            return os.open(self.path, os.O_RDWR)  # a second process creates nothing
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _record(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    def try_acquire(self) -> tuple[bool, str]:
+        """(True, previous holder's record) when acquired; (False, the live holder's record) when not."""
+        if fcntl is None:
+            return True, ""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False, self._record()
+        previous = self._record()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return True, previous
+
+    def acquire(self, waiting_message: str) -> None:
+        """Block until the lock is free, logging `waiting_message` once if it is not free at once."""
+        acquired, holder = self.try_acquire()
+        if acquired:
+            return
+        logger.info("%s (held by process %s)", waiting_message, holder or "unknown")
+        fd = self._open()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)  # an empty file: the last holder ended cleanly
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.release()
+
+
+def _lock_run_here(layout) -> FileLock:
+    lock = FileLock(layout.lock_file)
+    acquired, holder = lock.try_acquire()
+    if not acquired:
+        raise UserError(
+            f"the run {layout.run!r} is already training into {layout.output_dir} (process {holder or 'unknown'}, "
+            f"lock {layout.lock_file}). Wait for it to finish or stop it, or train under another --wandb_run_name"
+        )
+    if holder:  # flock is free, so its last holder is gone: it ended without releasing (killed, crashed)
+        logger.warning("Taking over the lock of run %r left by process %s, which is no longer running", layout.run, holder)
+    return lock
+
+
+def lock_run(layout, accelerator) -> FileLock:
+    """The run's lock, taken by the main process; a UserError on every process when another live process holds
+    it (naming that process). A lock left by a dead process is taken over with a warning."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, refusal = FileLock(layout.lock_file), None
+    if accelerator.is_main_process:
+        try:
+            lock = _lock_run_here(layout)
+        except UserError as error:
+            refusal = str(error)
+    if accelerator.num_processes > 1:  # every process learns the outcome, so all stop together
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise UserError(refusal)
+    return lock
+
