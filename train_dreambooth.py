@@ -334,8 +334,12 @@ def train_locked(args, accelerator, layout, stops, images, unreadable, trackers,
     )
     tracking.start_trackers(args, accelerator, trackers, layout.logs(args.logging_dir))
     resume_skip = resume(trainer, loader)
+    batch = min(args.train_batch_size, math.ceil(len(loader.dataset) / accelerator.num_processes))
+    if batch < args.train_batch_size:
+        logger.warning("--train_batch_size %d is more than the %d example(s) each process has: batches of %d",
+                       args.train_batch_size, batch, batch)
     logger.info("Training %d optimizer steps: %d examples, batch %d per device x %d process(es) x %d accumulation",
-                args.max_train_steps, len(loader.dataset), args.train_batch_size, accelerator.num_processes,
+                args.max_train_steps, len(loader.dataset), batch, accelerator.num_processes,
                 args.gradient_accumulation_steps)
 
     with nullcontext() if args.no_tracemalloc else TorchTracemalloc() as memory:

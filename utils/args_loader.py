@@ -6,6 +6,7 @@ status 2 and one line saying what is wrong (argparse's convention) when a flag i
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -240,23 +241,53 @@ def _tracking_group(parser):
     )
 
 
+class ShortUsageParser(argparse.ArgumentParser):
+    """A mistake prints what is wrong, not the 60-line usage; `--help` shows every flag with its default."""
+
+    def print_short_usage(self):
+        print(f"usage: {self.prog} [flags] (--help lists every flag and its default)", file=sys.stderr)
+
+    def error(self, message):
+        self.print_short_usage()
+        self.exit(USAGE_EXIT_CODE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortUsageParser(
         prog="train_dreambooth.py",
         description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x with BOFT adapters (launch with "
-        "`accelerate launch train_dreambooth.py ...`).",
+        "`python -m utils.launch train_dreambooth.py ...` or `accelerate launch train_dreambooth.py ...`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add_group in (_model_group, _data_group, _boft_group, _training_group, _saving_group, _tracking_group):
         add_group(parser)
     return parser
 
 
+# Words a period follows without ending a sentence (a single letter: initials, "e.g.", "i.e.").
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "vs", "prof", "no", "approx", "ft", "lt", "col"}
+# A sentence ends at a period followed by white space; "3.5" or "a.k.a" have none after their inner periods.
+_SENTENCE_END = re.compile(r"\.\s+")
+
+
 def split_validation_prompts(values) -> list[str]:
-    """The guide passes one string of sentences ending in periods; several values are taken one prompt each."""
+    """The guide passes one string of sentences ending in periods; several values are taken one prompt each.
+
+    In the one-string form a period ends a prompt only when white space follows it and the word before it is not an
+    abbreviation or an initial, so "a qwe dog, 3.5 m tall" and "a qwe dog with Dr. Who" stay whole."""
     if not values:
         return []
-    pieces = values[0].split(".") if len(values) == 1 else values
-    return [piece.strip().rstrip(".").strip() for piece in pieces if piece.strip().rstrip(".").strip()]
+    if len(values) > 1:
+        pieces = values
+    else:
+        pieces, start = [], 0
+        for match in _SENTENCE_END.finditer(values[0]):
+            word = re.split(r"[\s.]", values[0][start:match.start()])[-1].lower()
+            if len(word) > 1 and word not in ABBREVIATIONS:
+                pieces.append(values[0][start:match.start()])
+                start = match.end()
+        pieces.append(values[0][start:])
+    return [piece.strip().removesuffix(".").strip() for piece in pieces if piece.strip().removesuffix(".").strip()]
 
 
 def _check_positive(args, problems):
@@ -278,9 +309,16 @@ def _check_positive(args, problems):
     for name in ("max_train_steps", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("num_class_images", "lr_warmup_steps", "num_dataloader_workers", "boft_block_num", "boft_block_size"):
+    for name in ("num_class_images", "lr_warmup_steps", "num_dataloader_workers", "boft_block_num", "boft_block_size",
+                 "prior_loss_weight", "adam_weight_decay", "lr_num_cycles"):
         if getattr(args, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("learning_rate", "adam_epsilon", "max_grad_norm", "lr_power"):
+        if not getattr(args, name) > 0:  # also catches nan
+            problems.append(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            problems.append(f"--{name} must be in [0, 1), got {getattr(args, name)}")
 
 
 def _check_values(args, problems):
@@ -303,6 +341,9 @@ def _check_values(args, problems):
             problems.append("--with_prior_preservation needs --class_data_dir (where class images are kept)")
         if not args.class_prompt:
             problems.append('--with_prior_preservation needs --class_prompt, e.g. "a photo of dog"')
+        if args.num_class_images == 0:
+            problems.append("--with_prior_preservation needs class images: give --num_class_images 1 or more "
+                            "(100-200 is usual), or drop --with_prior_preservation")
     if args.eval_steps is not None:
         if args.eval_steps <= 0 or args.eval_steps % args.validation_steps:
             problems.append(f"--eval_steps must be a positive multiple of --validation_steps ({args.validation_steps}), "
@@ -357,7 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.local_rank = env_local_rank
     problems = validate_args(args)
     if problems:
-        parser.print_usage(sys.stderr)
+        parser.print_short_usage()
         for problem in problems:
             print(f"{parser.prog}: error: {problem}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE)

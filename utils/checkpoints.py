@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from utils.errors import UserError
 from utils.layout import RunLayout, step_of_checkpoint
 
@@ -25,6 +27,7 @@ STATE_FILE = "train_state.json"
 # Settings a checkpoint's weights, optimizer and data position depend on; resuming with others is refused.
 COMPATIBILITY_SETTINGS = (
     "pretrained_model_name_or_path",
+    "learning_rate",
     "revision",
     "boft_block_num",
     "boft_block_size",
@@ -50,17 +53,30 @@ class TrainState:
     batches_done_in_epoch: int = 0
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# Read once, at import: os.umask can only be read by setting it.
+_FOLDER_MODE = 0o777 & ~_current_umask()
+
+
 def _publish(partial: Path, final: Path) -> None:
-    """Put a completely written folder in place of `final`, in one rename."""
+    """Put a completely written folder in place of `final`, in one rename, with the permissions of a folder
+    made by mkdir (tempfile makes its folders private)."""
+    partial.chmod(_FOLDER_MODE)
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
 
 
-def _write_failed(partial: Path, final: Path, error: OSError) -> UserError:
+def _write_failed(partial: Path, final: Path, error: Exception) -> UserError:
     shutil.rmtree(partial, ignore_errors=True)
+    reason = getattr(error, "strerror", None) or str(error)
     return UserError(
-        f"could not write {final}: {error.strerror or error}. Earlier checkpoints are intact; free disk space "
+        f"could not write {final}: {reason}. Earlier checkpoints and adapters are intact; free disk space "
         "or fix the folder's permissions, then resume with --resume_from_checkpoint latest"
     )
 
@@ -80,8 +96,13 @@ def atomic_folder(final: Path, write) -> None:
     try:
         write(tmp)
         _publish(tmp, final)
-    except OSError as error:
-        raise _write_failed(tmp, final, error) from None
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        problem = _write_failed(tmp, final, error)
+        try:
+            final.parent.rmdir()  # the step's folder, when this was its first file
+        except OSError:
+            pass
+        raise problem from None
 
 
 def save_adapters(models: dict, layout: RunLayout, step: int, state_dicts=None) -> list[Path]:
@@ -134,7 +155,7 @@ def save_checkpoint(accelerator, layout: RunLayout, state: TrainState, settings:
             record = {"train_state": asdict(state), "settings": settings, "files": _file_sizes(partial)}
             (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
             _publish(partial, final)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise _write_failed(partial, final, error) from None
     accelerator.wait_for_everyone()
     if total_limit and accelerator.is_main_process:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils.dataset import list_images
+from utils.errors import UserError
 from utils.run_lock import FileLock
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,14 @@ LOCK_NAME = ".generating.lock"
 def generate_class_images(args, accelerator) -> int:
     """Fill --class_data_dir up to --num_class_images images; return how many this process generated."""
     class_dir = Path(args.class_data_dir)
-    if not missing_class_indices(class_dir, args.num_class_images):
+    shortfall = len(missing_class_indices(class_dir, args.num_class_images))
+    if not shortfall:
         return 0  # nothing to write: a complete folder may be read-only or in use by another run
+    existing = next(p for p in (class_dir, *class_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # every process checks, so all stop together
+        raise UserError(f"--class_data_dir {class_dir} needs {shortfall} more class image(s) but {existing} cannot be "
+                        f"written (read-only or not yours). Give a writable folder, or put {args.num_class_images} "
+                        "images of the class there")
     lock = FileLock(class_dir / LOCK_NAME)
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,15 @@ from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+try:  # HEIC/HEIF, the iPhone's default format, through the pillow-heif plugin (in requirements.txt)
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF_EXTENSIONS = {".heic", ".heif"}
+except ImportError:
+    HEIF_EXTENSIONS = set()
+# Still images Pillow reads (AVIF since Pillow 11.2); animations give their first frame.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"} | HEIF_EXTENSIONS
 
 
 def list_images(folder) -> list[Path]:
@@ -32,11 +40,17 @@ def require_images(folder, what: str) -> list[Path]:
     images = list_images(folder)
     image_set = set(images)
     others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p not in image_set)
+    unread_heif = [name for name in others if Path(name).suffix.lower() in {".heic", ".heif"}]
+    if unread_heif:
+        logger.warning("Skipping %d HEIC photo(s) of %s because pillow-heif is not installed (pip install pillow-heif, "
+                       "or convert them to JPEG): %s", len(unread_heif), folder, ", ".join(unread_heif))
+        others = [name for name in others if name not in unread_heif]
     if others:
         logger.warning("Skipping %d entries of %s that are not images: %s", len(others), folder, ", ".join(others))
     if not images:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise UserError(f"{what} folder {folder} holds no images ({kinds}); add photos or pass another folder")
+        hint = "; its HEIC photos need `pip install pillow-heif` or converting to JPEG" if unread_heif else ""
+        raise UserError(f"{what} folder {folder} holds no images ({kinds}){hint}; add photos or pass another folder")
     return images
 
 
@@ -110,6 +124,15 @@ def to_training_tensor(image: Image.Image, size: int, center_crop: bool, generat
     return crop_to_tensor(resize_short_side(image, size), size, center_crop, generator)
 
 
+def warn_if_truncated(tokenizer, prompt: str, what: str) -> None:
+    """The text encoder reads model_max_length tokens (77 for CLIP); say which words a longer prompt loses."""
+    ids = tokenizer(prompt, truncation=False).input_ids
+    if len(ids) > tokenizer.model_max_length:
+        lost = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1])
+        logger.warning("%s is %d tokens long; the text encoder reads %d, so this part is cut: %r", what, len(ids),
+                       tokenizer.model_max_length, lost)
+
+
 def tokenize(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(
         prompt, truncation=True, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
@@ -132,7 +155,10 @@ class DreamBoothDataset(Dataset):
         self.size = size
         self.center_crop = center_crop
         self.seed = seed
+        warn_if_truncated(tokenizer, instance_prompt, "--instance_prompt")
         self.instance_ids = tokenize(tokenizer, instance_prompt)
+        if self.class_images:
+            warn_if_truncated(tokenizer, class_prompt, "--class_prompt")
         self.class_ids = tokenize(tokenizer, class_prompt) if self.class_images else None
         self.latent_cache = latent_cache
         self.cache_keys = dict(cache_keys or {}) if latent_cache is not None else {}

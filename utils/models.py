@@ -52,8 +52,9 @@ def check_model_source(name_or_path: str, revision=None) -> None:
 def text_encoder_class(name_or_path: str, revision=None):
     from transformers import CLIPTextModel, PretrainedConfig
 
-    config = PretrainedConfig.from_pretrained(name_or_path, subfolder="text_encoder", revision=revision)
-    architecture = (config.architectures or ["(none given)"])[0]
+    # The raw config: building a PretrainedConfig from a CLIP one logs a spurious model-type mismatch.
+    config, _ = PretrainedConfig.get_config_dict(name_or_path, subfolder="text_encoder", revision=revision)
+    architecture = (config.get("architectures") or ["(none given)"])[0]
     if architecture not in SUPPORTED_TEXT_ENCODERS:
         raise UserError(
             f"the text encoder of {name_or_path} is a {architecture}; this trainer supports "
