@@ -27,13 +27,17 @@ def stopped_at(output: str) -> int:
     return int(match.group(1))
 
 
-def test_sigterm_to_the_group_through_accelerate_launch_saves_with_two_workers(tiny_model, subject, tmp_path):
+@pytest.mark.parametrize("target", ["group", "launcher"])
+def test_sigterm_through_accelerate_launch_saves_with_two_workers(target, tiny_model, subject, tmp_path):
     out = tmp_path / "out"
     argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=2)
     process = start_in_session([*ACCELERATE, *ONE_PROCESS, REPO / "train_dreambooth.py", *argv])
     layout = RunLayout(out, "dreambooth_boft")
     wait_for(layout.checkpoint(2), process)
-    os.killpg(process.pid, signal.SIGTERM)
+    if target == "group":  # Slurm, systemd, a terminal
+        os.killpg(process.pid, signal.SIGTERM)
+    else:  # `kill PID` of the launcher: accelerate does not pass it on; the trainer follows its launcher's death
+        process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=300)[0]
     assert process.returncode != 0  # accelerate's launcher dies of the signal; the trainer saves and ends
     assert group_ends(process.pid), "a process of the run was left behind"

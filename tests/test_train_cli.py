@@ -78,7 +78,7 @@ def test_saved_adapters_reproduce_the_trainers_images_with_stock_peft(full_run, 
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64,
                      generator=[torch.Generator().manual_seed(0)]).images[0]
-    saved = np.asarray(Image.open(out / "validation" / "3" / "01_a_red_qwe_toy_0.png"), dtype=np.int16)
+    saved = np.asarray(Image.open(out / "validation" / "toy_run" / "3" / "01_a_red_qwe_toy_0.png"), dtype=np.int16)
     assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
 
 
