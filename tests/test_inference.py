@@ -106,6 +106,10 @@ def test_subjects_with_trained_biases_share_a_pipeline_and_each_gives_its_own_im
         if name:
             shared.merge()
             assert np.abs(shared.generate("a qwe toy", **GENERATION)[0] - alone[name]).max() <= 1e-3, name
+    shared.load_adapter(trained, "toy", step=2)  # another step of a loaded subject replaces it
+    assert shared.adapters == ["teapot", "toy"] and shared.active == "toy"
+    shared.load_adapter(trained, "toy", step=3)
+    assert np.abs(shared.generate("a qwe toy", **GENERATION)[0] - alone["toy"]).max() <= 1e-5
     shared.set_adapter("teapot")
     exported = StableDiffusionPipeline.from_pretrained(shared.save_merged(tmp_path / "teapot"))
     image = exported("a qwe toy", num_inference_steps=3, height=64, width=64, output_type="np",

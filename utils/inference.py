@@ -106,11 +106,10 @@ class BoftPipeline:
     def load_adapter(self, output_dir, adapter_name: str, step="latest") -> int:
         """Load a training output's adapters (UNet, and text encoder where trained) and make them active."""
         step, folders = resolve_adapter(output_dir, adapter_name, step)
-        if adapter_name in self.adapters:
-            raise UserError(f"an adapter named {adapter_name!r} is loaded already; set_adapter({adapter_name!r}) "
-                            "makes it active")
         self._unmerge()
         self._apply_biases(None)
+        if adapter_name in self.adapters:  # another step of it, say: the new one replaces it
+            self._remove(adapter_name)
         for part, folder in folders.items():
             self._load_part(part, folder, adapter_name)
         self.set_adapter(adapter_name)
@@ -142,6 +141,21 @@ class BoftPipeline:
                 parameter.data = parameter.data.float()
         peft_model.eval()
         boft.use_fast_forward(peft_model)
+
+    def _remove(self, adapter_name):
+        """Take an adapter out of every part (the last one of a part unwraps it); its biases go with it."""
+        for part, peft_model in list(self.peft_models.items()):
+            if adapter_name not in peft_model.peft_config:
+                continue
+            if len(peft_model.peft_config) == 1:
+                peft_model.unload()  # puts the base layers back in the pipeline's own module
+                del self.peft_models[part]
+                self.base_biases.pop(part, None)
+            else:
+                peft_model.delete_adapter(adapter_name)
+        self.biases.pop(adapter_name, None)
+        if self.active == adapter_name:
+            self.active = None
 
     @torch.no_grad()
     def _apply_biases(self, adapter_name):

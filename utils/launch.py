@@ -58,7 +58,11 @@ def main(argv=None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = accelerate_launch.launch_command_parser().parse_args(argv)
-    accelerate_launch.simple_launcher = run_one_process  # the one launcher this module replaces
+    if hasattr(accelerate_launch, "simple_launcher"):
+        accelerate_launch.simple_launcher = run_one_process  # the one launcher this module replaces
+    else:  # an accelerate this was not written for: its own single-process launcher, with its exit statuses
+        print("utils.launch: this accelerate has no simple_launcher; one-process runs exit as accelerate decides",
+              file=sys.stderr)
     if not getattr(args, "debug", False):
         quiet_torchrun_reports()
     try:
