@@ -1,4 +1,5 @@
-# make demo: install, then train on the embedded tiny pipeline (no download). make test: install, run the tests.
+# make demo: install, then train on the embedded tiny pipeline (no download). make test: install, run the tests
+# (make test-fast: the unit tests only).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ DEMO_OUT ?= data/output/demo
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo benchmark clean
+.PHONY: install test test-fast demo benchmark clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +22,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The unit tests alone (under a minute): everything but the end-to-end layer (tests/conftest.py marks it).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e" tests
 
 demo: install
 	$(BIN)/python -m utils.tiny_model data/tiny-sd --subject data/demo_subject

@@ -116,3 +116,22 @@ def adapter_weights(out, step, run="dreambooth_boft", models=("unet",)):
 
     return {f"{m}.{k}": v for m in models
             for k, v in load_file(Path(out, m, str(step), run, "adapter_model.safetensors")).items()}
+
+
+# The end-to-end layer: tests that run a command in a subprocess, or use a fixture that trains. `make test-fast`
+# runs the rest (pytest -m "not e2e").
+E2E_CALLS = ("run_trainer(", "start_in_session(", "subprocess.", "launch(", "dry_run(", "evaluate(", "launcher_run(")
+E2E_FIXTURES = {"trained", "trained_run", "full_run", "two_process_run", "launcher_reference"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: runs a command of the project in a subprocess (not in make test-fast)")
+
+
+def pytest_collection_modifyitems(items):
+    import inspect
+
+    for item in items:
+        source = inspect.getsource(item.function)
+        if any(call in source for call in E2E_CALLS) or E2E_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
