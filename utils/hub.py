@@ -5,6 +5,7 @@ from pathlib import Path
 
 from utils.errors import UserError
 
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it, at the time of the call."""
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

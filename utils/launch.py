@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         statuses = {rank: exit_status(failure.exitcode) for rank, failure in sorted(error.failures.items())}
         status = exit_status(error.get_first_failure()[1].exitcode)  # the others were stopped because of it
         if status not in EXPLAINED_STATUSES:
-            print(f"utils.launch: training process(es) failed: "
+            print("utils.launch: training process(es) failed: "
                   + ", ".join(f"rank {rank} exit status {code}" for rank, code in statuses.items()), file=sys.stderr)
         raise SystemExit(status) from None
     except SignalException as error:

@@ -36,7 +36,7 @@ def check_run_name(name: str) -> str | None:
     if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.strip() != name:
         return (f"the run name {name!r} (--wandb_run_name) must be a plain folder name: no slashes, not empty, "
                 "no leading or trailing spaces")
-    if name in ("base",):
+    if name == "base":
         return f"the run name {name!r} is reserved (eval/base holds the base model's images); choose another"
     return None
 

@@ -52,10 +52,14 @@ class FileLock:
             os.close(fd)
             return False, self._record()
         previous = self._record()
+        self._hold(fd)
+        return True, previous
+
+    def _hold(self, fd: int) -> None:
+        """Keep the locked descriptor and write who holds it."""
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self._fd = fd
-        return True, previous
 
     def acquire(self, waiting_message: str) -> None:
         """Block until the lock is free, logging `waiting_message` once if it is not free at once."""
@@ -65,7 +69,7 @@ class FileLock:
         logger.info("%s (held by process %s)", waiting_message, holder or "unknown")
         fd = self._open()
         fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
+        self._hold(fd)
 
     def release(self) -> None:
         if self._fd is None:
@@ -111,4 +115,3 @@ def lock_run(layout, accelerator) -> FileLock:
     if refusal:
         raise UserError(refusal)
     return lock
-
