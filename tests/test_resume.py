@@ -2,20 +2,18 @@
 
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, adapter_weights, assert_clean_error, base_args, cli_env, run_trainer, wait_for
+from tests.conftest import REPO, adapter_weights, assert_clean_error, base_args, run_trainer, start_in_session, wait_for
 
 STEPS = 8
 
 
 def start_trainer(argv):
-    return subprocess.Popen([sys.executable, str(REPO / "train_dreambooth.py"), *argv], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_in_session([sys.executable, REPO / "train_dreambooth.py", *argv])
 
 
 CONFIGS = {
