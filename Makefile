@@ -28,7 +28,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e" tests
 
 demo: install
-	$(BIN)/python -m utils.tiny_model data/tiny-sd --subject data/demo_subject
+	$(BIN)/python -m utils.testing.tiny_model data/tiny-sd --subject data/demo_subject
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	  train_dreambooth.py \
 	  --pretrained_model_name_or_path=data/tiny-sd \

@@ -11,18 +11,18 @@ Launch:
     make demo                                                # a tiny random pipeline, a few minutes on a CPU
 
 utils.launch is accelerate launch with the trainer's exit status; `accelerate launch train_dreambooth.py ...` works
-too. A run: check the flags and inputs, set up accelerate, lock the run's name in the output folder, generate
-missing class images, load the models and wrap them with BOFT adapters, build the data, train (validating and
-checkpointing on schedule; a stop signal saves a checkpoint), save the adapters.
+too. A run: check the flags, the model and the photos and freeze them into a RunConfig; set up accelerate; lock the
+run's name in the output folder; then the run's stages: set up (class images, models with BOFT adapters, optimizer,
+data), resume, train (validating and checkpointing on schedule; a stop signal saves a checkpoint), finish (the
+final adapters, the reports).
 """
 
-import itertools
 import logging
-import math
 import os
 import shlex
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,232 +30,171 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from utils import checkpoints, hub, tracking, validation
-from utils.args_loader import parse_args
-from utils.boft import (
-    TEXT_ENCODER_TARGET_MODULES,
-    UNET_TARGET_MODULES,
-    add_boft_adapter,
-    check_adapter_shapes,
-    trainable_parameter_summary,
-)
-from utils.class_images import generate_class_images
-from utils.cpu_allocator import keep_freed_memory
-from utils.dataset import check_images, fetch_dreambooth_dataset, is_dreambooth_dataset_folder, list_images, require_images
+from utils.boft import peft_seam
+from utils.boft.shapes import check_adapter_shape
 from utils.errors import USAGE_EXIT_CODE, UserError
+from utils.families import family_of, weight_dtype
+from utils.images import check_images, list_images, require_images
 from utils.layout import RunLayout
-from utils.models import cast_frozen, check_model_source, empty_models, enable_xformers, load_models, weight_dtype
-from utils.plan import plan_lines
-from utils.run_lock import lock_run
-from utils.stopping import StopRequests, Stopped
-from utils.timing import StageTimer
-from utils.tracemalloc import TorchTracemalloc
-from utils.training import TextConditioning, diffusion_loss, latent_posterior, make_lr_scheduler, make_optimizer
-from utils.training_data import make_dataloader
+from utils.run import checkpoints, hub, tracking, validation
+from utils.run.adapters import wrap_with_adapters
+from utils.run.class_images import generate_class_images
+from utils.run.config import RunConfig, class_images_used, training_resolution
+from utils.run.cpu_allocator import keep_freed_memory
+from utils.run.data import make_dataloader
+from utils.run.dataset import fetch_dreambooth_dataset, is_dreambooth_dataset_folder
+from utils.run.flags import parse_args, run_name
+from utils.run.lock import lock_run
+from utils.run.loss import diffusion_loss, latent_posterior, make_lr_scheduler, make_optimizer
+from utils.run.plan import plan_lines
+from utils.run.stopping import StopRequests, Stopped
+from utils.run.timing import StageTimer
+from utils.run.tracemalloc import TorchTracemalloc
 
 logger = logging.getLogger("train_dreambooth")
 DATA_ROOT = Path(__file__).resolve().parent / "data"
 
 
-def preflight(args):
-    """Every check that needs no weights: model, adapter shapes, trackers, hub.
+def configure(flags, family, accelerator):
+    """The frozen RunConfig, after reading every photo once: (config, instance images, unreadable class images)."""
+    resolution = training_resolution(flags, family)
+    fetchable = is_dreambooth_dataset_folder(flags.instance_data_dir, DATA_ROOT)
+    if fetchable and not Path(flags.instance_data_dir).exists() and not (DATA_ROOT / "dreambooth").exists():
+        with accelerator.main_process_first():  # the default DreamBooth dataset is cloned once
+            if accelerator.is_main_process:
+                logger.info("Fetching the DreamBooth dataset into %s", DATA_ROOT / "dreambooth")
+                fetch_dreambooth_dataset(DATA_ROOT)
+    images = require_images(flags.instance_data_dir, "--instance_data_dir")
+    images = check_images(images, resolution, flags.skip_bad_images, "--instance_data_dir")
+    present = list_images(flags.class_data_dir) if flags.with_prior_preservation else []
+    readable = check_images(present, resolution, flags.skip_bad_images, "--class_data_dir") if present else []
+    unreadable = set(present) - set(readable)
+    num_examples = len(images)
+    if flags.with_prior_preservation:
+        num_examples = max(num_examples, class_images_used(len(present), len(unreadable), flags.num_class_images))
+    config = RunConfig.from_flags(flags, family, accelerator.num_processes, num_examples)
+    derived = "" if config.seed == flags.seed else f" (derived from the run name {config.run_name!r})"
+    scaled = f" (--learning_rate {config.base_learning_rate:g} scaled by --scale_lr)" if config.scale_lr else ""
+    logger.info("Run %r: seed %d%s, learning rate %g%s, %d optimizer steps", config.run_name, config.seed, derived,
+                config.learning_rate, scaled, config.max_train_steps)
+    return config, images, unreadable
 
-    Returns (trackers, hub target, the UNet and text encoder built on the meta device for --dry_run's plan)."""
-    check_model_source(args.pretrained_model_name_or_path, args.revision)
-    meta_models = empty_models(args)
-    check_adapter_shapes(args, *meta_models)
-    trackers = tracking.resolve_trackers(args.report_to)
-    hub_target = hub.resolve_hub_repo(args) if args.push_to_hub else None
-    if args.hub_token or args.wandb_key:
+
+def preflight(config, family):
+    """Every check that needs no weights: adapter shapes, hub. Returns (hub target, the UNet and text encoders
+    built on the meta device for --dry_run's plan)."""
+    unet, text_encoders = family.empty_models(config.pretrained_model_name_or_path, config.revision)
+    check_adapter_shape(unet, family.unet_target_modules, config.boft, "UNet")
+    for part, encoder in text_encoders.items() if config.train_text_encoder else ():
+        check_adapter_shape(encoder, family.text_encoder_target_modules, config.boft, part.replace("_", " "))
+    hub_target = hub.resolve_hub_repo(config) if config.push_to_hub else None
+    if config.hub_token or config.wandb_key:
         logger.warning("Tokens given as flags are visible to other users in the process list; prefer HF_TOKEN / WANDB_API_KEY")
-    return trackers, hub_target, meta_models
+    return hub_target, (unet, text_encoders)
 
 
-def setup_accelerator(args, trackers, layout) -> Accelerator:
+def make_accelerator(flags, trackers, layout) -> Accelerator:
+    """accelerate's state for the launch (the number of processes the RunConfig derives values from), logging."""
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=flags.gradient_accumulation_steps,
+        mixed_precision=flags.mixed_precision,
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(layout.logs(args.logging_dir))),
+        project_config=ProjectConfiguration(project_dir=flags.output_dir, logging_dir=str(layout.logs(flags.logging_dir))),
     )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
     if accelerator.num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
         logger.warning("accelerate launch --cpu started one process (it needs mpirun for more), so this run trains on "
                        "1 process. For N CPU processes: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
                        "--num_processes N ... (train_dreambooth.sh does this for ACCELERATE_ARGS=\"--cpu --num_processes N\")")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:
-        logging.getLogger().setLevel(logging.ERROR)
-    if args.allow_tf32:
+    if flags.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.device.type == "cpu" and keep_freed_memory():
-        logger.info("Training on a CPU: malloc keeps freed memory for the next step (utils/cpu_allocator.py)")
+        logger.info("Training on a CPU: malloc keeps freed memory for the next step (utils/run/cpu_allocator.py)")
     logger.info("%s", accelerator.state)
     return accelerator
 
 
-def instance_images(args, accelerator):
-    """The subject's photos; the DreamBooth dataset is cloned once, by the main process, when it is the default one."""
-    fetchable = is_dreambooth_dataset_folder(args.instance_data_dir, DATA_ROOT)
-    if fetchable and not Path(args.instance_data_dir).exists() and not (DATA_ROOT / "dreambooth").exists():
-        with accelerator.main_process_first():
-            if accelerator.is_main_process:
-                logger.info("Fetching the DreamBooth dataset into %s", DATA_ROOT / "dreambooth")
-                fetch_dreambooth_dataset(DATA_ROOT)
-    images = require_images(args.instance_data_dir, "--instance_data_dir")
-    return check_images(images, args.resolution, args.skip_bad_images, "--instance_data_dir")
+class DreamBoothRun:
+    """One training run. It owns the accelerator's objects, the models (components, and the trained ones by part),
+    the optimizer and schedule, the data, the state and the timer; its stages are set_up, resume, train, finish."""
 
-
-def wrap_with_adapters(args, parts, accelerator):
-    """Put BOFT adapters on the UNet (and text encoder); set precision, attention and checkpointing."""
-    dtype = weight_dtype(accelerator.mixed_precision)
-    parts.vae.requires_grad_(False).to(accelerator.device, dtype=dtype)
-    unet = add_boft_adapter(parts.unet, UNET_TARGET_MODULES, args, args.adapter_name, "UNet")
-    logger.info(trainable_parameter_summary(unet, "UNet"))
-    text_encoder = parts.text_encoder
-    if args.train_text_encoder:
-        text_encoder = add_boft_adapter(text_encoder, TEXT_ENCODER_TARGET_MODULES, args, args.adapter_name, "text encoder")
-        logger.info(trainable_parameter_summary(text_encoder, "text encoder"))
-    else:
-        text_encoder.requires_grad_(False)
-    for model in (unet, text_encoder):
-        cast_frozen(model.to(accelerator.device), dtype)
-    if args.enable_xformers_memory_efficient_attention and (warning := enable_xformers(unet)):
-        logger.warning(warning)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return unet, text_encoder
-
-
-class Trainer:
-    """The training loop and what it does on schedule: log, checkpoint, validate, stop on a signal."""
-
-    def __init__(self, args, accelerator, parts, unet, text_encoder, state, latent_cache, layout, stops):
-        self.args, self.accelerator, self.parts, self.state = args, accelerator, parts, state
-        self.layout, self.stops, self.last_checkpoint = layout, stops, None
-        self.unet, self.text_encoder, self.latent_cache = unet, text_encoder, latent_cache
-        self.trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
-        self.settings = checkpoints.compatibility_settings(
-            args, accelerator.num_processes, UNET_TARGET_MODULES, TEXT_ENCODER_TARGET_MODULES
-        )
+    def __init__(self, config: RunConfig, family, accelerator, layout, stops, trackers):
+        self.config, self.family, self.accelerator, self.layout, self.stops = config, family, accelerator, layout, stops
+        self.trackers = trackers
+        self.state = checkpoints.TrainState(seed=config.seed)
         self.timer = StageTimer(accelerator.device)
         self.dtype = weight_dtype(accelerator.mixed_precision)
-        prompts = {0: args.instance_prompt, **({1: args.class_prompt} if args.with_prior_preservation else {})}
-        self.conditioning = TextConditioning(text_encoder, parts.tokenizer, prompts, args.train_text_encoder,
-                                             accelerator.device, self.dtype)
-        self.embedder = None
-        if not args.train_text_encoder and accelerator.device.type != "cpu":
-            self.text_encoder.to("cpu")  # its embeddings are computed; it comes back for validation
+        self.settings = checkpoints.compatibility_settings(config, family)
+        self.last_checkpoint, self.resume_skip, self.embedder = None, 0, None
 
-    def save_adapters(self):
-        # get_state_dict runs on every process: under DeepSpeed it gathers the weights; the main process writes.
-        state_dicts = {name: self.accelerator.get_state_dict(model) for name, model in self.trained.items()}
-        if self.accelerator.is_main_process:
-            models = {name: self.accelerator.unwrap_model(model) for name, model in self.trained.items()}
-            for path in checkpoints.save_adapters(models, self.layout, self.state.global_step, state_dicts):
-                logger.info("Saved adapter %s", path)
+    # --- stages ----------------------------------------------------------------------------------------------------
+    def set_up(self, images, unreadable_class_images):
+        """Class images, the models with their adapters, the text conditioning, the optimizer and the data."""
+        config, accelerator = self.config, self.accelerator
+        set_seed(self.state.seed)
+        if config.with_prior_preservation:
+            generate_class_images(config, self.family, accelerator)
+        self.components = self.family.load(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
+        self.trained = wrap_with_adapters(config, self.family, self.components, accelerator.device,
+                                          accelerator.mixed_precision)
+        prompts = {0: config.instance_prompt, **({1: config.class_prompt} if config.with_prior_preservation else {})}
+        self.params = [p for model in self.trained.values() for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(config, self.params)
+        loader, self.latent_cache = make_dataloader(config, accelerator, self.components, images,
+                                                    self.family.prompt_ids(self.components, prompts),
+                                                    self.layout.latent_cache, unreadable_class_images)
+        *models, self.optimizer, self.loader = accelerator.prepare(*self.trained.values(), optimizer, loader)
+        self.trained = dict(zip(self.trained, models))
+        self.unet = self.trained["unet"]
+        prepared = replace(self.components, unet=self.unet, text_encoders={**self.components.text_encoders, **{
+            part: model for part, model in self.trained.items() if part != "unet"}})
+        self.conditioning = self.family.conditioning(prepared, prompts, config.train_text_encoder, accelerator.device,
+                                                     self.dtype)
+        self._frozen_text_encoders_to("cpu")  # their embeddings are computed; they come back for validation
+        self.lr_scheduler = accelerator.prepare(make_lr_scheduler(config, self.optimizer))
+        unwrapped = {id(accelerator.unwrap_model(model)): part for part, model in self.trained.items()}
+        checkpoints.register_adapter_hooks(accelerator, config.run_name, unwrapped)
+        tracking.start_trackers(config, accelerator, self.trackers, self.layout.logs(config.logging_dir))
+        batch = min(config.train_batch_size, -(-len(self.loader.dataset) // accelerator.num_processes))
+        if batch < config.train_batch_size:
+            logger.warning("--train_batch_size %d is more than the %d example(s) each process has: batches of %d",
+                           config.train_batch_size, batch, batch)
+        logger.info("Training %d optimizer steps: %d examples, batch %d per device x %d process(es) x %d accumulation",
+                    config.max_train_steps, len(self.loader.dataset), batch, accelerator.num_processes,
+                    config.gradient_accumulation_steps)
 
-    def save_checkpoint(self):
-        if self.last_checkpoint == self.state.global_step:  # a stop right after a scheduled checkpoint
+    def resume(self):
+        """Load the checkpoint --resume_from_checkpoint names, if any: the state, and the batches of its epoch to skip."""
+        resume_from = self.config.resume_from_checkpoint
+        folder = checkpoints.find_resume_checkpoint(resume_from, self.layout) if resume_from else None
+        if folder is None:
             return
-        with self.timer("saving"):
-            path = checkpoints.save_checkpoint(
-                self.accelerator, self.layout, self.state, self.settings, self.args.checkpoints_total_limit
-            )
-            logger.info("Saved training state %s", path)
-            self.save_adapters()
-            self.accelerator.wait_for_everyone()
-        self.last_checkpoint = self.state.global_step
+        saved = checkpoints.read_checkpoint(folder, self.settings)
+        self.accelerator.load_state(str(folder))
+        self.state.global_step, self.state.epoch = saved.global_step, saved.epoch
+        logger.info("Resumed from %s at step %d (epoch %d, batch %d)", folder, saved.global_step, saved.epoch,
+                    saved.batches_done_in_epoch)
+        if saved.batches_done_in_epoch >= len(self.loader):
+            self.state.epoch += 1
+        else:
+            self.resume_skip = saved.batches_done_in_epoch
 
-    def validate(self):
-        args, step = self.args, self.state.global_step
-        if not (args.validation_prompts and self.accelerator.is_main_process):
-            return
-        unet = self.accelerator.unwrap_model(self.unet).get_base_model()
-        text_encoder = self.accelerator.unwrap_model(self.text_encoder)
-        text_encoder = text_encoder.get_base_model() if args.train_text_encoder else text_encoder.to(self.accelerator.device)
-        pipeline = validation.build_pipeline(self.parts.vae, text_encoder, self.parts.tokenizer, unet, self.parts.noise_scheduler)
-        logger.info("Validation at step %d: %d prompt(s) x %d image(s)", step, len(args.validation_prompts), args.num_validation_images)
-        unet.eval()
-        with self.timer("validation"), torch.random.fork_rng(devices=[]):  # must not move the training's random stream
-            images, captions = validation.generate_validation_images(
-                pipeline, args.validation_prompts, args.num_validation_images, self.state.seed,
-                args.validation_inference_steps, args.resolution, self.accelerator.autocast, args.sample_batch_size,
-                should_stop=lambda: self.stops.requested,
-            ) or (None, None)
-        unet.train()
-        if not args.train_text_encoder and self.accelerator.device.type != "cpu":
-            text_encoder.to("cpu")
-        if images is None:
-            return logger.info("Validation at step %d cut short: stopping", step)
-        folder = self.layout.validation(step)
-        validation.save_validation_images(images, captions, args.validation_prompts, folder)
-        tracking.log_images(self.accelerator, images, [f"{i}: {c}" for i, c in enumerate(captions)], step)
-        logger.info("Validation images in %s", folder)
-        if args.eval_steps and step % args.eval_steps == 0:
-            with self.timer("validation"):
-                self.evaluate(images, captions, step)
-
-    def evaluate(self, images, captions, step):
-        """The DreamBooth metrics of the validation images against the subject's photos, logged to the trackers."""
-        from utils.evaluate import Embedder, score_validation
-
-        if self.embedder is None:
-            self.embedder = Embedder(self.args.dino_model, self.args.clip_model, self.accelerator.device)
-        scores = score_validation(self.embedder, images, captions, self.args)
-        self.accelerator.log(scores, step=step)
-        logger.info("Scores at step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-
-    def on_optimizer_step(self, loss, lr, progress):
-        state, args = self.state, self.args
-        state.global_step += 1
-        progress.update(1)
-        progress.set_postfix(loss=loss, lr=lr)
-        self.accelerator.log({"loss": loss, "lr": lr}, step=state.global_step)
-        if state.global_step % args.checkpointing_steps == 0:
-            self.save_checkpoint()
-        if state.global_step % args.validation_steps == 0 or state.global_step >= args.max_train_steps:
-            self.validate()
-
-    def training_step(self, batch, optimizer, lr_scheduler, params):
-        accelerator, timer, args = self.accelerator, self.timer, self.args
-        with timer("vae"):
-            mean, std = latent_posterior(batch, self.parts.vae, self.dtype, self.latent_cache)
-        with timer("text_encoder"):
-            encoder_hidden_states = self.conditioning(batch)
-        loss = diffusion_loss(batch, mean, std, encoder_hidden_states, self.unet, self.parts.noise_scheduler,
-                              self.parts.vae.config.scaling_factor, self.state.seed,
-                              args.prior_loss_weight if args.with_prior_preservation else None, timer)
-        with timer("backward"):
-            accelerator.backward(loss)
-        with timer("optimizer"):
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=args.set_grads_to_none)
-        return loss
-
-    def stop_requested(self) -> bool:
-        """True on every process once any process got a stop signal (accelerate's trigger is all-reduced)."""
-        if self.stops.requested:
-            self.accelerator.set_trigger()
-        return self.accelerator.check_trigger()
-
-    def run(self, optimizer, lr_scheduler, loader, params, resume_skip: int) -> bool:
-        """Train to --max_train_steps; False when a signal stopped it (after saving a checkpoint)."""
-        args, state, accelerator = self.args, self.state, self.accelerator
-        progress = tqdm(initial=state.global_step, total=args.max_train_steps, desc="Steps",
+    def train(self) -> bool:
+        """Train to the configured step count; False when a stop signal ended it (after saving a checkpoint)."""
+        config, state, accelerator = self.config, self.state, self.accelerator
+        progress = tqdm(initial=state.global_step, total=config.max_train_steps, desc="Steps",
                         disable=not accelerator.is_local_main_process)
         self.stops.defer()  # from here on a signal is acted on between steps, after saving
         models = list(self.trained.values())
-        while state.global_step < args.max_train_steps:
-            epoch_loader = accelerator.skip_first_batches(loader, resume_skip) if resume_skip else loader
+        while state.global_step < config.max_train_steps:
+            skip, self.resume_skip = self.resume_skip, 0
+            epoch_loader = accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
             epoch_loader.set_epoch(state.epoch)  # accelerate passes it on to the sampler: the epoch's order
-            state.batches_done_in_epoch, resume_skip = resume_skip, 0
+            state.batches_done_in_epoch = skip
             for model in models:
                 model.train()
             batches = iter(epoch_loader)
@@ -266,12 +205,12 @@ class Trainer:
                     state.epoch += 1
                     break
                 with accelerator.accumulate(*models):
-                    loss = self.training_step(batch, optimizer, lr_scheduler, params)
+                    loss = self.training_step(batch)
                 state.batches_done_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
-                self.on_optimizer_step(accelerator.reduce(loss.detach(), "mean").item(), lr_scheduler.get_last_lr()[0], progress)
-                if state.global_step >= args.max_train_steps:
+                self.after_optimizer_step(accelerator.reduce(loss.detach(), "mean").item(), progress)
+                if state.global_step >= config.max_train_steps:
                     break
                 if self.stop_requested():
                     self.save_checkpoint()
@@ -279,108 +218,167 @@ class Trainer:
         progress.close()
         return True
 
-
-def resume(trainer, loader) -> int:
-    """Load the checkpoint --resume_from_checkpoint names; return how many batches of its epoch to skip."""
-    args = trainer.args
-    folder = checkpoints.find_resume_checkpoint(args.resume_from_checkpoint, trainer.layout) if args.resume_from_checkpoint else None
-    if folder is None:
-        return 0
-    saved = checkpoints.read_checkpoint(folder, trainer.settings)
-    trainer.accelerator.load_state(str(folder))
-    trainer.state.global_step, trainer.state.epoch = saved.global_step, saved.epoch
-    logger.info("Resumed from %s at step %d (epoch %d, batch %d)", folder, saved.global_step, saved.epoch, saved.batches_done_in_epoch)
-    if saved.batches_done_in_epoch >= len(loader):
-        trainer.state.epoch += 1
-        return 0
-    return saved.batches_done_in_epoch
-
-
-def train(args, stops):
-    layout = RunLayout(args.output_dir, args.adapter_name)
-    trackers, hub_target, meta_models = preflight(args)
-    accelerator = setup_accelerator(args, trackers, layout)
-    images = instance_images(args, accelerator)
-    present = list_images(args.class_data_dir) if args.with_prior_preservation else []
-    unreadable = set(present) - set(check_images(present, args.resolution, args.skip_bad_images, "--class_data_dir")
-                                    if present else [])
-    if args.dry_run:
-        return accelerator.print("\n".join(plan_lines(args, accelerator, *meta_models, images)))
-    with lock_run(layout, accelerator):  # before anything of the run is written
-        train_locked(args, accelerator, layout, stops, images, unreadable, trackers, hub_target)
-
-
-def train_locked(args, accelerator, layout, stops, images, unreadable, trackers, hub_target):
-    state = checkpoints.TrainState(seed=checkpoints.run_seed(args.seed, args.adapter_name))
-    set_seed(state.seed)
-    logger.info("Seed %d%s", state.seed, "" if args.seed is not None else f" (derived from the run name {args.adapter_name!r})")
-
-    if args.with_prior_preservation:
-        generate_class_images(args, accelerator)
-
-    parts = load_models(args)
-    unet, text_encoder = wrap_with_adapters(args, parts, accelerator)
-    params = [p for p in itertools.chain(unet.parameters(), text_encoder.parameters()) if p.requires_grad]
-    optimizer = make_optimizer(args, params, accelerator.num_processes)
-    loader, latent_cache = make_dataloader(args, accelerator, parts, images, state.seed, layout.latent_cache, unreadable)
-
-    trained = [unet, text_encoder] if args.train_text_encoder else [unet]
-    *trained, optimizer, loader = accelerator.prepare(*trained, optimizer, loader)
-    unet, text_encoder = trained[0], (trained[1] if args.train_text_encoder else text_encoder)
-    args.max_train_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
-    lr_scheduler = accelerator.prepare(make_lr_scheduler(args, optimizer, accelerator.num_processes))
-
-    trainer = Trainer(args, accelerator, parts, unet, text_encoder, state, latent_cache, layout, stops)
-    checkpoints.register_adapter_hooks(
-        accelerator, args.adapter_name, {id(accelerator.unwrap_model(m)): n for n, m in trainer.trained.items()}
-    )
-    tracking.start_trackers(args, accelerator, trackers, layout.logs(args.logging_dir))
-    resume_skip = resume(trainer, loader)
-    batch = min(args.train_batch_size, math.ceil(len(loader.dataset) / accelerator.num_processes))
-    if batch < args.train_batch_size:
-        logger.warning("--train_batch_size %d is more than the %d example(s) each process has: batches of %d",
-                       args.train_batch_size, batch, batch)
-    logger.info("Training %d optimizer steps: %d examples, batch %d per device x %d process(es) x %d accumulation",
-                args.max_train_steps, len(loader.dataset), batch, accelerator.num_processes,
-                args.gradient_accumulation_steps)
-
-    with nullcontext() if args.no_tracemalloc else TorchTracemalloc() as memory:
-        finished = trainer.run(optimizer, lr_scheduler, loader, params, resume_skip)
-    if not finished:
+    def finish(self, memory, hub_target):
+        """Save the final adapters, report time and memory, push to the hub, and say where everything is."""
+        config, accelerator, step = self.config, self.accelerator, self.state.global_step
+        if step % config.checkpointing_steps:  # a checkpoint at this step saved them already
+            with self.timer("saving"):
+                self.save_adapters()
+        accelerator.wait_for_everyone()
+        for line in self.timer.summary(step) + (memory.report() if memory is not None else []):
+            accelerator.print(line)
+        if accelerator.is_main_process and hub_target:
+            hub.write_model_card(self.layout, config, step)
+            logger.info("Pushed to %s", hub.push_to_hub(self.layout, *hub_target))
         accelerator.end_training()
         if accelerator.is_main_process:
-            print(f"Interrupted at step {state.global_step}; the training state is saved in "
-                  f"{layout.checkpoint(state.global_step)}. Resume with the same command and "
+            command = ["python", "-m", "utils.inference", "--pretrained_model_name_or_path",
+                       config.pretrained_model_name_or_path, "--output_dir", config.output_dir, "--adapter_name",
+                       config.run_name, "--prompt", config.instance_prompt]
+            print(f"Done: {step} steps. UNet adapter: {self.layout.adapter('unet', step)}\n"
+                  f"Generate with it: {shlex.join(command)}")
+
+    def interrupted(self) -> SystemExit:
+        """After a stop signal: say where the saved state is and how to go on; the exit status says which signal."""
+        self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            print(f"Interrupted at step {self.state.global_step}; the training state is saved in "
+                  f"{self.layout.checkpoint(self.state.global_step)}. Resume with the same command and "
                   "--resume_from_checkpoint latest", file=sys.stderr)
-        raise SystemExit(stops.exit_code)
-    finish(args, accelerator, trainer, memory, hub_target)
+        return SystemExit(self.stops.exit_code)
+
+    # --- what a step does ------------------------------------------------------------------------------------------
+    def training_step(self, batch):
+        config, accelerator, timer = self.config, self.accelerator, self.timer
+        with timer("vae"):
+            mean, std = latent_posterior(batch, self.components.vae, self.dtype, self.latent_cache)
+        with timer("text_encoder"):
+            conditioning = self.conditioning(batch)
+        loss = diffusion_loss(batch, mean, std, conditioning, self.unet, self.components.noise_scheduler,
+                              self.components.vae.config.scaling_factor, self.state.seed,
+                              config.prior_loss_weight if config.with_prior_preservation else None, timer)
+        with timer("backward"):
+            accelerator.backward(loss)
+        with timer("optimizer"):
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
+        return loss
+
+    def after_optimizer_step(self, loss, progress):
+        state, config, lr = self.state, self.config, self.lr_scheduler.get_last_lr()[0]
+        state.global_step += 1
+        progress.update(1)
+        progress.set_postfix(loss=loss, lr=lr)
+        self.accelerator.log({"loss": loss, "lr": lr}, step=state.global_step)
+        if state.global_step % config.checkpointing_steps == 0:
+            self.save_checkpoint()
+        if state.global_step % config.validation_steps == 0 or state.global_step >= config.max_train_steps:
+            self.validate()
+
+    def stop_requested(self) -> bool:
+        """True on every process once any process got a stop signal (accelerate's trigger is all-reduced)."""
+        if self.stops.requested:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
+    # --- saving and validating -------------------------------------------------------------------------------------
+    def save_adapters(self):
+        # get_state_dict runs on every process: under DeepSpeed it gathers the weights; the main process writes.
+        state_dicts = {part: self.accelerator.get_state_dict(model) for part, model in self.trained.items()}
+        if self.accelerator.is_main_process:
+            models = {part: self.accelerator.unwrap_model(model) for part, model in self.trained.items()}
+            for path in checkpoints.save_adapters(models, self.layout, self.state.global_step, state_dicts):
+                logger.info("Saved adapter %s", path)
+
+    def save_checkpoint(self):
+        if self.last_checkpoint == self.state.global_step:  # a stop right after a scheduled checkpoint
+            return
+        with self.timer("saving"):
+            path = checkpoints.save_checkpoint(self.accelerator, self.layout, self.state, self.settings,
+                                               self.config.checkpoints_total_limit)
+            logger.info("Saved training state %s", path)
+            self.save_adapters()
+            self.accelerator.wait_for_everyone()
+        self.last_checkpoint = self.state.global_step
+
+    def _frozen_text_encoders_to(self, device):
+        """Frozen text encoders leave the accelerator while training (their embeddings are computed once)."""
+        if self.accelerator.device.type != "cpu":
+            for part, encoder in self.components.text_encoders.items():
+                if part not in self.trained:
+                    encoder.to(device)
+
+    def validate(self):
+        config, step, accelerator = self.config, self.state.global_step, self.accelerator
+        if not (config.validation_prompts and accelerator.is_main_process):
+            return
+        base = {part: accelerator.unwrap_model(model).get_base_model() for part, model in self.trained.items()}
+        components = replace(self.components, unet=base.pop("unet"),
+                             text_encoders={**self.components.text_encoders, **base})
+        self._frozen_text_encoders_to(accelerator.device)
+        pipeline = validation.build_pipeline(self.family, components)
+        logger.info("Validation at step %d: %d prompt(s) x %d image(s)", step, len(config.validation_prompts),
+                    config.num_validation_images)
+        components.unet.eval()
+        with self.timer("validation"), torch.random.fork_rng(devices=[]):  # must not move the training's random stream
+            images, captions = validation.generate_validation_images(
+                pipeline, config.validation_prompts, config.num_validation_images, self.state.seed,
+                config.validation_inference_steps, config.resolution, accelerator.autocast, config.sample_batch_size,
+                should_stop=lambda: self.stops.requested,
+            ) or (None, None)
+        components.unet.train()
+        self._frozen_text_encoders_to("cpu")
+        if images is None:
+            return logger.info("Validation at step %d cut short: stopping", step)
+        folder = self.layout.validation(step)
+        validation.save_validation_images(images, captions, config.validation_prompts, folder)
+        tracking.log_images(accelerator, images, [f"{i}: {c}" for i, c in enumerate(captions)], step)
+        logger.info("Validation images in %s", folder)
+        if config.eval_steps and step % config.eval_steps == 0:
+            with self.timer("validation"):
+                self.evaluate(images, captions, step)
+
+    def evaluate(self, images, captions, step):
+        """The DreamBooth metrics of the validation images against the subject's photos, logged to the trackers."""
+        from utils.evaluate import Embedder, score_validation
+
+        if self.embedder is None:
+            self.embedder = Embedder(self.config.dino_model, self.config.clip_model, self.accelerator.device)
+        scores = score_validation(self.embedder, images, captions, self.config)
+        self.accelerator.log(scores, step=step)
+        logger.info("Scores at step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
 
-def finish(args, accelerator, trainer, memory, hub_target):
-    """Save the final adapters, report time and memory, push to the hub, and say where everything is."""
-    step = trainer.state.global_step
-    if step % args.checkpointing_steps:  # a checkpoint at this step saved them already
-        with trainer.timer("saving"):
-            trainer.save_adapters()
-    accelerator.wait_for_everyone()
-    for line in trainer.timer.summary(step) + (memory.report() if memory is not None else []):
-        accelerator.print(line)
-    if accelerator.is_main_process and hub_target:
-        hub.write_model_card(trainer.layout, args, step)
-        logger.info("Pushed to %s", hub.push_to_hub(trainer.layout, *hub_target))
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        adapter = trainer.layout.adapter("unet", step)
-        command = ["python", "-m", "utils.inference", "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
-                   "--output_dir", args.output_dir, "--adapter_name", args.adapter_name, "--prompt", args.instance_prompt]
-        print(f"Done: {step} steps. UNet adapter: {adapter}\nGenerate with it: {shlex.join(command)}")
+def train(flags, stops):
+    family = family_of(flags.pretrained_model_name_or_path, flags.revision)
+    trackers = tracking.resolve_trackers(flags.report_to)
+    layout = RunLayout(flags.output_dir, run_name(flags))
+    accelerator = make_accelerator(flags, trackers, layout)
+    config, images, unreadable = configure(flags, family, accelerator)
+    hub_target, meta_models = preflight(config, family)
+    if config.dry_run:
+        return accelerator.print("\n".join(plan_lines(config, family, accelerator.mixed_precision, len(images),
+                                                          *meta_models)))
+    with lock_run(layout, accelerator):  # before anything of the run is written
+        run = DreamBoothRun(config, family, accelerator, layout, stops, trackers)
+        run.set_up(images, unreadable)
+        run.resume()
+        with nullcontext() if config.no_tracemalloc else TorchTracemalloc() as memory:
+            finished = run.train()
+        if not finished:
+            raise run.interrupted()
+        run.finish(memory, hub_target)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    flags = parse_args(argv)
     stops = StopRequests().install()
+    peft_seam.install()
     try:
-        train(args, stops)
+        train(flags, stops)
     except UserError as error:
         print(f"train_dreambooth.py: error: {error}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None

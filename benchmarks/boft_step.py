@@ -4,7 +4,7 @@ The floor is the frozen UNet with the gradient flowing to its input: what any ad
 configuration runs in a fresh process (so peak RSS is its own) that alternates BOFT steps with floor steps of the
 same UNet, adapters disabled; ratios divide medians from that one process, so a shared machine's drift hits both
 alike. The floor's own row (time and peak RSS) comes from a process that holds only the frozen UNet. Every process
-keeps freed memory for the next step (utils/cpu_allocator.py), as the trainer does on a CPU.
+keeps freed memory for the next step (utils/run/cpu_allocator.py), as the trainer does on a CPU.
 
     python -m benchmarks.boft_step --quick                  # about three minutes on 2 cores: SD 1.5, 128 px, m = 1
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks.sd_architectures import build_unet
-from utils.cpu_allocator import keep_freed_memory
+from utils.run.cpu_allocator import keep_freed_memory
 
 
 def peak_rss_mb() -> int:
@@ -38,14 +38,16 @@ def make_model(unet, mode: str, n_factors: int, block_num: int):
         return unet.requires_grad_(False), None
     from peft import BOFTConfig, get_peft_model
 
-    from utils.boft import UNET_TARGET_MODULES, install_block_diagonal, use_fast_forward
+    from utils.boft import peft_seam
+    from utils.families.stable_diffusion import UNET_TARGET_MODULES
 
-    install_block_diagonal()
+    if not peft_seam.install():
+        raise SystemExit("peft is not recognised by utils/boft/peft_seam.py: nothing to benchmark")
     config = BOFTConfig(boft_block_num=block_num, boft_block_size=0, boft_n_butterfly_factor=n_factors,
-                        boft_dropout=0.1, target_modules=UNET_TARGET_MODULES)
+                        boft_dropout=0.1, target_modules=list(UNET_TARGET_MODULES))
     model = get_peft_model(unet, config)
     if mode == "fast":
-        use_fast_forward(model)
+        peft_seam.use_fast_forward(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(trained, lr=1e-5, fused=True)  # as the trainer's make_optimizer on a CPU
 

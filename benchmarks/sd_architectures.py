@@ -29,7 +29,7 @@ def build_unet(name: str, seed: int = 0):
 def save_random_pipeline(name: str, folder, seed: int = 0):
     """A full Stable Diffusion pipeline of the real sizes with random weights, in diffusers layout (about 4 GB).
 
-    Tokenizer, scheduler and assembly are the tiny pipeline's (utils/tiny_model.py); its byte-level tokenizer
+    Tokenizer, scheduler and assembly are the tiny pipeline's (utils/testing/tiny_model.py); its byte-level tokenizer
     gives token ids valid for the full-size text encoder, and tokenization costs nothing either way.
     """
     from pathlib import Path
@@ -38,7 +38,7 @@ def save_random_pipeline(name: str, folder, seed: int = 0):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from utils.tiny_model import build_tiny_pipeline
+    from utils.testing.tiny_model import build_tiny_pipeline
 
     folder = Path(folder)
     if (folder / "model_index.json").is_file():

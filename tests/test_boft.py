@@ -1,22 +1,16 @@
 """BOFT adapters: block-shape checks, every butterfly factor count, and the fast forward against peft and the math."""
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import BOFTConfig, get_peft_model
 
 import peft.tuners.boft.layer as peft_boft
-from utils import boft
+from utils.boft import peft_seam, rotation, shapes
+from utils.boft.shapes import BoftSettings
 from utils.errors import UserError
-
-
-def adapter_args(**overrides):
-    values = dict(boft_block_num=8, boft_block_size=0, boft_n_butterfly_factor=1, boft_dropout=0.0,
-                  boft_bias="none", boft_impl="fast", train_text_encoder=False)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+from utils.families.stable_diffusion import UNET_TARGET_MODULES
 
 
 @pytest.mark.parametrize(
@@ -25,13 +19,13 @@ def adapter_args(**overrides):
      (320, 8, 0, 4, True), (320, 8, 0, 5, False), (96, 0, 6, 2, True), (96, 0, 5, 1, False)],
 )
 def test_block_shape_rules(in_features, block_num, block_size, factors, fits):
-    assert boft.block_shape_fits(in_features, block_num, block_size, factors) is fits
+    assert shapes.block_shape_fits(in_features, block_num, block_size, factors) is fits
 
 
 def test_a_block_number_that_divides_no_layer_lists_layers_and_working_values():
     layers = {"down.attn1.to_q": 320, "mid.attn2.to_k": 768, "up.attn1.to_out.0": 640}
     with pytest.raises(UserError) as error:
-        boft.check_block_shape(layers, 7, 0, 1, "UNet")
+        shapes.check_block_shape(layers, 7, 0, 1, "UNet")
     message = str(error.value)
     assert "--boft_block_num=7" in message and "down.attn1.to_q" in message and "[320, 640, 768]" in message
     assert "64" in message.split("fit every targeted layer")[1]
@@ -41,7 +35,7 @@ def test_the_tiny_unet_targets_are_found(tiny_model):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    layers = boft.targeted_linears(unet, boft.UNET_TARGET_MODULES)
+    layers = shapes.targeted_linears(unet, UNET_TARGET_MODULES)
     assert layers and all(name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for name in layers)
 
 
@@ -51,15 +45,15 @@ def test_peft_falling_back_to_one_factor_is_refused(monkeypatch):
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 32)),
                            BOFTConfig(boft_block_num=8, boft_block_size=0, boft_n_butterfly_factor=2, target_modules=["0"]))
     with pytest.raises(UserError, match="built 1 butterfly factor"):
-        boft.check_butterfly_factors(model, "default", 2)
+        peft_seam.check_butterfly_factors(model, "default", 2)
 
 
 @pytest.mark.parametrize("factors", [1, 2, 3, 4])
 def test_every_factor_count_is_built_and_saved_with_its_shape(factors, tmp_path):
     from peft import PeftModel
 
-    model = boft.add_boft_adapter(torch.nn.Sequential(torch.nn.Linear(64, 64)), ["0"],
-                                  adapter_args(boft_block_num=16, boft_n_butterfly_factor=factors), "subject", "toy")
+    model = peft_seam.add_boft_adapter(torch.nn.Sequential(torch.nn.Linear(64, 64)), ["0"],
+                                  BoftSettings(16, 0, factors), "subject", "toy")
     assert model.base_model.model[0].boft_R["subject"].shape == (factors, 16, 4, 4)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(64, 64)), tmp_path / "subject",
@@ -68,7 +62,7 @@ def test_every_factor_count_is_built_and_saved_with_its_shape(factors, tmp_path)
 
 
 def random_boft_layer(in_features=64, out_features=48, block_num=8, factors=1, dropout=0.0, bias=True):
-    boft.install_block_diagonal()
+    peft_seam.install()
     base = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=bias))
     config = BOFTConfig(boft_block_num=block_num, boft_block_size=0, boft_n_butterfly_factor=factors,
                         boft_dropout=dropout, target_modules=["0"], init_weights=False)
@@ -109,7 +103,7 @@ def test_fast_forward_matches_stock_peft_for_one_factor(side, tokens):
     layer = random_boft_layer()
     x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(1))
     stock = outputs_and_grads(layer, x, lambda v: peft_boft.Linear.forward(layer, v))
-    fast = outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", side))
+    fast = outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", side))
     assert_close(fast, stock)
 
 
@@ -123,7 +117,7 @@ def test_fast_forward_matches_the_dense_product_of_factors(side, factors, block_
     def reference(v):
         return (v @ dense_rotation(layer) @ weight.T) * layer.boft_s["default"].view(-1) + bias
 
-    assert_close(outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", side)),
+    assert_close(outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", side)),
                  outputs_and_grads(layer, x, reference))
     # peft's own forward, now given the block-diagonal operation, computes the same thing
     assert_close(outputs_and_grads(layer, x, lambda v: peft_boft.Linear.forward(layer, v)),
@@ -138,10 +132,10 @@ def test_dropout_matches_peft_under_the_same_random_state(side):
     torch.manual_seed(5)
     stock = outputs_and_grads(layer, x, lambda v: peft_boft.Linear.forward(layer, v))
     torch.manual_seed(5)
-    fast = outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", side))
+    fast = outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", side))
     assert_close(fast, stock)
     torch.manual_seed(6)
-    assert not torch.allclose(boft.boft_linear(layer, x, "default", side), fast[0])  # dropout is really active
+    assert not torch.allclose(peft_seam.boft_linear(layer, x, "default", side), fast[0])  # dropout is really active
 
 
 @pytest.mark.parametrize("factors", [1, 2, 4])
@@ -149,13 +143,13 @@ def test_the_rotation_is_orthogonal(factors):
     layer = random_boft_layer(block_num=16, factors=factors)
     eye = torch.eye(64)
     with torch.no_grad():
-        rotation = boft.rotate_rows(eye, *_blocks_and_permutations(layer))
-    assert (rotation.T @ rotation - eye).abs().max() < 1e-5
+        r = rotation.rotate_rows(eye, *_blocks_and_permutations(layer))
+    assert (r.T @ r - eye).abs().max() < 1e-5
 
 
 def _blocks_and_permutations(layer):
     boft_r = layer.boft_R["default"]
-    return boft.cayley(boft_r), boft._rotation_plan(layer, boft_r, False)
+    return rotation.cayley(boft_r), peft_seam.rotation_plan(layer, boft_r, False)
 
 
 def test_cayley_equals_peft_s():
@@ -163,7 +157,7 @@ def test_cayley_equals_peft_s():
     boft_r = layer.boft_R["default"]
     m, d, h, _ = boft_r.shape
     expected = layer.cayley_batch(boft_r.view(m * d, h, h)).view(m, d, h, h)
-    assert (boft.cayley(boft_r) - expected).abs().max() < 1e-6
+    assert (rotation.cayley(boft_r) - expected).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -172,30 +166,35 @@ def test_half_precision_runs_and_stays_close(dtype, side):
     layer = random_boft_layer(factors=2)
     x = torch.randn(9, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = boft.boft_linear(layer, x, "default", side)
+        expected = peft_seam.boft_linear(layer, x, "default", side)
         half = copy.deepcopy(layer)
         half.base_layer.to(dtype)
-        got = boft.boft_linear(half, x.to(dtype), "default", side)
+        got = peft_seam.boft_linear(half, x.to(dtype), "default", side)
     assert got.dtype == dtype
     assert (got.float() - expected).abs().max() / expected.abs().max() < 3e-2
 
 
-def test_the_cheaper_side_follows_shapes_and_training():
-    small = random_boft_layer(in_features=320, out_features=320, block_num=8, factors=2)
-    wide = random_boft_layer(in_features=1280, out_features=1280, block_num=8)
-    with torch.no_grad():
-        assert boft.cheaper_side(small, torch.zeros(4096, 320), 2, 40) == "weight"  # inference: rotate W once
-    assert boft.cheaper_side(small, torch.zeros(2048, 320), 2, 40) == "weight"  # many tokens, small layer
-    assert boft.cheaper_side(wide, torch.zeros(128, 1280), 1, 160) == "activation"  # few tokens, wide layer
+@pytest.mark.parametrize("out_features, tokens", [(320, 4096), (320, 319), (1280, 128), (768, 768)])
+def test_generating_rotates_the_side_with_fewer_rows(out_features, tokens):
+    # Without training both sides pay the same per element rotated: out*in on the weight, tokens*in on the inputs.
+    # (Which side training picks depends on the tuned ELEMENT_OVERHEAD: benchmarks/boft_step.py measures it.)
+    side = rotation.cheaper_side(out_features, 320, tokens, 2, 40, training=False)
+    assert side == ("weight" if out_features <= tokens else "activation")
+
+
+def test_training_charges_the_weight_side_for_the_rotated_weights_gradient():
+    sides = {tokens: rotation.cheaper_side(320, 320, tokens, 1, 40, training=True) for tokens in (320, 10**6)}
+    assert rotation.cheaper_side(320, 320, 320, 1, 40, training=False) == "weight"
+    assert sides[320] == "activation"  # equal rows: the weight side's extra product decides
 
 
 def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    args = adapter_args(boft_n_butterfly_factor=2)
-    fast = boft.add_boft_adapter(copy.deepcopy(unet), boft.UNET_TARGET_MODULES, args, "a", "UNet")
-    stock = boft.add_boft_adapter(unet, boft.UNET_TARGET_MODULES, adapter_args(boft_n_butterfly_factor=2, boft_impl="peft"), "a", "UNet")
+    settings = BoftSettings(8, 0, 2)
+    fast = peft_seam.add_boft_adapter(copy.deepcopy(unet), UNET_TARGET_MODULES, settings, "a", "UNet")
+    stock = peft_seam.add_boft_adapter(unet, UNET_TARGET_MODULES, BoftSettings(8, 0, 2, impl="peft"), "a", "UNet")
     stock.load_state_dict(fast.state_dict())
     for parameter in fast.parameters():
         if parameter.requires_grad:
@@ -213,7 +212,7 @@ def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):
 def test_butterfly_permutations_are_applied_as_reshapes_and_equal_the_gather(factors, block_num):
     layer = random_boft_layer(in_features=64, block_num=block_num, factors=factors)
     z = torch.randn(5, 64)
-    steps, _ = boft._rotation_plan(layer, layer.boft_R["default"], transpose=False)
+    steps, _ = peft_seam.rotation_plan(layer, layer.boft_R["default"], transpose=False)
     for _, before, after in steps:
         for permutation in (p for p in (before, after) if p is not None):
             assert permutation.chunk_shape is not None  # peft's permutations all have the chunk structure
@@ -223,7 +222,7 @@ def test_butterfly_permutations_are_applied_as_reshapes_and_equal_the_gather(fac
 
 def test_an_unstructured_permutation_falls_back_to_a_gather():
     index = torch.randperm(64, generator=torch.Generator().manual_seed(0))
-    permutation = boft._ColumnPermutation.of(index, 4)
+    permutation = rotation.ColumnPermutation.of(index, 4)
     z = torch.randn(3, 64)
     assert permutation.chunk_shape is None
     assert torch.equal(permutation(z), z[:, index]) and torch.equal(permutation.inverse()(permutation(z)), z)
@@ -233,13 +232,13 @@ def test_an_unstructured_permutation_falls_back_to_a_gather():
 def test_gradients_come_back_in_the_activations_layout(factors):
     layer = random_boft_layer(factors=factors)
     x = torch.randn(2, 33, 64, requires_grad=True)
-    boft.boft_linear(layer, x, "default", "activation").square().sum().backward()
+    peft_seam.boft_linear(layer, x, "default", "activation").square().sum().backward()
     assert x.grad.is_contiguous()  # a transposed gradient would make every later layer's backward copy it
 
 
 def test_the_copying_block_product_for_other_devices_computes_the_same(monkeypatch):
     layer = random_boft_layer(factors=2)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(7))
-    strided = outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", "activation"))
-    monkeypatch.setattr(boft, "STRIDED_OUT_DEVICES", ())
-    assert_close(outputs_and_grads(layer, x, lambda v: boft.boft_linear(layer, v, "default", "activation")), strided)
+    strided = outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", "activation"))
+    monkeypatch.setattr(rotation, "STRIDED_OUT_DEVICES", ())
+    assert_close(outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", "activation")), strided)

@@ -1,13 +1,14 @@
 import errno
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 
-from utils import checkpoints
+from tests.helpers import make_config
 from utils.errors import UserError
+from utils.families.stable_diffusion import StableDiffusion
 from utils.layout import RunLayout
+from utils.run import checkpoints
 
 
 def write_checkpoint(root, step, settings=None, content=b"weights"):
@@ -85,20 +86,12 @@ def test_incompatible_settings_are_named(tmp_path):
     assert checkpoints.read_checkpoint(folder, {"boft_block_num": 8}).global_step == 2
 
 
-def test_compatibility_settings_cover_shape_targets_and_model():
-    args = SimpleNamespace(pretrained_model_name_or_path="m", revision=None, boft_block_num=8, boft_block_size=0,
-                           boft_n_butterfly_factor=2, boft_bias="none", train_text_encoder=False,
-                           with_prior_preservation=True, train_batch_size=1, gradient_accumulation_steps=1,
-                           learning_rate=1e-4)
-    settings = checkpoints.compatibility_settings(args, 2, ["to_q"], ["q_proj"])
-    assert settings["unet_target_modules"] == ["to_q"] and settings["text_encoder_target_modules"] == []
+def test_compatibility_settings_cover_shape_targets_model_and_the_scaled_learning_rate():
+    config = make_config(num_processes=2, scale_lr=True, learning_rate=1e-4, train_batch_size=2)
+    settings = checkpoints.compatibility_settings(config, StableDiffusion())
+    assert settings["unet_target_modules"] == list(StableDiffusion.unet_target_modules)
+    assert settings["text_encoder_target_modules"] == [] and settings["learning_rate"] == 4e-4
     assert settings["num_processes"] == 2 and set(checkpoints.COMPATIBILITY_SETTINGS) == set(settings)
-
-
-def test_the_seed_is_derived_stably_from_the_run_name():
-    assert checkpoints.run_seed(7, "dog") == 7
-    assert checkpoints.run_seed(None, "dog") == checkpoints.run_seed(None, "dog") != checkpoints.run_seed(None, "cat")
-    assert checkpoints.run_seed(None, "dog") == 0xCD6357EF  # pinned: resumes and reruns rely on it
 
 
 def test_a_disk_that_fills_while_an_adapter_is_saved_leaves_the_previous_files(tmp_path):

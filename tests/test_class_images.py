@@ -1,10 +1,11 @@
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from utils.class_images import (
+from tests.helpers import make_config
+from utils.families.stable_diffusion import StableDiffusion
+from utils.run.class_images import (
     class_image_name,
     generate_class_images,
     generate_indices,
@@ -43,22 +44,21 @@ class FakeAccelerator:
 
 
 def test_processes_split_the_work_and_reruns_generate_nothing(tmp_path, tiny_model):
-    args = SimpleNamespace(
-        class_data_dir=str(tmp_path / "class"), num_class_images=5, class_prompt="a photo of toy",
-        pretrained_model_name_or_path=str(tiny_model), revision=None, prior_generation_precision=None,
-        sample_batch_size=2, resolution=32, class_inference_steps=3, class_scheduler="dpm",
-    )
+    args = make_config(pretrained_model_name_or_path=tiny_model, with_prior_preservation=True, resolution=32,
+                       class_data_dir=tmp_path / "class", num_class_images=5, class_prompt="a photo of toy",
+                       sample_batch_size=2, class_inference_steps=3, class_scheduler="dpm")
+    family = StableDiffusion()
     (tmp_path / "class").mkdir()
     plan = missing_class_indices(args.class_data_dir, 5)
     shares = [share_of(plan, rank, 2) for rank in range(2)]
     assert sorted(shares[0] + shares[1]) == plan == list(range(5))
     for share in shares:  # what each of two processes does after both planned
-        generate_indices(args, share, torch.device("cpu"), show_progress=False)
+        generate_indices(args, family, share, torch.device("cpu"), show_progress=False)
     names = sorted(p.name for p in (tmp_path / "class").iterdir())
     assert names == [class_image_name(i) for i in range(5)]
-    assert generate_class_images(args, FakeAccelerator(0, 1)) == 0
+    assert generate_class_images(args, family, FakeAccelerator(0, 1)) == 0
     # The same index gives the same image on a rerun: delete one and regenerate it.
     first = np.asarray(Image.open(tmp_path / "class" / class_image_name(3)))
     (tmp_path / "class" / class_image_name(3)).unlink()
-    assert generate_class_images(args, FakeAccelerator(0, 1)) == 1
+    assert generate_class_images(args, family, FakeAccelerator(0, 1)) == 1
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "class" / class_image_name(3))))

@@ -1,12 +1,10 @@
 """The malloc settings for CPU training: applied on glibc, left alone where the user chose their own."""
 
 import platform
-import resource
 
 import pytest
-import torch
 
-from utils import cpu_allocator
+from utils.run import cpu_allocator
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -20,19 +18,8 @@ def test_user_settings_in_the_environment_are_respected(monkeypatch):
 
 
 @glibc_only
-def test_after_the_settings_a_repeated_step_faults_no_pages_in(monkeypatch):
+def test_on_glibc_the_settings_are_applied(monkeypatch):
+    # What they save (page faults of a repeated step) is measured by benchmarks/page_faults.py.
     for name in cpu_allocator.USER_SETTINGS + ("GLIBC_TUNABLES",):
         monkeypatch.delenv(name, raising=False)
     assert cpu_allocator.keep_freed_memory() is True
-
-    def step():  # allocations of a few MB, freed at the end, as an activation-sized working set
-        tensors = [torch.ones(2**20 + 4096 * i) for i in range(8)]
-        return sum(float(t[-1]) for t in tensors)
-
-    for _ in range(8):  # the heap settles into its layout within a few steps
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        step()
-    # glibc's defaults fault about 14,000 pages in over these 5 steps
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2000

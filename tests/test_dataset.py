@@ -2,17 +2,15 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.dataset import (
+from utils.errors import UserError
+from utils.images import list_images, load_rgb, require_images
+from utils.run.dataset import (
     DreamBoothDataset,
     EpochShuffleSampler,
     collate_fn,
     is_dreambooth_dataset_folder,
-    list_images,
-    load_rgb,
-    require_images,
     to_training_tensor,
 )
-from utils.errors import UserError
 
 
 def test_only_image_files_count_sorted_by_name(tmp_path):
@@ -59,13 +57,12 @@ def test_training_tensor_shape_range_and_crops():
     assert len(crops) > 1
 
 
-def test_items_depend_only_on_seed_and_key(subject, tiny_model):
-    from transformers import AutoTokenizer
+PROMPT_IDS = {0: torch.tensor([1, 2, 3]), 1: torch.tensor([1, 4, 3])}
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+
+def test_items_depend_only_on_seed_and_key(subject):
     images = list_images(subject)
-    dataset = DreamBoothDataset(images, "a qwe toy", tokenizer, 32, False, seed=3, class_images=images[:2],
-                                class_prompt="a toy")
+    dataset = DreamBoothDataset(images, PROMPT_IDS, 32, False, seed=3, class_images=images[:2])
     assert len(dataset) == 3
     first, again = dataset[(1, 2)], dataset[(1, 2)]
     assert torch.equal(first["instance"]["pixels"], again["instance"]["pixels"])
@@ -77,16 +74,13 @@ def test_items_depend_only_on_seed_and_key(subject, tiny_model):
     assert batch["latent_mean"] is None
 
 
-def test_cached_images_are_not_read(subject, tiny_model, tmp_path):
-    from transformers import AutoTokenizer
+def test_cached_images_are_not_read(subject, tmp_path):
+    from utils.run.latents import LatentCache
 
-    from utils.latents import LatentCache
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
     images = list_images(subject)
     cache = LatentCache(tmp_path, "model", 32, False)
     cache.save("k0", torch.ones(4, 4, 4), torch.full((4, 4, 4), 0.5))
-    dataset = DreamBoothDataset(images[:1], "a qwe toy", tokenizer, 32, False, seed=0, latent_cache=cache,
+    dataset = DreamBoothDataset(images[:1], PROMPT_IDS, 32, False, seed=0, latent_cache=cache,
                                 cache_keys={images[0]: "k0"})
     images[0].rename(images[0].with_suffix(".moved"))  # the file is not opened when its latents are cached
     try:
@@ -111,12 +105,9 @@ def test_only_the_default_dataset_folder_may_be_fetched(tmp_path):
     assert not is_dreambooth_dataset_folder(tmp_path / "mine" / "dog", tmp_path)
 
 
-def test_without_the_cache_resized_images_stay_in_memory_within_the_budget(subject, tiny_model):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+def test_without_the_cache_resized_images_stay_in_memory_within_the_budget(subject):
     images = list_images(subject)
-    dataset = DreamBoothDataset(images, "a qwe toy", tokenizer, 32, False, seed=0, memory_budget=2 * 32 * 32 * 3)
+    dataset = DreamBoothDataset(images, PROMPT_IDS, 32, False, seed=0, memory_budget=2 * 32 * 32 * 3)
     for index in range(3):
         dataset[(0, index)]
     assert len(dataset._resized) == 2  # the third would not fit

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, base_args, cli_env, run_trainer
+from tests.helpers import REPO, base_args, cli_env, run_trainer
 from utils.evaluate import Embedder, mean_cosine, score_folder, score_images
-from utils.tiny_model import save_tiny_metric_models
+from utils.testing.tiny_model import save_tiny_metric_models
 
 
 @pytest.fixture(scope="module")

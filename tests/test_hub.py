@@ -1,19 +1,17 @@
-from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
 
-from utils import hub
+from tests.helpers import make_config
+from utils.run import hub
 from utils.errors import UserError
 from utils.layout import RunLayout
 
 
 def hub_args(tmp_path, **overrides):
-    values = dict(hub_token=None, hub_model_id=None, output_dir=str(tmp_path / "rex-run"),
-                  pretrained_model_name_or_path="m", adapter_name="rex", boft_block_num=8, boft_block_size=0,
-                  boft_n_butterfly_factor=1, instance_prompt="a photo of qwe dog", train_text_encoder=True)
-    values.update(overrides)
-    return SimpleNamespace(**values)
+    values = dict(output_dir=tmp_path / "rex-run", pretrained_model_name_or_path="m", wandb_run_name="rex",
+                  instance_prompt="a photo of qwe dog", train_text_encoder=True)
+    return make_config(**{**values, **overrides})
 
 
 def test_offline_and_missing_token_fail_at_start_up(tmp_path, monkeypatch):
@@ -47,6 +45,9 @@ def test_push_uploads_adapters_validation_and_card_only(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "upload_file", lambda **kwargs: calls.update(card=kwargs))
     args = hub_args(tmp_path)
     layout = RunLayout(tmp_path, "rex")
+    for part in ("unet", "text_encoder"):  # the adapters the card names are the ones saved
+        layout.adapter(part, 400).mkdir(parents=True)
+        (layout.adapter(part, 400) / "adapter_config.json").write_text("{}")
     card = hub.write_model_card(layout, args, 400).read_text()
     assert "unet/400/rex" in card and "text_encoder/400/rex" in card and "base_model: m" in card
     assert hub.push_to_hub(layout, "ada/rex", "secret") == "https://huggingface.co/ada/rex"

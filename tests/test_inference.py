@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, base_args, cli_env, run_trainer
+from tests.helpers import REPO, base_args, cli_env, run_trainer
 from utils.errors import UserError
 from utils.inference import BoftPipeline, choose_device_and_dtype, resolve_adapter
 

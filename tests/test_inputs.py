@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import assert_clean_error, base_args, run_trainer
-from utils.dataset import check_images, load_rgb, require_images
+from tests.helpers import assert_clean_error, base_args, run_trainer
+from utils.images import check_images, load_rgb, require_images
 from utils.errors import UserError
-from utils.validation import image_filename
+from utils.run.validation import image_filename
 
 
 def photo_folder(tmp_path, name="photos", count=2):
@@ -129,7 +129,7 @@ def test_an_output_folder_that_cannot_be_written(tiny_model, subject, tmp_path):
 def test_a_tracker_that_is_not_installed(monkeypatch):
     import importlib.util
 
-    from utils import tracking
+    from utils.run import tracking
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
@@ -159,7 +159,7 @@ def test_phone_and_camera_formats_are_read(extension, tmp_path):
 
 
 def test_heic_without_its_plugin_is_named_with_how_to_convert(tmp_path, monkeypatch, caplog):
-    from utils import dataset
+    from utils import images as dataset
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -173,7 +173,7 @@ def test_heic_without_its_plugin_is_named_with_how_to_convert(tmp_path, monkeypa
 def test_a_long_instance_prompt_warns_naming_what_is_cut(tiny_model, caplog):
     from transformers import AutoTokenizer
 
-    from utils.dataset import warn_if_truncated
+    from utils.families.stable_diffusion import warn_if_truncated
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
     warn_if_truncated(tokenizer, "a photo of qwe dog", "--instance_prompt")
@@ -184,19 +184,18 @@ def test_a_long_instance_prompt_warns_naming_what_is_cut(tiny_model, caplog):
 
 
 def test_a_read_only_class_folder_is_a_clear_error(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from utils import class_images
+    from tests.helpers import make_config
+    from utils.run import class_images
 
     class_dir = tmp_path / "class"
     class_dir.mkdir()
-    args = SimpleNamespace(class_data_dir=str(class_dir), num_class_images=2)
+    args = make_config(with_prior_preservation=True, class_data_dir=class_dir, class_prompt="a toy", num_class_images=2)
     monkeypatch.setattr(class_images.os, "access", lambda path, mode: False)  # as on a read-only file system
     with pytest.raises(UserError, match=r"needs 2 more class image\(s\) but .* cannot be written"):
-        class_images.generate_class_images(args, accelerator=None)
+        class_images.generate_class_images(args, family=None, accelerator=None)
     Image.new("RGB", (8, 8)).save(class_dir / "a.jpg")
     Image.new("RGB", (8, 8)).save(class_dir / "b.jpg")
-    assert class_images.generate_class_images(args, accelerator=None) == 0  # complete: never written to
+    assert class_images.generate_class_images(args, family=None, accelerator=None) == 0  # complete: never written to
 
 
 def test_a_batch_larger_than_the_examples_is_logged_as_it_is(tiny_model, subject, tmp_path):

@@ -1,7 +1,7 @@
 import torch
 from PIL import Image
 
-from utils.latents import LatentCache, crop_is_fixed, file_digest, model_fingerprint, plan_latent_cache
+from utils.run.latents import LatentCache, crop_is_fixed, file_digest, model_fingerprint, plan_latent_cache
 
 
 def image(path, size):

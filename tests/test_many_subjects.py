@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, adapter_weights, assert_clean_error, base_args, cli_env, run_trainer
-from utils.dataset import list_images
+from tests.helpers import REPO, adapter_weights, assert_clean_error, base_args, cli_env, run_trainer
+from utils.images import list_images
 from utils.layout import RunLayout
-from utils.run_lock import FileLock
-from utils.tiny_model import make_synthetic_subject
+from utils.run.lock import FileLock
+from utils.testing.tiny_model import make_synthetic_subject
 
 SCHEDULE = dict(checkpointing_steps=2, validation_steps=2, validation_prompt="a qwe toy", num_validation_images=1,
                 validation_inference_steps=2)

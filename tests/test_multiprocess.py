@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, assert_clean_error, base_args, cli_env
-from utils.dataset import list_images
-from utils.tiny_model import make_synthetic_subject
+from tests.helpers import REPO, assert_clean_error, base_args, cli_env
+from utils.images import list_images
+from utils.testing.tiny_model import make_synthetic_subject
 
 
 def free_port() -> int:

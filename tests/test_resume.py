@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, adapter_weights, assert_clean_error, base_args, run_trainer, start_in_session, wait_for
+from tests.helpers import REPO, adapter_weights, assert_clean_error, base_args, run_trainer, start_in_session, wait_for
 
 STEPS = 8
 

@@ -11,7 +11,7 @@ import pytest
 
 from utils.errors import UserError
 from utils.layout import RunLayout
-from utils.run_lock import FileLock, lock_run
+from utils.run.lock import FileLock, lock_run
 
 
 class OneProcess:
@@ -36,7 +36,7 @@ def test_the_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, cap
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 sys.path.insert(0, {str(os.getcwd())!r})
-from utils.run_lock import FileLock
+from utils.run.lock import FileLock
 FileLock({str(layout.lock_file)!r}).try_acquire()
 print("held", flush=True)
 time.sleep(600)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (
+from tests.helpers import (
     REPO, adapter_weights, base_args, group_ends, run_trainer, start_in_session, wait_for,
 )
 from utils.layout import RunLayout

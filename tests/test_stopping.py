@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from utils.launch import exit_status
-from utils.stopping import StopRequests, Stopped
+from utils.run.stopping import StopRequests, Stopped
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_a_signal_between_the_last_check_and_defer_is_not_lost(stops):
 def test_dataloader_workers_survive_a_signal_to_the_whole_group():
     code = """
 import os, signal, time, torch
-from utils.stopping import ignore_stop_signals
+from utils.run.stopping import ignore_stop_signals
 class Slow(torch.utils.data.Dataset):
     def __len__(self): return 4
     def __getitem__(self, i):

@@ -2,7 +2,7 @@ import time
 
 import torch
 
-from utils.timing import StageTimer
+from utils.run.timing import StageTimer
 
 
 def test_stages_add_up_and_are_reported_in_order():

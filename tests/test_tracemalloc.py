@@ -1,6 +1,6 @@
 import numpy as np
 
-from utils.tracemalloc import TorchTracemalloc, b2mb
+from utils.run.tracemalloc import TorchTracemalloc, b2mb
 
 
 def test_peak_counts_memory_freed_before_the_end():

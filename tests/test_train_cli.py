@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, run_trainer
-from utils.dataset import list_images
+from tests.helpers import REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, run_trainer
+from utils.images import list_images
 
 VALIDATION = "a qwe toy on the beach. a red qwe toy."
 
@@ -64,13 +64,14 @@ def test_validation_images_trackers_memory_report_and_final_message(full_run):
 
 
 def test_saved_adapters_reproduce_the_trainers_images_with_stock_peft(full_run, tiny_model):
-    import utils.boft  # noqa: F401  gives peft the block-diagonal operation, as the notebook does
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from peft import PeftModel
 
+    from utils.boft import peft_seam
+
     out = full_run[0] / "out"
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
-    utils.boft.install_block_diagonal()
+    peft_seam.install()  # gives peft the block-diagonal operation, as the notebook does
     pipeline.unet = PeftModel.from_pretrained(pipeline.unet, out / "unet" / "3" / "toy_run", adapter_name="toy_run")
     pipeline.text_encoder = PeftModel.from_pretrained(
         pipeline.text_encoder, out / "text_encoder" / "3" / "toy_run", adapter_name="toy_run"

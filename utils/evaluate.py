@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from utils.dataset import list_images, load_rgb
+from utils.images import list_images, load_rgb
+from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.layout import RunLayout
 
@@ -325,6 +326,7 @@ def every_checkpoint(args, embedder):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    peft_seam.install()
     try:
         if args.command == "generate":
             pipe = _pipeline(args)

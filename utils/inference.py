@@ -6,8 +6,8 @@ The notebook `dreambooth_inference.ipynb` and the command line both use this mod
         --output_dir data/output/boft --adapter_name dog_boft_801 --prompt "a qwe dog in the snow" \\
         --num_images 4 --seed 0 --out dog.png [--merge] [--save_merged data/merged/dog]
 
-diffusers cannot load BOFT adapters (its loaders know LoRA only), so adapters go through peft; importing
-utils.boft first gives peft the butterfly operation for every factor count.
+diffusers cannot load BOFT adapters (its loaders know LoRA only), so adapters go through peft, by way of
+utils/boft/peft_seam.py (which gives peft the butterfly operation for every factor count).
 """
 
 import argparse
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from utils import boft
+from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
+from utils.families import family_of
 from utils.layout import RunLayout
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,11 +60,7 @@ def _plain_copy(peft_model):
     from accelerate import init_empty_weights
 
     base = peft_model.get_base_model()
-    state = {
-        key.replace(".base_layer", ""): value
-        for key, value in base.state_dict().items()
-        if not any(f".{name}." in key for name in ("boft_R", "boft_s"))
-    }
+    state = peft_seam.base_state_dict(peft_model)
     with init_empty_weights():
         plain = type(base).from_config(base.config) if hasattr(type(base), "from_config") else type(base)(base.config)
     plain.load_state_dict(state, strict=True, assign=True)
@@ -71,7 +68,7 @@ def _plain_copy(peft_model):
 
 
 class BoftPipeline:
-    """A StableDiffusionPipeline with any number of subjects' BOFT adapters, one active (or none) at a time.
+    """A Stable Diffusion pipeline with any number of subjects' BOFT adapters, one active (or none) at a time.
 
     Trained biases (--boft_bias boft_only or all) are the base layers' own biases, changed in place; peft therefore
     allows one such adapter per model. Here each adapter's biases are kept aside and written into the base layers
@@ -79,6 +76,7 @@ class BoftPipeline:
     number of subjects share one pipeline and each gives the image it gives loaded alone."""
 
     def __init__(self, pipeline):
+        peft_seam.install()
         self.pipeline = pipeline
         self.peft_models = {}  # part -> PeftModel wrapping the pipeline's own module
         self.active = None
@@ -87,12 +85,11 @@ class BoftPipeline:
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm"):
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        """The base model's pipeline (of its family: utils/families), on the best device unless told."""
+        from diffusers import DPMSolverMultistepScheduler
 
         device, torch_dtype = choose_device_and_dtype(device, dtype)
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            name_or_path, revision=revision, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-        )
+        pipeline = family_of(name_or_path, revision).load_pipeline(name_or_path, revision, torch_dtype)
         if scheduler == "dpm":
             pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
@@ -115,31 +112,13 @@ class BoftPipeline:
         return step
 
     def _load_part(self, part, folder, adapter_name):
-        from peft import BOFTConfig, PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        config = BOFTConfig.from_pretrained(folder)
-        config.bias, config.inference_mode = "none", True  # biases are kept aside (see the class docstring)
-        if part in self.peft_models:
-            self.peft_models[part].add_adapter(adapter_name, config)
-        else:
-            self.peft_models[part] = PeftModel(getattr(self.pipeline, part), config, adapter_name=adapter_name)
-        peft_model = self.peft_models[part]
-        weights = load_file(folder / "adapter_model.safetensors")
-        biases = {name: weights.pop(name) for name in list(weights) if "boft_" not in name}
-        result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        model = self.peft_models.get(part, getattr(self.pipeline, part))
+        peft_model, biases = peft_seam.load_for_inference(model, folder, adapter_name)
+        self.peft_models[part] = peft_model
         parameters = dict(peft_model.named_parameters())
-        if result.unexpected_keys or set(biases) - set(parameters):
-            raise UserError(f"{folder} holds weights this {part} does not have: were the adapters trained on "
-                            "another base model?")
         for name in biases:
             self.base_biases.setdefault(part, {}).setdefault(name, parameters[name].detach().clone())
         self.biases.setdefault(adapter_name, {})[part] = biases
-        for name, parameter in peft_model.named_parameters():
-            if "boft_" in name:  # the Cayley transform needs fp32; frozen weights keep the pipeline's dtype
-                parameter.data = parameter.data.float()
-        peft_model.eval()
-        boft.use_fast_forward(peft_model)
 
     def _remove(self, adapter_name):
         """Take an adapter out of every part (the last one of a part unwraps it); its biases go with it."""
@@ -184,16 +163,12 @@ class BoftPipeline:
         if self.active is None:
             raise UserError("no adapter is active: load one, or set_adapter(name), before merging")
         for peft_model in self.peft_models.values():
-            if self.active in peft_model.peft_config and not self._merged(peft_model):
+            if self.active in peft_model.peft_config and not peft_seam.is_merged(peft_model):
                 peft_model.base_model.merge_adapter([self.active])
-
-    @staticmethod
-    def _merged(peft_model) -> bool:
-        return any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "boft_R"))
 
     def _unmerge(self):
         for peft_model in self.peft_models.values():
-            if self._merged(peft_model):
+            if peft_seam.is_merged(peft_model):
                 peft_model.base_model.unmerge_adapter()
 
     def merge_and_unload(self):
@@ -208,14 +183,12 @@ class BoftPipeline:
 
     def save_merged(self, folder) -> Path:
         """Write the pipeline with the active adapter merged as a plain diffusers folder (safetensors)."""
-        from diffusers import StableDiffusionPipeline
-
         if self.active is not None:
             self.merge()
         components = dict(self.pipeline.components)
         for part, peft_model in self.peft_models.items():
             components[part] = _plain_copy(peft_model)
-        StableDiffusionPipeline(**components).save_pretrained(folder, safe_serialization=True)
+        type(self.pipeline)(**components).save_pretrained(folder, safe_serialization=True)
         return Path(folder)
 
     @torch.no_grad()
@@ -262,8 +235,7 @@ def check_arguments(args) -> None:
     """Every mistake in the command line that can be found without loading a weight, as a UserError."""
     from PIL import Image
 
-    from utils.args_loader import removed_model_problem, unwritable_ancestor
-    from utils.models import check_model_source
+    from utils.run.flags import removed_model_problem, unwritable_ancestor
 
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be positive")
@@ -277,12 +249,13 @@ def check_arguments(args) -> None:
             raise UserError(f"{flag} {path}: {blocked} is not a folder you can write to")
     if problem := removed_model_problem(args.pretrained_model_name_or_path):
         raise UserError(problem)
-    check_model_source(args.pretrained_model_name_or_path, args.revision)
+    family_of(args.pretrained_model_name_or_path, args.revision)
     resolve_adapter(args.output_dir, args.adapter_name, args.step)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    peft_seam.install()
     try:
         check_arguments(args)  # before any weight loads
         pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype)

@@ -7,7 +7,7 @@ never overwrites, resumes from or prunes another's files:
       unet/{step}/{run}/                     adapters (stock peft folders), every --checkpointing_steps and at the end
       text_encoder/{step}/{run}/             with --train_text_encoder
       checkpoints/{run}/checkpoint-{step}/   full training state, for --resume_from_checkpoint
-      checkpoints/{run}/run.lock             held while the run trains (utils/run_lock.py)
+      checkpoints/{run}/run.lock             held while the run trains (utils/run/lock.py)
       validation/{run}/{step}/               validation images
       eval/{run}/{step}/                     utils.evaluate's generated images and scores
       eval/base/class/                       the base model's class images (shared: they do not depend on a run)

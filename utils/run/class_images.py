@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from utils.args_loader import unwritable_ancestor
-from utils.dataset import list_images
+from utils.run.flags import unwritable_ancestor
+from utils.images import list_images
 from utils.errors import UserError
-from utils.run_lock import FileLock
+from utils.run.lock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +55,15 @@ def generation_dtype(precision, device_type: str) -> torch.dtype:
 LOCK_NAME = ".generating.lock"
 
 
-def generate_class_images(args, accelerator) -> int:
+def generate_class_images(config, family, accelerator) -> int:
     """Fill --class_data_dir up to --num_class_images images; return how many this process generated."""
-    class_dir = Path(args.class_data_dir)
-    shortfall = len(missing_class_indices(class_dir, args.num_class_images))
+    class_dir = Path(config.class_data_dir)
+    shortfall = len(missing_class_indices(class_dir, config.num_class_images))
     if not shortfall:
         return 0  # nothing to write: a complete folder may be read-only or in use by another run
     if (blocked := unwritable_ancestor(class_dir)) is not None:  # every process checks, so all stop together
         raise UserError(f"--class_data_dir {class_dir} needs {shortfall} more class image(s) but {blocked} cannot be "
-                        f"written (read-only or not yours). Give a writable folder, or put {args.num_class_images} "
+                        f"written (read-only or not yours). Give a writable folder, or put {config.num_class_images} "
                         "images of the class there")
     lock = FileLock(class_dir / LOCK_NAME)
     if accelerator.is_main_process:
@@ -71,13 +71,13 @@ def generate_class_images(args, accelerator) -> int:
         lock.acquire(f"Waiting for another run that is generating class images in {class_dir}")
     try:
         accelerator.wait_for_everyone()
-        todo = missing_class_indices(class_dir, args.num_class_images)
+        todo = missing_class_indices(class_dir, config.num_class_images)
         accelerator.wait_for_everyone()  # every process has planned before any writes
         if not todo:
             return 0
-        logger.info("Generating %d class images from %r", len(todo), args.class_prompt)
+        logger.info("Generating %d class images from %r", len(todo), config.class_prompt)
         mine = share_of(todo, accelerator.process_index, accelerator.num_processes)
-        generate_indices(args, mine, accelerator.device, show_progress=accelerator.is_local_main_process)
+        generate_indices(config, family, mine, accelerator.device, show_progress=accelerator.is_local_main_process)
         accelerator.wait_for_everyone()
         return len(mine)
     finally:
@@ -88,30 +88,23 @@ def share_of(indices: list[int], process_index: int, num_processes: int) -> list
     return indices[process_index::num_processes]
 
 
-def generate_indices(args, indices: list[int], device, show_progress: bool = True) -> None:
-    """Generate and save class images with these indices, --sample_batch_size at a time."""
-    from diffusers import StableDiffusionPipeline
-
-    class_dir = Path(args.class_data_dir)
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        dtype=generation_dtype(args.prior_generation_precision, device.type),
-        safety_checker=None,
-        requires_safety_checker=False,
-    ).to(device)
-    if args.class_scheduler == "dpm":
+def generate_indices(config, family, indices: list[int], device, show_progress: bool = True) -> None:
+    """Generate and save class images with these indices, --sample_batch_size at a time, with the family's pipeline."""
+    class_dir = Path(config.class_data_dir)
+    dtype = generation_dtype(config.prior_generation_precision, device.type)
+    pipeline = family.load_pipeline(config.pretrained_model_name_or_path, config.revision, dtype).to(device)
+    if config.class_scheduler == "dpm":
         from diffusers import DPMSolverMultistepScheduler
 
         pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    batches = [indices[i : i + args.sample_batch_size] for i in range(0, len(indices), args.sample_batch_size)]
+    batches = [indices[i : i + config.sample_batch_size] for i in range(0, len(indices), config.sample_batch_size)]
     for batch in tqdm(batches, desc="Class images", disable=not show_progress):
         images = pipeline(
-            [args.class_prompt] * len(batch),
-            height=args.resolution,
-            width=args.resolution,
-            num_inference_steps=args.class_inference_steps,
+            [config.class_prompt] * len(batch),
+            height=config.resolution,
+            width=config.resolution,
+            num_inference_steps=config.class_inference_steps,
             generator=[torch.Generator().manual_seed(index) for index in batch],
         ).images
         for index, image in zip(batch, images):

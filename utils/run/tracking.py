@@ -33,10 +33,10 @@ def _wandb_key_known() -> bool:
         return False
 
 
-def prepare_wandb(args) -> str:
+def prepare_wandb(config) -> str:
     """Give wandb its key through the environment (never the config); go offline without one. Return a notice."""
-    if args.wandb_key:
-        os.environ["WANDB_API_KEY"] = args.wandb_key
+    if config.wandb_key:
+        os.environ["WANDB_API_KEY"] = config.wandb_key
     if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
         return f"wandb runs {os.environ['WANDB_MODE']} (WANDB_MODE={os.environ['WANDB_MODE']})"
     if not _wandb_key_known():
@@ -68,10 +68,11 @@ def scrub_process_arguments() -> None:
     sys.argv[:] = redact_command_line(sys.argv)
 
 
-def tracker_config(args) -> dict:
-    """The run's flags as scalars tensorboard accepts; secrets dropped, lists joined."""
+def tracker_config(run_config) -> dict:
+    """The run's configuration (flags and derived values) as scalars tensorboard accepts; secrets dropped, lists
+    joined."""
     config = {}
-    for key, value in sorted(vars(args).items()):
+    for key, value in sorted(run_config.as_dict().items()):
         if key in SECRET_FLAGS:
             continue
         if isinstance(value, (list, tuple)):
@@ -84,18 +85,18 @@ def tracker_config(args) -> dict:
     return config
 
 
-def start_trackers(args, accelerator, trackers, logging_dir) -> None:
+def start_trackers(config, accelerator, trackers, logging_dir) -> None:
     """On the main process: wandb's mode, secrets out of argv, then accelerate's trackers with a clean config."""
     if not accelerator.is_main_process:
         return
     if "wandb" in trackers:
-        logger.info(prepare_wandb(args))
+        logger.info(prepare_wandb(config))
     scrub_process_arguments()
     logging_dir.mkdir(parents=True, exist_ok=True)
     accelerator.init_trackers(
-        args.wandb_project_name or "dreambooth_boft",
-        config=tracker_config(args),
-        init_kwargs={"wandb": {"name": args.adapter_name, "dir": str(logging_dir)}},
+        config.wandb_project_name or "dreambooth_boft",
+        config=tracker_config(config),
+        init_kwargs={"wandb": {"name": config.run_name, "dir": str(logging_dir)}},
     )
 
 

@@ -4,8 +4,8 @@ Tests, the demo and CI cannot download real weights, so they build a pipeline wi
 classes (UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, AutoencoderKL, DDPMScheduler) at toy sizes, save it
 with `save_pretrained`, and load it back through the same `from_pretrained` path a real model takes.
 
-    python -m utils.tiny_model data/tiny-sd                     # the pipeline
-    python -m utils.tiny_model data/tiny-sd --subject data/demo  # and a synthetic subject
+    python -m utils.testing.tiny_model data/tiny-sd                     # the pipeline
+    python -m utils.testing.tiny_model data/tiny-sd --subject data/demo  # and a synthetic subject
 """
 
 import argparse

@@ -7,7 +7,6 @@ Where they go is utils/layout.py's business; a checkpoint folder holds:
 Every folder is written under a temporary name and renamed when complete.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from utils.errors import UserError
-from utils.layout import RunLayout, step_of_checkpoint
+from utils.layout import RunLayout
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +80,6 @@ def _write_failed(partial: Path, final: Path, error: Exception) -> UserError:
     )
 
 
-def run_seed(seed, run_name: str) -> int:
-    """--seed, or a seed derived from the run name: the same on every run and every process."""
-    if seed is not None:
-        return seed
-    return int(hashlib.sha256(run_name.encode()).hexdigest()[:8], 16)
-
-
 def atomic_folder(final: Path, write) -> None:
     """Call write(tmp_folder), then rename it to `final`; on failure remove the partial folder and say so."""
     final = Path(final)
@@ -126,10 +118,11 @@ def save_adapters(models: dict, layout: RunLayout, step: int, state_dicts=None) 
     return written
 
 
-def compatibility_settings(args, num_processes: int, unet_targets, text_encoder_targets) -> dict:
-    values = dict(vars(args), num_processes=num_processes)
-    values["unet_target_modules"] = list(unet_targets)
-    values["text_encoder_target_modules"] = list(text_encoder_targets) if args.train_text_encoder else []
+def compatibility_settings(config, family) -> dict:
+    """The run's values of COMPATIBILITY_SETTINGS (the learning rate as the optimizer uses it)."""
+    values = config.as_dict()
+    values["unet_target_modules"] = list(family.unet_target_modules)
+    values["text_encoder_target_modules"] = list(family.text_encoder_target_modules) if config.train_text_encoder else []
     return {key: values[key] for key in COMPATIBILITY_SETTINGS}
 
 

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from utils.dataset import load_rgb, to_training_tensor
+from utils.images import load_rgb
+from utils.run.dataset import to_training_tensor
 
 
 def file_digest(path) -> str:

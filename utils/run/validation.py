@@ -14,20 +14,11 @@ def image_filename(prompt_index: int, prompt: str, image_index: int) -> str:
     return f"{prompt_index:02d}_{slug}_{image_index}.png"
 
 
-def build_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler):
-    """A StableDiffusionPipeline over the training components, with DPM-Solver multistep as in the guide."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def build_pipeline(family, components):
+    """The family's pipeline over the training components, with DPM-Solver multistep as in the guide."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = family.pipeline(components, DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

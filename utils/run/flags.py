@@ -1,7 +1,8 @@
 """Command-line flags of train_dreambooth.py: the guide's flags with the guide's defaults, checked at start-up.
 
 Every check here runs before any model loads, so a mistake costs seconds, not hours. `parse_args` exits with
-status 2 and one line saying what is wrong (argparse's convention) when a flag is bad.
+status 2 and one line saying what is wrong (argparse's convention) when a flag is bad; it returns the flags as given,
+which utils/run/config.py then freezes with the values derived from them.
 """
 
 import argparse
@@ -70,7 +71,12 @@ def _data_group(parser):
         choices=["no", "fp32", "fp16", "bf16"],
         help="Precision of class image generation. Default: fp16 on CUDA, else fp32 (fp16 on a CPU falls back).",
     )
-    group.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (multiple of 8).")
+    group.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Training resolution in pixels (multiple of 8). Default: the model family's (512 for SD 1.x/2.x).",
+    )
     group.add_argument("--center_crop", action="store_true", help="Center-crop images instead of cropping randomly.")
     group.add_argument(
         "--cache_latents",
@@ -302,12 +308,11 @@ def _check_positive(args, problems):
         "num_validation_images",
         "validation_inference_steps",
         "class_inference_steps",
-        "resolution",
         "boft_n_butterfly_factor",
     ):
         if getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_train_steps", "checkpoints_total_limit"):
+    for name in ("max_train_steps", "checkpoints_total_limit", "resolution"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("num_class_images", "lr_warmup_steps", "num_dataloader_workers", "boft_block_num", "boft_block_size",
@@ -323,7 +328,7 @@ def _check_positive(args, problems):
 
 
 def _check_values(args, problems):
-    if args.resolution > 0 and args.resolution % 8:
+    if args.resolution and args.resolution > 0 and args.resolution % 8:
         problems.append(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     if not args.use_boft:
         problems.append(
@@ -410,6 +415,4 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SystemExit(USAGE_EXIT_CODE)
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
         warnings.warn("--class_data_dir and --class_prompt are only used with --with_prior_preservation")
-    args.validation_prompts = split_validation_prompts(args.validation_prompt)
-    args.adapter_name = run_name(args)
     return args

@@ -1,37 +1,18 @@
-"""The training step's parts: text conditioning, latents, the diffusion loss, the optimizer and the lr schedule."""
+"""The training step's parts: latents, the diffusion loss, the optimizer and the lr schedule."""
 
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from utils.dataset import example_noise, tokenize
+from utils.run.dataset import example_noise
 from utils.errors import UserError
-from utils.latents import encode_one
-
-
-class TextConditioning:
-    """Encoder hidden states for a batch. A frozen text encoder runs once per prompt, at start-up, and can then
-    leave the accelerator; a trained one runs every step."""
-
-    def __init__(self, text_encoder, tokenizer, prompts: dict, trained: bool, device, dtype):
-        self.text_encoder, self.trained = text_encoder, trained
-        self.embeddings = {}
-        if not trained:
-            with torch.no_grad():
-                for part, prompt in prompts.items():
-                    ids = tokenize(tokenizer, prompt).unsqueeze(0).to(device)
-                    self.embeddings[part] = text_encoder(ids)[0][0].to(dtype)
-
-    def __call__(self, batch) -> torch.Tensor:
-        if self.trained:
-            return self.text_encoder(batch["input_ids"])[0]
-        return torch.stack([self.embeddings[part] for _, _, part in batch["keys"]])
+from utils.run.latents import encode_one
 
 
 def latent_posterior(batch, vae, dtype, cache=None):
     """(mean, std) of each row's VAE posterior: read for cached rows, encoded now (one row at a time, see
-    utils/latents.py) for pixel rows, and cached when allowed."""
+    utils/run/latents.py) for pixel rows, and cached when allowed."""
     rows = [None] * len(batch["keys"])
     for j, row in enumerate(batch["pixel_rows"]):
         rows[row] = encode_one(vae, batch["pixel_values"][j], dtype)
@@ -42,9 +23,10 @@ def latent_posterior(batch, vae, dtype, cache=None):
     return torch.stack([mean for mean, _ in rows]), torch.stack([std for _, std in rows])
 
 
-def diffusion_loss(batch, mean, std, encoder_hidden_states, unet, noise_scheduler, scaling_factor, seed,
+def diffusion_loss(batch, mean, std, conditioning: dict, unet, noise_scheduler, scaling_factor, seed,
                    prior_loss_weight=None, timer=None):
     """Sample latents from the posterior, noise them at random timesteps, regress the target (epsilon or v).
+    `conditioning` holds the UNet's keyword arguments for the batch (the model family's text conditioning).
 
     With prior preservation (`prior_loss_weight` given) the class half of the batch gets its own weighted loss.
     """
@@ -55,7 +37,7 @@ def diffusion_loss(batch, mean, std, encoder_hidden_states, unet, noise_schedule
     noise = noise.to(latents.dtype)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     with timer("unet_forward") if timer else nullcontext():
-        prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+        prediction = unet(noisy_latents, timesteps, **conditioning).sample
     if config.prediction_type == "epsilon":
         target = noise
     elif config.prediction_type == "v_prediction":
@@ -74,12 +56,11 @@ def diffusion_loss(batch, mean, std, encoder_hidden_states, unet, noise_schedule
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
-def make_optimizer(args, params, num_processes):
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
-    settings = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.use_8bit_adam:
+def make_optimizer(config, params):
+    """AdamW (or bitsandbytes' 8-bit AdamW) at the configured learning rate (--scale_lr is already in it)."""
+    settings = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                    weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.use_8bit_adam:
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, **settings)
@@ -88,15 +69,15 @@ def make_optimizer(args, params, num_processes):
     return torch.optim.AdamW(params, fused=fused or None, **settings)
 
 
-def make_lr_scheduler(args, optimizer, num_processes):
+def make_lr_scheduler(config, optimizer):
     from diffusers.optimization import get_scheduler
 
     # accelerate steps a prepared scheduler once per process for every optimizer step.
     return get_scheduler(
-        args.lr_scheduler,
+        config.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
+        num_warmup_steps=config.lr_warmup_steps * config.num_processes,
+        num_training_steps=config.max_train_steps * config.num_processes,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
     )

@@ -1,0 +1,297 @@
+"""Every contact with peft's BOFT internals, in one guarded module.
+
+peft's BOFT compiles a CUDA kernel for its block-diagonal operation and, where that fails (any CPU, mps, a CUDA
+machine without a compiler), silently builds one butterfly factor instead of the number asked for; its forward also
+builds the dense in x in rotation every step. `install()` gives peft the operation in plain PyTorch
+(utils/boft/rotation.py), and `use_fast_forward` routes BOFT Linear layers through a structured forward and merge
+that never form the dense rotation; parameters, parameterization and files stay peft's own.
+
+Nothing is patched at import. Each entry point (the trainer, utils.inference, utils.evaluate, the notebook, the
+benchmarks) calls `install()`, which first recognises peft by version and by structure; on anything it does not
+recognise (another version, a moved module, a renamed attribute) it warns once and leaves stock peft in place, and
+`use_fast_forward` then changes nothing.
+"""
+
+import types
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from utils.boft.rotation import (
+    ColumnPermutation,
+    TorchBlockDiagonal,
+    cayley,
+    cheaper_side,
+    rotate_rows,
+)
+from utils.boft.shapes import BoftSettings, check_block_shape, targeted_linears
+from utils.errors import UserError
+
+# peft minor versions whose BOFT internals this module was written against (requirements.txt pins the same range).
+RECOGNISED_PEFT_VERSIONS = ("0.21",)
+_PEFT_NAMES = ("_FBD_CUDA", "get_fbd_cuda", "FastBlockDiag", "Linear", "MultiplicativeDropoutLayer")
+_PEFT_LINEAR_METHODS = ("forward", "merge", "unmerge", "block_butterfly_perm")
+_PEFT_LAYER_ATTRIBUTES = ("boft_R", "boft_s", "boft_dropout", "block_butterfly_perm", "base_layer", "merged_adapters")
+# Where adapter weights differ from the base model's parameters in a peft state dict.
+ADAPTER_WEIGHT_MARK = "boft_"
+
+_installed = None  # None: install() not called yet; then whether the integration is in place
+
+
+def _peft_layer_module():
+    import peft.tuners.boft.layer as layer_module
+
+    return layer_module
+
+
+def recognition_problem(version: str, layer_module) -> str | None:
+    """Why this peft cannot take the integration (version or structure), or None when it can."""
+    minor = ".".join(version.split(".")[:2])
+    if minor not in RECOGNISED_PEFT_VERSIONS:
+        return f"peft {version} is not a version utils/boft/peft_seam.py knows ({', '.join(RECOGNISED_PEFT_VERSIONS)})"
+    if layer_module is None:
+        return "peft has no peft.tuners.boft.layer module"
+    missing = [name for name in _PEFT_NAMES if not hasattr(layer_module, name)]
+    linear = getattr(layer_module, "Linear", None)
+    missing += [f"Linear.{name}" for name in _PEFT_LINEAR_METHODS if linear is not None and not hasattr(linear, name)]
+    return f"peft {version}'s BOFT internals lack {', '.join(missing)}" if missing else None
+
+
+def install() -> bool:
+    """Put the integration in place when peft is recognised; otherwise warn once and keep stock peft. Idempotent."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    import peft
+
+    try:
+        layer_module = _peft_layer_module()
+    except ImportError:
+        layer_module = None
+    problem = recognition_problem(peft.__version__, layer_module)
+    if problem:
+        warnings.warn(f"{problem}; using stock peft (slower, and more than one butterfly factor needs its CUDA "
+                      "kernel)", stacklevel=2)
+        _installed = False
+        return False
+    if not isinstance(layer_module._FBD_CUDA, TorchBlockDiagonal):
+        layer_module._FBD_CUDA = TorchBlockDiagonal()
+    _installed = True
+    return True
+
+
+def installed() -> bool:
+    return bool(_installed)
+
+
+def boft_config(settings: BoftSettings, targets):
+    from peft import BOFTConfig
+
+    return BOFTConfig(
+        boft_block_num=settings.block_num,
+        boft_block_size=settings.block_size,
+        boft_n_butterfly_factor=settings.n_butterfly_factor,
+        boft_dropout=settings.dropout,
+        bias=settings.bias,
+        target_modules=list(targets),
+    )
+
+
+def check_butterfly_factors(peft_model, adapter_name: str, n_butterfly_factor: int) -> None:
+    """peft silently builds fewer butterfly factors when its CUDA kernel is missing: refuse to train that."""
+    for name, module in peft_model.named_modules():
+        weights = getattr(module, "boft_R", {})
+        if adapter_name in weights and weights[adapter_name].shape[0] != n_butterfly_factor:
+            raise UserError(
+                f"peft built {weights[adapter_name].shape[0]} butterfly factor(s) for {name} instead of the "
+                f"{n_butterfly_factor} asked for (its CUDA block-diagonal kernel could not be built here). "
+                "Use --boft_n_butterfly_factor=1 (plain OFT) or a machine where the kernel builds"
+            )
+
+
+def add_boft_adapter(model, targets, settings: BoftSettings, adapter_name: str, model_name: str):
+    """Wrap `model` with a trainable BOFT adapter after checking the block shape fits; return the PeftModel."""
+    from peft import get_peft_model
+
+    layers = targeted_linears(model, targets)
+    check_block_shape(layers, settings.block_num, settings.block_size, settings.n_butterfly_factor, model_name)
+    install()
+    peft_model = get_peft_model(model, boft_config(settings, targets), adapter_name=adapter_name)
+    check_butterfly_factors(peft_model, adapter_name, settings.n_butterfly_factor)
+    if settings.impl == "fast":
+        use_fast_forward(peft_model)
+    return peft_model
+
+
+def trainable_parameter_summary(peft_model, model_name: str) -> str:
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return f"{model_name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)"
+
+
+def rotation_plan(layer, boft_r, transpose: bool):
+    """How rows @ R (or rows @ R^T) is applied: (steps, transpose), the steps a list of (factor, permutation
+    before, permutation after) in the order they apply.
+
+    R = B_{m-1} ... B_0 with B_i = P_i BD(Q_i) P_i^T, as peft builds it. Since P z = z[perm], on rows
+    rows P = rows[:, perm^-1] and rows P^T = rows[:, perm]: each factor is a column permutation, a block product
+    and a column permutation; identity permutations are None. Built from the adapter's own shape rather than the
+    layer's `boft_P` buffer, which peft shares between adapters, so adapters of different shapes can share a layer.
+    """
+    m, d, h, _ = boft_r.shape
+    key = (m, d, h, boft_r.device, transpose)
+    cache = layer.__dict__.setdefault("_fast_boft_plans", {})
+    if key not in cache:
+        steps = []
+        for i in range(m):
+            index = layer.block_butterfly_perm(d * h, int(d / 2**i), int(h / 2), m - 1).to(boft_r.device)
+            if torch.equal(index, torch.arange(d * h, device=index.device)):
+                steps.append((i, None, None))
+            else:
+                after = ColumnPermutation.of(index, h // 2)
+                steps.append((i, after.inverse(), after))
+        cache[key] = (steps if transpose else steps[::-1], transpose)
+    return cache[key]
+
+
+def multiplicative_dropout(dropout, blocks):
+    """peft's MultiplicativeDropoutLayer (in one factor chosen at random, a fraction p of the blocks become the
+    identity), drawing exactly its random numbers in its order, with one `where` instead of its mask arithmetic.
+    When p of the blocks rounds down to none, the draws are made and the blocks returned untouched."""
+    layer_class = _peft_layer_module().MultiplicativeDropoutLayer
+    if not (isinstance(dropout, layer_class) and dropout.training):
+        return dropout(blocks)
+    n, d, h, _ = blocks.shape
+    dropped = int(dropout.p * d)
+    factor = torch.randint(0, n, (1,)).item()
+    replaced = torch.randperm(d) < dropped  # peft: ones then zeros, shuffled by this permutation
+    if not dropped:
+        return blocks
+    mask = torch.zeros(n, d, 1, 1, dtype=torch.bool)
+    mask[factor] = replaced.view(d, 1, 1)
+    eye = torch.eye(h, device=blocks.device, dtype=blocks.dtype)
+    return torch.where(mask.to(blocks.device), eye, blocks)
+
+
+def boft_linear(layer, x, adapter: str, side: str):
+    """y = s * (x R) W^T + b, peft's BOFT Linear, with R applied on the weight or on the activations."""
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
+    blocks = multiplicative_dropout(layer.boft_dropout[adapter], cayley(boft_r))
+    if side == "weight":  # W_eff = diag(s) W R^T
+        rotated = rotate_rows(weight.to(blocks.dtype), blocks, rotation_plan(layer, boft_r, True))
+        return F.linear(x, (rotated * boft_s.view(-1, 1)).to(weight.dtype), bias).to(x.dtype)
+    rotated_x = rotate_rows(x, blocks.to(x.dtype), rotation_plan(layer, boft_r, False))
+    result = F.linear(rotated_x, weight)
+    result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result, boft_s.view(-1))
+    return result.to(x.dtype)
+
+
+def fast_boft_forward(layer, x, *args, **kwargs):
+    """peft's BOFT Linear forward without the dense rotation; peft's own for what it does not cover."""
+    active = [name for name in layer.active_adapters if name in layer.boft_R]
+    if layer.disable_adapters or layer.merged or len(active) != 1 or args or kwargs:
+        return _peft_layer_module().Linear.forward(layer, x, *args, **kwargs)
+    m, _, h, _ = layer.boft_R[active[0]].shape
+    out_features, in_features = layer.base_layer.weight.shape
+    training = torch.is_grad_enabled() and any(r.requires_grad for r in layer.boft_R.values())
+    side = cheaper_side(out_features, in_features, x.numel() // in_features, m, h, training)
+    return boft_linear(layer, x, active[0], side)
+
+
+@torch.no_grad()
+def structured_merge(layer, safe_merge: bool = False, adapter_names=None) -> None:
+    """peft's BOFT merge (W <- diag(s) W R^T), with the rotation applied to W's rows instead of built densely."""
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    weight = layer.base_layer.weight
+    for name in check_adapters_to_merge(layer, adapter_names):
+        if name not in layer.boft_R:
+            continue
+        boft_r = layer.boft_R[name]
+        blocks = cayley(boft_r.float())
+        rotated = rotate_rows(weight.float(), blocks, rotation_plan(layer, boft_r, True))
+        merged = layer.boft_s[name].float() * rotated
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        weight.copy_(merged.to(weight.dtype))
+        layer.merged_adapters.append(name)
+
+
+@torch.no_grad()
+def structured_unmerge(layer) -> None:
+    """Undo structured_merge: W <- diag(1/s) W' R, since R^T R = I."""
+    weight = layer.base_layer.weight
+    while layer.merged_adapters:
+        name = layer.merged_adapters.pop()
+        if name not in layer.boft_R:
+            continue
+        boft_r = layer.boft_R[name]
+        blocks = cayley(boft_r.float())
+        unscaled = weight.float() / layer.boft_s[name].float()
+        weight.copy_(rotate_rows(unscaled, blocks, rotation_plan(layer, boft_r, False)).to(weight.dtype))
+
+
+def use_fast_forward(peft_model) -> int:
+    """Route every plain-Linear BOFT layer through fast_boft_forward and structured_merge; return how many (none
+    when peft was not recognised: stock peft stays)."""
+    if not install():
+        return 0
+    layer_class = _peft_layer_module().Linear
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, layer_class) and type(module.get_base_layer()) is torch.nn.Linear:
+            if all(hasattr(module, a) for a in _PEFT_LAYER_ATTRIBUTES):
+                module.forward = types.MethodType(fast_boft_forward, module)
+                module.merge = types.MethodType(structured_merge, module)
+                module.unmerge = types.MethodType(structured_unmerge, module)
+                count += 1
+    return count
+
+
+
+# --- inference: adapters loaded for generation ----------------------------------------------------------------------
+
+
+def load_for_inference(model, folder, adapter_name: str):
+    """Load the adapter saved in `folder` onto `model` (a plain model, or a PeftModel holding other adapters) for
+    generation: (the PeftModel, {parameter name: trained bias}). Trained biases are returned rather than written:
+    peft keeps them in the base layers, one adapter's at a time (utils/inference.py switches them)."""
+    from peft import BOFTConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    install()
+    config = BOFTConfig.from_pretrained(folder)
+    config.bias, config.inference_mode = "none", True
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, config)
+        peft_model = model
+    else:
+        peft_model = PeftModel(model, config, adapter_name=adapter_name)
+    weights = load_file(folder / "adapter_model.safetensors")
+    biases = {name: weights.pop(name) for name in list(weights) if ADAPTER_WEIGHT_MARK not in name}
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    parameters = dict(peft_model.named_parameters())
+    if result.unexpected_keys or set(biases) - set(parameters):
+        raise UserError(f"{folder} holds weights this model does not have: were the adapters trained on another "
+                        "base model?")
+    for name, parameter in peft_model.named_parameters():
+        if ADAPTER_WEIGHT_MARK in name:  # the Cayley transform needs fp32; frozen weights keep the pipeline's dtype
+            parameter.data = parameter.data.float()
+    peft_model.eval()
+    use_fast_forward(peft_model)
+    return peft_model, biases
+
+
+def is_merged(peft_model) -> bool:
+    """Whether any BOFT layer of the model has an adapter merged into its weights."""
+    return any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "boft_R"))
+
+
+def base_state_dict(peft_model) -> dict:
+    """The state dict of the model under peft's layers, with their names (no adapter weights, no `base_layer`)."""
+    return {
+        key.replace(".base_layer", ""): value
+        for key, value in peft_model.get_base_model().state_dict().items()
+        if not any(f".{name}." in key for name in ("boft_R", "boft_s"))
+    }

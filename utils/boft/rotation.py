@@ -1,0 +1,177 @@
+"""The rotation maths of BOFT in plain PyTorch, with no knowledge of peft: the block-diagonal operation, the
+Cayley map, butterfly permutations applied as reshapes, and rows @ R or rows @ R^T computed factor by factor without
+ever forming the dense in x in rotation. utils/boft/peft_seam.py applies these to peft's layers."""
+
+import torch
+
+class TorchBlockDiagonal:
+    """peft's `fbd_cuda` contract in plain PyTorch: blocks (N, D, H, H) <-> block-diagonal (N, D*H, D*H)."""
+
+    @staticmethod
+    def forward(blocks):
+        n, d, h, _ = blocks.shape
+        dense = blocks.new_zeros(n, d, h, d, h)
+        dense.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
+        return [dense.view(n, d * h, d * h)]
+
+    @staticmethod
+    def backward(grad_dense, blocks):
+        n, d, h, _ = blocks.shape
+        return [grad_dense.reshape(n, d, h, d, h).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()]
+
+
+
+class ColumnPermutation:
+    """z -> z[:, index] for z of shape (n, in). peft's butterfly permutations reorder chunks of half a block
+    (evens, then odds); such an index is applied as a reshape-transpose copy, three times faster than a gather."""
+
+    def __init__(self, index, chunk_shape=None):
+        self.index, self.chunk_shape, self._inverse = index, chunk_shape, None
+
+    @classmethod
+    def of(cls, index, chunk: int):
+        """The permutation by `index`, structured when it is a butterfly permutation with chunks of `chunk`."""
+        columns = len(index)
+        ramp = torch.arange(columns, device=index.device)
+        candidates = [2**k for k in range(columns.bit_length())] if chunk > 0 else []
+        for groups in (g for g in candidates if columns % (g * chunk) == 0):
+            pairs = columns // (groups * chunk)
+            for shape in ((groups, pairs // 2, 2, chunk), (groups, 2, pairs // 2, chunk)):
+                if pairs % 2 == 0 and torch.equal(ramp.view(*shape).transpose(1, 2).reshape(-1), index):
+                    return cls(index, shape)
+        return cls(index)
+
+    def __call__(self, z):
+        if self.chunk_shape is None:
+            return z.index_select(1, self.index)
+        return z.view(z.shape[0], *self.chunk_shape).transpose(2, 3).reshape(z.shape[0], -1)
+
+    def inverse(self):
+        if self._inverse is None:
+            inverse = torch.argsort(self.index)
+            if self.chunk_shape is None:
+                self._inverse = ColumnPermutation(inverse)
+            else:
+                groups, first, second, chunk = self.chunk_shape
+                self._inverse = ColumnPermutation(inverse, (groups, second, first, chunk))
+        return self._inverse
+
+
+
+# Devices whose batched matmul writes a strided `out` directly (CPU BLAS, cuBLAS); elsewhere the product is copied.
+STRIDED_OUT_DEVICES = ("cpu", "cuda")
+
+
+def block_product(rows, blocks):
+    """rows (n, D*H) times the block-diagonal matrix of `blocks` (D, H, H), written straight into row layout:
+    one strided batched matmul, no transposed copies."""
+    n = rows.shape[0]
+    d, h, _ = blocks.shape
+    per_block = rows.view(n, d, h).transpose(0, 1)
+    if rows.device.type not in STRIDED_OUT_DEVICES:
+        return torch.bmm(per_block, blocks).transpose(0, 1).reshape(n, d * h)
+    out = rows.new_empty(n, d, h)
+    torch.bmm(per_block, blocks, out=out.transpose(0, 1))
+    return out.view(n, d * h)
+
+
+class RotateRows(torch.autograd.Function):
+    """rows @ R or rows @ R^T for rows (n, in): block products and column permutations, with a hand-written
+    backward that keeps every gradient in row layout (autograd's would transpose and copy)."""
+
+    @staticmethod
+    def forward(ctx, rows, blocks, steps, transpose):
+        with torch.autocast(rows.device.type, enabled=False):
+            z = rows if rows.stride(-1) == 1 else rows.contiguous()
+            inputs = []
+            for i, before, after in steps:
+                z = before(z) if before is not None else z
+                inputs.append(z)
+                z = block_product(z, blocks[i].transpose(1, 2) if transpose else blocks[i])
+                z = after(z) if after is not None else z
+        ctx.save_for_backward(blocks, *inputs)
+        ctx.steps, ctx.transpose = steps, transpose
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        blocks, *inputs = ctx.saved_tensors
+        d, h = blocks.shape[1], blocks.shape[2]
+        factor_grads = {}
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.contiguous()
+            for k in reversed(range(len(ctx.steps))):
+                (i, before, after), z = ctx.steps[k], inputs[k]
+                g = after.inverse()(g) if after is not None else g
+                if ctx.needs_input_grad[1]:  # d(z_j q_j)/dq_j = z_j^T g_j, per block j
+                    n = z.shape[0]
+                    grad_q = torch.bmm(z.view(n, d, h).permute(1, 2, 0), g.view(n, d, h).transpose(0, 1))
+                    factor_grads[i] = grad_q.transpose(1, 2) if ctx.transpose else grad_q
+                if k == 0 and not ctx.needs_input_grad[0]:
+                    g = None
+                    break
+                g = block_product(g, blocks[i] if ctx.transpose else blocks[i].transpose(1, 2))
+                g = before.inverse()(g) if before is not None else g
+        grad_blocks = torch.stack([factor_grads[i] for i in range(len(blocks))]) if factor_grads else None
+        return g, grad_blocks, None, None
+
+
+def rotate_rows(rows, blocks, plan):
+    """rows @ R or rows @ R^T, as a plan says: (steps, transpose), the steps a list of
+    (factor, column permutation before, column permutation after) in the order they apply (None: identity), for rows of shape (..., in) and blocks
+    (m, D, H, H) from cayley(). Nothing dense is formed."""
+    steps, transpose = plan
+    flat = rows.reshape(-1, rows.shape[-1])
+    return RotateRows.apply(flat, blocks, steps, transpose).view(rows.shape)
+
+
+# Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
+
+
+# Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
+# equivalents; fitted to SD 1.5's layers on a 2-core CPU (benchmarks/boft_step.py). It only decides which side is
+# faster, never what is computed.
+ELEMENT_OVERHEAD = 300
+
+
+def cheaper_side(out_features: int, in_features: int, tokens: int, n_factors: int, block_size: int,
+                 training: bool) -> str:
+    """"weight" or "activation": where applying the rotation to a Linear layer is cheaper, backward included.
+
+    Per factor, the rotation costs (passes*size + ELEMENT_OVERHEAD) per element rotated: out*in elements on the
+    weight side, tokens*in on the activation side. Training counts three passes (forward, two backward) and the
+    weight side pays one more tokens*out*in product for the gradient of the rotated weight.
+    """
+    per_element = n_factors * ((3 if training else 1) * block_size + ELEMENT_OVERHEAD)
+    weight_cost = out_features * in_features * per_element + (tokens * out_features * in_features if training else 0)
+    return "weight" if weight_cost <= tokens * in_features * per_element else "activation"
+
+
+class Cayley(torch.autograd.Function):
+    """Q = (I - S)(I + S)^-1 with S the skew part of R, computed as the equal 2 (I + S)^-1 - I: one inverse, and a
+    backward of two matmuls, dQ = -2 A^-1 dA A^-1 with A = I + S."""
+
+    @staticmethod
+    def forward(ctx, r):
+        a = (r - r.transpose(1, 2)) * 0.5
+        a.diagonal(dim1=1, dim2=2).add_(1)
+        a_inverse = torch.linalg.inv_ex(a)[0]  # I + S is invertible for every real skew S
+        ctx.save_for_backward(a_inverse)
+        q = a_inverse * 2
+        q.diagonal(dim1=1, dim2=2).sub_(1)
+        return q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (a_inverse,) = ctx.saved_tensors
+        t = torch.bmm(torch.bmm(a_inverse.transpose(1, 2), grad), a_inverse.transpose(1, 2))
+        return t.transpose(1, 2) - t  # grad_R = (grad_A - grad_A^T) / 2 with grad_A = -2 t
+
+
+def cayley(boft_r):
+    """peft's Cayley map of the skew part of each block, in float32 as peft computes it. Shape (m, D, H, H)."""
+    m, d, h, _ = boft_r.shape
+    return Cayley.apply(boft_r.reshape(m * d, h, h).float()).view(m, d, h, h).to(boft_r.dtype)
+

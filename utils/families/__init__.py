@@ -1,0 +1,141 @@
+"""Model families: what differs between Stable Diffusion generations, behind one small interface.
+
+The trainer, class images, validation, inference and evaluation ask a `ModelFamily` for everything that depends on
+the model: its components and how they load, the layers BOFT wraps, how prompts become the UNet's conditioning, the
+pipeline class, and the default resolution. A family is one file here (stable_diffusion.py: SD 1.x and 2.x) plus
+its tests; `family_of` picks it from the pipeline class named in the model's model_index.json, never from its name.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.errors import UserError
+
+
+@dataclass
+class Components:
+    """The pipeline parts a training run uses, by their pipeline names (text encoders and tokenizers: one for SD
+    1.x/2.x, two for SDXL)."""
+
+    vae: object
+    unet: object
+    noise_scheduler: object
+    text_encoders: dict = field(default_factory=dict)
+    tokenizers: dict = field(default_factory=dict)
+
+
+class ModelFamily:
+    """The interface; see stable_diffusion.py for the first implementation."""
+
+    name: str  # as users know it, for messages
+    pipeline_class_names: tuple[str, ...]  # model_index.json _class_name values of this family
+    component_folders: tuple[str, ...]  # sub-folders a pipeline folder of this family must have
+    unet_target_modules: tuple[str, ...]  # Linear layers of the UNet that get BOFT adapters
+    text_encoder_target_modules: tuple[str, ...]  # ... of every text encoder, with --train_text_encoder
+    default_resolution: int
+
+    def load(self, source: str, revision=None, tokenizer_name=None) -> Components:
+        raise NotImplementedError
+
+    def empty_models(self, source: str, revision=None) -> tuple[object, dict]:
+        """(UNet, {part: text encoder}) built from their configs on the meta device: shapes, no weights."""
+        raise NotImplementedError
+
+    def prompt_ids(self, components: Components, prompts: dict) -> dict:
+        """The token ids a dataset row carries for each prompt, by dataset part (0: instance, 1: class); a prompt
+        longer than the text encoder reads is named in a warning."""
+        raise NotImplementedError
+
+    def conditioning(self, components: Components, prompts: dict, trained: bool, device, dtype):
+        """A callable batch -> the UNet's conditioning keyword arguments for the prompts by dataset part. Frozen
+        text encoders run here, once per prompt; trained ones (components holds them as prepared) every step."""
+        raise NotImplementedError
+
+    def pipeline(self, components: Components, scheduler):
+        """A generation pipeline over components in memory (validation)."""
+        raise NotImplementedError
+
+    def load_pipeline(self, source: str, revision=None, dtype=None):
+        """The family's generation pipeline from pretrained weights (class images, inference)."""
+        raise NotImplementedError
+
+
+def _families() -> list[ModelFamily]:
+    from utils.families.stable_diffusion import StableDiffusion
+
+    return [StableDiffusion()]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, at the time of the call."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def read_model_index(name_or_path: str, revision=None) -> dict:
+    """model_index.json of a local pipeline folder or a hub id (the only file fetched); UserErrors say how to fix."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"the model folder {name_or_path} has no model_index.json: pass a pipeline folder in "
+                            "diffusers layout (as written by save_pretrained)")
+        return json.loads((folder / "model_index.json").read_text())
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"the model folder {name_or_path} does not exist")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text())
+    except Exception as error:  # huggingface_hub raises many types here; all mean "cannot reach this model"
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if hub_offline() else type(error).__name__
+        raise UserError(
+            f"cannot load the model {name_or_path} ({reason}). Download it once with network access "
+            f"(`hf download {name_or_path}`), or pass a local folder in diffusers layout to "
+            "--pretrained_model_name_or_path"
+        ) from None
+
+
+def family_of(name_or_path: str, revision=None) -> ModelFamily:
+    """The family of a pipeline (local folder or hub id), after checking its folder has the family's components."""
+    class_name = read_model_index(name_or_path, revision).get("_class_name")
+    for family in _families():
+        if class_name in family.pipeline_class_names:
+            if Path(name_or_path).is_dir():
+                missing = [f for f in family.component_folders if not (Path(name_or_path) / f).is_dir()]
+                if missing:
+                    raise UserError(
+                        f"the model folder {name_or_path} has no {', '.join(f + '/' for f in missing)} sub-folder: "
+                        "pass a pipeline folder in diffusers layout (as written by save_pretrained)"
+                    )
+            return family
+    supported = "; ".join(f"{f.name} ({', '.join(f.pipeline_class_names)})" for f in _families())
+    raise UserError(f"{name_or_path} is a {class_name or 'pipeline of no named class'}; this trainer supports {supported}")
+
+
+def weight_dtype(mixed_precision):
+    """The dtype frozen weights take under accelerate's mixed precision setting."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def cast_frozen(model, dtype):
+    """Frozen weights take the mixed-precision dtype; trainable (adapter) parameters stay fp32."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(dtype)
+
+
+def enable_xformers(unet) -> str | None:
+    """xformers attention where it works (CUDA and the package); otherwise a warning and PyTorch SDPA stays."""
+    import torch
+    from diffusers.utils.import_utils import is_xformers_available
+
+    if not (torch.cuda.is_available() and is_xformers_available()):
+        return "xformers needs CUDA and the xformers package; using PyTorch scaled-dot-product attention"
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as error:  # a wheel built for another torch fails here; SDPA is the safe fallback
+        return f"xformers failed ({error}); using PyTorch scaled-dot-product attention"
+    return None

@@ -1,0 +1,38 @@
+"""Putting the run's BOFT adapters on the loaded models, with their precision, attention and checkpointing."""
+
+import logging
+
+from utils.boft import peft_seam
+from utils.families import cast_frozen, enable_xformers, weight_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def wrap_with_adapters(config, family, components, device, mixed_precision) -> dict:
+    """BOFT adapters on the UNet (and every text encoder with --train_text_encoder); frozen weights in the
+    mixed-precision dtype on `device`. Returns the trained models by part ("unet", "text_encoder", ...); the
+    components then hold the wrapped models."""
+    dtype = weight_dtype(mixed_precision)
+    components.vae.requires_grad_(False).to(device, dtype=dtype)
+    trained = {"unet": peft_seam.add_boft_adapter(components.unet, family.unet_target_modules, config.boft,
+                                                  config.run_name, "UNet")}
+    components.unet = trained["unet"]
+    for part, encoder in components.text_encoders.items():
+        if config.train_text_encoder:
+            encoder = trained[part] = peft_seam.add_boft_adapter(encoder, family.text_encoder_target_modules,
+                                                                 config.boft, config.run_name, part.replace("_", " "))
+            components.text_encoders[part] = encoder
+        else:
+            encoder.requires_grad_(False)
+        cast_frozen(encoder.to(device), dtype)
+    cast_frozen(components.unet.to(device), dtype)
+    for part, model in trained.items():
+        logger.info(peft_seam.trainable_parameter_summary(model, part.replace("_", " ")))
+    if config.enable_xformers_memory_efficient_attention and (warning := enable_xformers(components.unet)):
+        logger.warning(warning)
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        for part, model in trained.items():
+            if part != "unet":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return trained

@@ -1,0 +1,41 @@
+"""The training data loader: instance (and class) images, as cached latents where that is exact, else pixels."""
+
+import logging
+
+import torch
+
+from utils.images import list_images
+from utils.run.dataset import DreamBoothDataset, EpochShuffleSampler, collate_fn
+from utils.run.latents import fill_latent_cache, model_fingerprint, plan_latent_cache
+from utils.families import weight_dtype
+from utils.run.stopping import ignore_stop_signals
+
+logger = logging.getLogger(__name__)
+
+
+def make_dataloader(config, accelerator, components, images, prompt_ids: dict, cache_folder, unreadable=()):
+    """The training data: instance (and class) images, as cached latents where that is exact, else pixels."""
+    class_images = [p for p in list_images(config.class_data_dir) if p not in unreadable] if config.with_prior_preservation else []
+    class_images = class_images[: config.num_class_images]
+    cache, cache_keys, notice = plan_latent_cache(
+        images + class_images, config.resolution, config.center_crop, config.cache_latents, cache_folder,
+        model_fingerprint(config.pretrained_model_name_or_path, config.revision, dict(components.vae.config)),
+    )
+    logger.info(notice)
+    if cache is not None:
+        with accelerator.main_process_first():  # the main process encodes; the others find the files
+            encoded = fill_latent_cache(cache, cache_keys, components.vae, config.resolution, config.center_crop,
+                                        weight_dtype(accelerator.mixed_precision))
+        logger.info("Latent cache: %d image(s) encoded, %d found", encoded, len(cache_keys) - encoded)
+    dataset = DreamBoothDataset(images, prompt_ids, config.resolution, config.center_crop, config.seed,
+                                class_images=class_images, latent_cache=cache, cache_keys=cache_keys)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train_batch_size,
+        sampler=EpochShuffleSampler(len(dataset), config.seed),
+        collate_fn=lambda examples: collate_fn(examples, config.with_prior_preservation),
+        num_workers=config.num_dataloader_workers,
+        worker_init_fn=ignore_stop_signals,  # the main process saves first, then ends them
+        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched by the loader
+    )
+    return loader, cache

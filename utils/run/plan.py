@@ -1,0 +1,52 @@
+"""--dry_run: what a run would do and what its weights, adapters and optimizer would take, from configs alone."""
+
+from utils.boft.shapes import adapter_parameters, targeted_linears
+from utils.images import list_images
+
+GB = 2**30
+
+
+def plan_lines(config, family, mixed_precision, num_images: int, unet, text_encoders: dict) -> list[str]:
+    """The --dry_run report for `num_images` readable photos, from meta-device models: nothing is loaded but
+    configs."""
+    num_class_present = len(list_images(config.class_data_dir)) if config.with_prior_preservation else 0
+    models = [("UNet", unet, family.unet_target_modules)]
+    if config.train_text_encoder:
+        models += [(part.replace("_", " "), encoder, family.text_encoder_target_modules)
+                   for part, encoder in text_encoders.items()]
+    trainable = {name: adapter_parameters(model, targets, config.boft) for name, model, targets in models}
+    frozen = [unet, *text_encoders.values()]
+    weights = sum(p.numel() for model in frozen for p in model.parameters()) + vae_parameter_count(config)
+    weight_bytes = {"fp16": 2, "bf16": 2}.get(mixed_precision, 4)
+    adapters = sum(trainable.values())
+    optimizer_bytes = 2 if config.use_8bit_adam else 8
+    to_generate = max(0, config.num_class_images - num_class_present) if config.with_prior_preservation else 0
+    lines = [
+        "Dry run: every check passed. The plan:",
+        f"  subject: {num_images} image(s) in {config.instance_data_dir}, "
+        f"prompt {config.instance_prompt!r}",
+    ]
+    if config.with_prior_preservation:
+        lines.append(f"  class: {num_class_present} image(s) in {config.class_data_dir}, {to_generate} to generate "
+                     f"from {config.class_prompt!r}")
+    for name, model, targets in models:
+        lines.append(f"  {name}: BOFT on {len(targeted_linears(model, targets))} layers, {trainable[name]:,} trainable parameters")
+    lines += [
+        f"  optimizer steps: {config.max_train_steps} ({config.num_examples} examples per epoch, batch "
+        f"{config.train_batch_size} x {config.num_processes} process(es) x {config.gradient_accumulation_steps} "
+        "accumulation)",
+        f"  memory per process, before activations: weights {weights * weight_bytes / GB:.2f} GB "
+        f"({mixed_precision or 'fp32'}), adapters and their gradients {2 * adapters * 4 / GB:.3f} GB, "
+        f"optimizer state {adapters * optimizer_bytes / GB:.3f} GB",
+    ]
+    return lines
+
+
+def vae_parameter_count(config) -> int:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae",
+                                                                  revision=config.revision))
+    return sum(p.numel() for p in vae.parameters())
