@@ -29,7 +29,7 @@ def subject(tmp_path_factory) -> Path:
 
 # The end-to-end layer: tests that run a command in a subprocess, or use a fixture that trains. `make test-fast`
 # runs the rest (pytest -m "not e2e").
-E2E_CALLS = ("run_trainer(", "start_in_session(", "subprocess.", "launch(", "dry_run(", "evaluate(", "launcher_run(")
+E2E_CALLS = ("run_trainer(", "run_in_process(", "start_in_session(", "subprocess.", "launch(", "dry_run(", "evaluate(", "launcher_run(")
 E2E_FIXTURES = {"trained", "trained_run", "full_run", "two_process_run", "launcher_reference"}
 
 

@@ -108,3 +108,47 @@ def make_config(num_processes=1, num_examples=3, **overrides):
     model = overrides.pop("pretrained_model_name_or_path", "model")
     flags = parse_args(base_args(model, "photos", overrides.pop("output_dir", tempfile.gettempdir()), **overrides))
     return RunConfig.from_flags(flags, StableDiffusion(), num_processes, num_examples)
+
+
+def run_in_process(argv) -> subprocess.CompletedProcess:
+    """train_dreambooth.main(argv) in this process, for runs that stop before training (usage errors, --dry_run):
+    the same code path as run_trainer without a subprocess's seconds of imports. stdout, stderr, log records and
+    warnings are captured as a subprocess's streams would be; an unexpected exception prints its traceback there,
+    as it would; the process-wide state the trainer sets (signal handlers, argv, accelerate's state) is put back."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+    import warnings
+
+    from accelerate.state import AcceleratorState
+
+    import train_dreambooth
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root, level = logging.getLogger(), logging.getLogger().level
+    signals, saved_argv = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, sys.argv[:]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, category, *_, **__: err.write(f"{category.__name__}: {message}\n")
+            try:
+                train_dreambooth.main([str(a) for a in argv])
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for signum, handler_before in signals.items():
+            signal.signal(signum, handler_before)
+        sys.argv[:] = saved_argv
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_clean_error, base_args, run_trainer
+from tests.helpers import assert_clean_error, base_args, run_in_process, run_trainer
 from utils.images import check_images, load_rgb, require_images
 from utils.errors import UserError
 from utils.run.validation import image_filename
@@ -20,7 +20,7 @@ def photo_folder(tmp_path, name="photos", count=2):
 
 
 def dry_run(tiny_model, folder, tmp_path, **flags):
-    return run_trainer(base_args(tiny_model, folder, tmp_path / "out", dry_run=True, **flags))
+    return run_in_process(base_args(tiny_model, folder, tmp_path / "out", dry_run=True, **flags))
 
 
 def test_files_that_are_not_images_are_skipped_with_one_warning(tiny_model, tmp_path):
@@ -96,7 +96,7 @@ def test_validation_filenames_cannot_leave_their_folder():
 
 
 def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model, subject, tmp_path):
-    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", dry_run=True, with_prior_preservation=True,
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", dry_run=True, with_prior_preservation=True,
                                    class_data_dir=tmp_path / "class", class_prompt="a photo of toy", num_class_images=5,
                                    train_text_encoder=True, max_train_steps=None, num_train_epochs=2))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_secrets_never_reach_a_file(tiny_model, subject, tmp_path):
 
 def test_an_output_folder_that_cannot_be_written(tiny_model, subject, tmp_path):
     (tmp_path / "file").write_text("")
-    result = run_trainer(base_args(tiny_model, subject, tmp_path / "file" / "out"))
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "file" / "out"))
     assert_clean_error(result, "cannot be written to")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, run_trainer
+from tests.helpers import REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, run_in_process, run_trainer
 from utils.images import list_images
 
 VALIDATION = "a qwe toy on the beach. a red qwe toy."
@@ -109,29 +109,30 @@ def test_trains_on_a_real_dreambooth_subject(tiny_model, tmp_path):
     assert (tmp_path / "out" / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors").is_file()
 
 
-# --- Clear errors: exit status 2, one message, no traceback -----------------------------------------------------
+# --- Clear errors: exit status 2, one message, no traceback (in this process: the same path as a subprocess, and
+# tests/test_signals.py checks the exit status and the last line through every launcher) --------------------------
 
 
 def test_missing_instance_folder(tiny_model, tmp_path):
-    assert_clean_error(run_trainer(base_args(tiny_model, tmp_path / "nope", tmp_path / "out")), "does not exist")
+    assert_clean_error(run_in_process(base_args(tiny_model, tmp_path / "nope", tmp_path / "out")), "does not exist")
 
 
 def test_instance_folder_without_images(tiny_model, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hi")
-    assert_clean_error(run_trainer(base_args(tiny_model, tmp_path / "empty", tmp_path / "out")), "holds no images")
+    assert_clean_error(run_in_process(base_args(tiny_model, tmp_path / "empty", tmp_path / "out")), "holds no images")
 
 
 def test_model_folder_without_unet(tiny_model, subject, tmp_path):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken)
     shutil.rmtree(broken / "unet")
-    assert_clean_error(run_trainer(base_args(broken, subject, tmp_path / "out")), "has no unet/ sub-folder")
+    assert_clean_error(run_in_process(base_args(broken, subject, tmp_path / "out")), "has no unet/ sub-folder")
 
 
 def test_hub_id_not_cached_offline(subject, tmp_path):
     result = run_trainer(base_args("nobody-here/no-such-model", subject, tmp_path / "out"),
-                         HF_HOME=str(tmp_path / "hf"))
+                         HF_HOME=str(tmp_path / "hf"))  # a subprocess: huggingface_hub reads HF_HOME at import
     assert_clean_error(result, "cannot load the model nobody-here/no-such-model", "HF_HUB_OFFLINE", "local folder")
 
 
@@ -142,26 +143,26 @@ def test_unsupported_text_encoder(tiny_model, subject, tmp_path):
     config = json.loads(config_path.read_text())
     config["architectures"] = ["T5EncoderModel"]
     config_path.write_text(json.dumps(config))
-    assert_clean_error(run_trainer(base_args(other, subject, tmp_path / "out")), "T5EncoderModel", "CLIPTextModel")
+    assert_clean_error(run_in_process(base_args(other, subject, tmp_path / "out")), "T5EncoderModel", "CLIPTextModel")
 
 
 def test_block_number_that_divides_no_layer(tiny_model, subject, tmp_path):
-    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", boft_block_num=7, boft_n_butterfly_factor=1))
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", boft_block_num=7, boft_n_butterfly_factor=1))
     assert_clean_error(result, "--boft_block_num=7", "to_q", "fit every targeted layer")
 
 
 def test_fp16_on_a_cpu(tiny_model, subject, tmp_path):
-    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", mixed_precision="fp16"))
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", mixed_precision="fp16"))
     assert_clean_error(result, "--mixed_precision fp16 needs a GPU")
 
 
 def test_resume_from_a_folder_that_does_not_exist(tiny_model, subject, tmp_path):
-    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", resume_from_checkpoint=tmp_path / "gone"))
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", resume_from_checkpoint=tmp_path / "gone"))
     assert_clean_error(result, "--resume_from_checkpoint", "no such folder")
 
 
 def test_push_to_hub_offline_fails_at_start(tiny_model, subject, tmp_path):
-    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", push_to_hub=True))
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", push_to_hub=True))
     assert_clean_error(result, "--push_to_hub needs the network")
 
 
