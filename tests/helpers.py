@@ -132,6 +132,8 @@ def run_in_process(argv) -> subprocess.CompletedProcess:
     signals, saved_argv = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, sys.argv[:]
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    keep_freed_memory = train_dreambooth.keep_freed_memory
+    train_dreambooth.keep_freed_memory = lambda: False  # malloc settings are process-wide: not the test process's
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -145,6 +147,7 @@ def run_in_process(argv) -> subprocess.CompletedProcess:
                 traceback.print_exc()
                 code = 1
     finally:
+        train_dreambooth.keep_freed_memory = keep_freed_memory
         root.removeHandler(handler)
         root.setLevel(level)
         for signum, handler_before in signals.items():

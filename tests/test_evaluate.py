@@ -9,14 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, base_args, cli_env, run_trainer
+from tests.helpers import REPO, cli_env
 from utils.evaluate import Embedder, mean_cosine, score_folder, score_images
-from utils.testing.tiny_model import save_tiny_metric_models
-
-
-@pytest.fixture(scope="module")
-def metric_models(tmp_path_factory):
-    return save_tiny_metric_models(tmp_path_factory.mktemp("metrics"))
 
 
 @pytest.fixture(scope="module")
@@ -82,31 +76,22 @@ def test_long_prompts_are_truncated_as_clip_requires(embedder):
     assert torch.allclose(features, expected, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_model, subject, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evaluated") / "out"
-    result = run_trainer(base_args(tiny_model, subject, out, max_train_steps=2, checkpointing_steps=1,
-                                   wandb_run_name="toy"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 def evaluate(*argv):
     return subprocess.run([sys.executable, "-m", "utils.evaluate", *map(str, argv)], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
 
 
-def test_generate_then_score_end_to_end(trained_run, tiny_model, subject, metric_models, tmp_path):
+def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a qwe toy in the snow\na red qwe toy\n")
-    common = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", trained_run, "--adapter_name", "toy",
+    common = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", trained, "--adapter_name", "toy",
               "--num_images", 2, "--num_inference_steps", 2, "--resolution", 64]
     generated = evaluate("generate", *common, "--prompts_file", prompts, "--class_prompt", "a photo of toy")
     assert generated.returncode == 0, generated.stderr[-3000:]
-    folder = trained_run / "eval" / "toy" / "2"
+    folder = trained / "eval" / "toy" / "3"  # the latest step
     assert (folder / "prompts.txt").read_text().splitlines() == ["a qwe toy in the snow", "a red qwe toy"]
     assert sorted(p.name for p in (folder / "001").iterdir()) == ["00.png", "01.png"]
-    base = trained_run / "eval" / "base" / "class"
+    base = trained / "eval" / "base" / "class"
     scored = evaluate("score", "--instance_data_dir", subject, "--generated_dir", folder, "--class_generated_dir", base,
                       "--dino_model", metric_models[0], "--clip_model", metric_models[1])
     assert scored.returncode == 0, scored.stderr[-3000:]
@@ -118,31 +103,23 @@ def test_generate_then_score_end_to_end(trained_run, tiny_model, subject, metric
     assert Image.open(folder / "grid.png").size == (3 * 128, 3 * 128)  # real row + two prompt rows
 
 
-def test_every_checkpoint_scores_each_step_and_plots(trained_run, tiny_model, subject, metric_models, tmp_path):
-    shutil.rmtree(trained_run / "eval", ignore_errors=True)
+def test_every_checkpoint_scores_each_step_and_plots(trained, tiny_model, subject, metric_models, tmp_path):
+    shutil.rmtree(trained / "eval", ignore_errors=True)
     result = evaluate("score", "--every_checkpoint", "--pretrained_model_name_or_path", tiny_model,
-                      "--output_dir", trained_run, "--adapter_name", "toy", "--subject_index", 27,
+                      "--output_dir", trained, "--adapter_name", "toy", "--subject_index", 27,
                       "--num_images", 1, "--num_inference_steps", 2, "--resolution", 64,
                       "--instance_data_dir", subject, "--dino_model", metric_models[0], "--clip_model", metric_models[1])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 1:" in result.stdout and "step 2:" in result.stdout
-    assert len((trained_run / "eval" / "toy" / "1" / "prompts.txt").read_text().splitlines()) == 25
-    assert Image.open(trained_run / "eval" / "toy" / "scores_by_step.png").size == (640, 400)
+    assert "step 2:" in result.stdout and "step 3:" in result.stdout
+    assert len((trained / "eval" / "toy" / "2" / "prompts.txt").read_text().splitlines()) == 25
+    assert Image.open(trained / "eval" / "toy" / "scores_by_step.png").size == (640, 400)
 
 
-def test_missing_inputs_are_clear_errors(tmp_path, subject, metric_models):
-    result = evaluate("score", "--instance_data_dir", subject, "--generated_dir", tmp_path,
-                      "--dino_model", metric_models[0], "--clip_model", metric_models[1])
-    assert result.returncode == 2 and "has no prompts.txt" in result.stderr and "Traceback" not in result.stderr
-    result = evaluate("score", "--instance_data_dir", subject, "--generated_dir", tmp_path,
-                      "--dino_model", tmp_path / "nope", "--clip_model", tmp_path / "nope")
-    assert result.returncode == 2 and "--dino_model" in result.stderr
+def test_missing_inputs_are_clear_errors(tmp_path, subject, metric_models, capsys):
+    from utils.evaluate import main  # in this process: it stops before loading a model
 
-
-def test_training_logs_the_scores_every_eval_steps(tiny_model, subject, metric_models, tmp_path):
-    result = run_trainer(base_args(tiny_model, subject, tmp_path / "out", max_train_steps=2, validation_steps=1,
-                                   eval_steps=2, validation_prompt="a qwe toy", num_validation_images=1,
-                                   validation_inference_steps=2, report_to="tensorboard",
-                                   dino_model=metric_models[0], clip_model=metric_models[1]))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("Scores at step") == 1 and "Scores at step 2: eval/dino" in result.stderr
+    for models, message in ((metric_models, "has no prompts.txt"), ((tmp_path / "nope",) * 2, "--dino_model")):
+        with pytest.raises(SystemExit) as stop:
+            main(["score", "--instance_data_dir", str(subject), "--generated_dir", str(tmp_path),
+                  "--dino_model", str(models[0]), "--clip_model", str(models[1])])
+        assert stop.value.code == 2 and message in capsys.readouterr().err

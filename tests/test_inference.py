@@ -10,24 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, base_args, cli_env, run_trainer
+from tests.helpers import REPO, cli_env
 from utils.errors import UserError
 from utils.inference import BoftPipeline, choose_device_and_dtype, resolve_adapter
 
 GENERATION = dict(num_inference_steps=3, height=64, width=64, output_type="np", seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model, subject, tmp_path_factory):
-    """Two subjects in one output folder, both with trained biases as the launcher trains them: 'toy' with both
-    adapters (2 factors, biases of the BOFT layers), 'teapot' with a UNet adapter only (every bias trained)."""
-    out = tmp_path_factory.mktemp("inference") / "out"
-    for name, extra in (("toy", dict(train_text_encoder=True, max_train_steps=3, checkpointing_steps=2,
-                                     boft_bias="boft_only")),
-                        ("teapot", dict(boft_n_butterfly_factor=1, boft_block_num=4, seed=1, boft_bias="all"))):
-        result = run_trainer(base_args(tiny_model, subject, out, wandb_run_name=name, learning_rate=1e-2, **extra))
-        assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def test_device_and_dtype_choice():

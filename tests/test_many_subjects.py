@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, adapter_weights, assert_clean_error, base_args, cli_env, run_trainer
+from tests.helpers import REPO, adapter_weights, assert_clean_error, base_args, cli_env, run_in_process, run_trainer
 from utils.images import list_images
 from utils.layout import RunLayout
 from utils.run.lock import FileLock
@@ -43,6 +43,7 @@ def test_two_subjects_in_one_folder_then_resuming_the_first_is_exact(tiny_model,
                                     resume_from_checkpoint="latest", **SCHEDULE))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from {RunLayout(out, 'dog').checkpoint(4)} at step 4" in resumed.stderr
+    assert "Latent cache: 0 image(s) encoded, 3 found" in resumed.stderr  # the cache is reused, not rebuilt
     reference = run_trainer(base_args(tiny_model, subject, tmp_path / "ref", wandb_run_name="dog", max_train_steps=6,
                                       **SCHEDULE))
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -54,7 +55,7 @@ def test_a_run_held_by_a_live_process_is_refused_and_nothing_is_written(tiny_mod
     layout = RunLayout(tmp_path / "out", "dog")
     with FileLock(layout.lock_file) as held:
         assert held.try_acquire()[0]
-        refused = run_trainer(base_args(tiny_model, subject, layout.output_dir, wandb_run_name="dog"))
+        refused = run_in_process(base_args(tiny_model, subject, layout.output_dir, wandb_run_name="dog"))
         assert_clean_error(refused, "'dog' is already training into", "--wandb_run_name")
         assert [p for p in layout.output_dir.rglob("*") if p.is_file()] == [layout.lock_file]
 
@@ -79,8 +80,10 @@ def test_runs_side_by_side_share_a_class_folder_and_a_duplicate_name_is_refused(
         "cat": base_args(tiny_model, second_subject, out, wandb_run_name="cat", **prior),
         "dog again": base_args(tiny_model, subject, out, wandb_run_name="dog", **prior),
     }
+    # One thread each: three runs on two cores would otherwise spend their time waiting on each other's threads.
     processes = {name: subprocess.Popen([sys.executable, str(REPO / "train_dreambooth.py"), *argv], cwd=REPO,
-                                        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        env=cli_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
                  for name, argv in commands.items()}
     outputs = {name: process.communicate(timeout=600)[0] for name, process in processes.items()}
     codes = {name: process.returncode for name, process in processes.items()}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, assert_clean_error, base_args, cli_env
+from tests.helpers import REPO, assert_clean_error, base_args, cli_env, run_in_process
 from utils.images import list_images
 from utils.testing.tiny_model import make_synthetic_subject
 
@@ -73,9 +73,7 @@ def test_resume_needs_the_same_number_of_processes(two_process_run, tiny_model, 
     resumed = launch(argv + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stderr and (root / "out" / "unet" / "6").is_dir()
-    single = subprocess.run([sys.executable, str(REPO / "train_dreambooth.py"), *argv, "--max_train_steps", "8",
-                             "--resume_from_checkpoint", "latest"], cwd=REPO, env=cli_env(), capture_output=True,
-                            text=True, timeout=600)
+    single = run_in_process([*argv, "--max_train_steps", "8", "--resume_from_checkpoint", "latest"])
     assert_clean_error(single, "--num_processes: checkpoint 2, now 1")
 
 
@@ -111,10 +109,12 @@ def test_the_launcher_and_plain_accelerate_cpu_flags(tiny_model, four_photos, tm
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "out" / "checkpoints" / "teapot_boft_801" / "checkpoint-2" / "random_states_1.pkl").is_file()  # really two processes
+    assert (tmp_path / "out" / "unet" / "2" / "teapot_boft_801" / "adapter_model.safetensors").is_file()
+    assert len(list_images(tmp_path / "class" / "teapot")) == 2
     plain = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_dreambooth.py"),
-         *base_args(tiny_model, four_photos, tmp_path / "plain")],
+         *base_args(tiny_model, four_photos, tmp_path / "plain", dry_run=True)],
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, plain.stderr[-4000:]
     assert "started one process" in plain.stderr and "ACCELERATE_USE_CPU=1" in plain.stderr

@@ -75,8 +75,9 @@ def test_importing_the_package_patches_nothing():
     import subprocess
     import sys
 
-    code = ("import peft.tuners.boft.layer as layer; import utils.boft.peft_seam, utils.boft.rotation, "
-            "utils.boft.shapes, utils.inference, utils.evaluate, utils.run.plan; "
-            "print(type(layer._FBD_CUDA).__name__)")
+    # A fresh process: importing the project's modules must leave peft unimported, or at least unpatched.
+    code = ("import sys, utils.boft.peft_seam, utils.boft.rotation, utils.boft.shapes, utils.inference, "
+            "utils.evaluate, utils.run.plan; layer = sys.modules.get('peft.tuners.boft.layer'); "
+            "print(type(getattr(layer, '_FBD_CUDA', None)).__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() != "TorchBlockDiagonal"
