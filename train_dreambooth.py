@@ -18,6 +18,7 @@ final adapters, the reports).
 """
 
 import logging
+import math
 import os
 import shlex
 import sys
@@ -150,16 +151,14 @@ class DreamBoothRun:
         *models, self.optimizer, self.loader = accelerator.prepare(*self.trained.values(), optimizer, loader)
         self.trained = dict(zip(self.trained, models))
         self.unet = self.trained["unet"]
-        prepared = replace(self.components, unet=self.unet, text_encoders={**self.components.text_encoders, **{
-            part: model for part, model in self.trained.items() if part != "unet"}})
-        self.conditioning = self.family.conditioning(prepared, prompts, config.train_text_encoder, accelerator.device,
-                                                     self.dtype)
+        self.conditioning = self.family.conditioning(self._components_with(self.trained), prompts,
+                                                     config.train_text_encoder, accelerator.device, self.dtype)
         self._frozen_text_encoders_to("cpu")  # their embeddings are computed; they come back for validation
         self.lr_scheduler = accelerator.prepare(make_lr_scheduler(config, self.optimizer))
         unwrapped = {id(accelerator.unwrap_model(model)): part for part, model in self.trained.items()}
         checkpoints.register_adapter_hooks(accelerator, config.run_name, unwrapped)
         tracking.start_trackers(config, accelerator, self.trackers, self.layout.logs(config.logging_dir))
-        batch = min(config.train_batch_size, -(-len(self.loader.dataset) // accelerator.num_processes))
+        batch = min(config.train_batch_size, math.ceil(len(self.loader.dataset) / accelerator.num_processes))
         if batch < config.train_batch_size:
             logger.warning("--train_batch_size %d is more than the %d example(s) each process has: batches of %d",
                            config.train_batch_size, batch, batch)
@@ -304,6 +303,11 @@ class DreamBoothRun:
             self.accelerator.wait_for_everyone()
         self.last_checkpoint = self.state.global_step
 
+    def _components_with(self, models: dict):
+        """The components with these models (by part: "unet", "text_encoder", ...) in place of their own."""
+        encoders = {part: model for part, model in models.items() if part != "unet"}
+        return replace(self.components, unet=models["unet"], text_encoders={**self.components.text_encoders, **encoders})
+
     def _frozen_text_encoders_to(self, device):
         """Frozen text encoders leave the accelerator while training (their embeddings are computed once)."""
         if self.accelerator.device.type != "cpu":
@@ -316,8 +320,7 @@ class DreamBoothRun:
         if not (config.validation_prompts and accelerator.is_main_process):
             return
         base = {part: accelerator.unwrap_model(model).get_base_model() for part, model in self.trained.items()}
-        components = replace(self.components, unet=base.pop("unet"),
-                             text_encoders={**self.components.text_encoders, **base})
+        components = self._components_with(base)
         self._frozen_text_encoders_to(accelerator.device)
         pipeline = validation.build_pipeline(self.family, components)
         logger.info("Validation at step %d: %d prompt(s) x %d image(s)", step, len(config.validation_prompts),

@@ -25,7 +25,7 @@ from utils.boft.rotation import (
     cheaper_side,
     rotate_rows,
 )
-from utils.boft.shapes import BoftSettings, check_block_shape, targeted_linears
+from utils.boft.shapes import BoftSettings, check_adapter_shape
 from utils.errors import UserError
 
 # peft minor versions whose BOFT internals this module was written against (requirements.txt pins the same range).
@@ -81,10 +81,6 @@ def install() -> bool:
     return True
 
 
-def installed() -> bool:
-    return bool(_installed)
-
-
 def boft_config(settings: BoftSettings, targets):
     from peft import BOFTConfig
 
@@ -114,8 +110,7 @@ def add_boft_adapter(model, targets, settings: BoftSettings, adapter_name: str, 
     """Wrap `model` with a trainable BOFT adapter after checking the block shape fits; return the PeftModel."""
     from peft import get_peft_model
 
-    layers = targeted_linears(model, targets)
-    check_block_shape(layers, settings.block_num, settings.block_size, settings.n_butterfly_factor, model_name)
+    check_adapter_shape(model, targets, settings, model_name)
     install()
     peft_model = get_peft_model(model, boft_config(settings, targets), adapter_name=adapter_name)
     check_butterfly_factors(peft_model, adapter_name, settings.n_butterfly_factor)
@@ -247,7 +242,6 @@ def use_fast_forward(peft_model) -> int:
                 module.unmerge = types.MethodType(structured_unmerge, module)
                 count += 1
     return count
-
 
 
 # --- inference: adapters loaded for generation ----------------------------------------------------------------------
