@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x with BOFT adapters (PEFT's "DreamBooth fine-tuning with BOFT").
+"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x and SDXL with BOFT adapters (PEFT's "DreamBooth fine-tuning with BOFT").
 
 Launch:
     ./train_dreambooth.sh 0                                  # subject 0 of the DreamBooth dataset, the guide's recipe
@@ -8,6 +8,7 @@ Launch:
         --instance_data_dir=./data/dreambooth/dataset/dog --instance_prompt="a photo of qwe dog" \\
         --with_prior_preservation --class_data_dir=./data/class_data/dog --class_prompt="a photo of dog" \\
         --output_dir=./data/output/boft --use_boft --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=1
+    MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 ./train_dreambooth.sh 5   # SDXL, at 1024 px
     make demo                                                # a tiny random pipeline, a few minutes on a CPU
 
 utils.launch is accelerate launch with the trainer's exit status; `accelerate launch train_dreambooth.py ...` works
@@ -84,6 +85,8 @@ def configure(flags, family, accelerator):
 def preflight(config, family):
     """Every check that needs no weights: adapter shapes, hub. Returns (hub target, the UNet and text encoders
     built on the meta device for --dry_run's plan)."""
+    if config.tokenizer_name and not family.accepts_tokenizer_name:
+        raise UserError(f"--tokenizer_name applies to Stable Diffusion 1.x/2.x; {family.name} uses its own tokenizers")
     unet, text_encoders = family.empty_models(config.pretrained_model_name_or_path, config.revision)
     check_adapter_shape(unet, family.unet_target_modules, config.boft, "UNet")
     for part, encoder in text_encoders.items() if config.train_text_encoder else ():
@@ -139,7 +142,8 @@ class DreamBoothRun:
         set_seed(self.state.seed)
         if config.with_prior_preservation:
             generate_class_images(config, self.family, accelerator)
-        self.components = self.family.load(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
+        self.components = self.family.load(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
+                                           config.pretrained_vae_model_name_or_path)
         self.trained = wrap_with_adapters(config, self.family, self.components, accelerator.device,
                                           accelerator.mixed_precision)
         prompts = {0: config.instance_prompt, **({1: config.class_prompt} if config.with_prior_preservation else {})}

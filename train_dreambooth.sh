@@ -2,6 +2,8 @@
 # Train BOFT adapters on one subject of the DreamBooth dataset, with the guide's recipe.
 #   ./train_dreambooth.sh IDX [extra train_dreambooth.py flags...]
 #   ACCELERATE_ARGS="--num_processes 2" ./train_dreambooth.sh 11 --max_train_steps=400   (2 GPUs; on a CPU add --cpu)
+# The resolution is the model family's (512 for SD 1.x/2.x, 1024 for SDXL) unless a --resolution flag is given:
+#   MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 ./train_dreambooth.sh 5
 # Environment overrides: MODEL_NAME, OUTPUT_DIR, BLOCK_NUM, BLOCK_SIZE, N_BUTTERFLY_FACTOR, REPORT_TO,
 # DATASET_DIR (subjects' photo folders), CLASS_DATA_DIR (class image folders), ACCELERATE_ARGS, PYTHON.
 # It launches through utils/launch.py: accelerate launch's flags and code, the trainer's exit status passed on
@@ -111,7 +113,6 @@ exec "${PYTHON:-python3}" -m utils.launch "${ACCELERATE_FLAGS[@]}" "$HERE/train_
   --instance_prompt="a photo of $UNIQUE_TOKEN $CLASS_TOKEN" \
   --class_prompt="a photo of $CLASS_TOKEN" \
   --validation_prompt "${PROMPTS[@]}" \
-  --resolution=512 \
   --train_batch_size=1 \
   --num_dataloader_workers=2 \
   --lr_scheduler="constant" \

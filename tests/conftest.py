@@ -24,6 +24,11 @@ def tiny_v_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_xl_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="session")
 def subject(tmp_path_factory) -> Path:
     return make_synthetic_subject(tmp_path_factory.mktemp("subject") / "toy", num_images=3)
 
@@ -51,7 +56,7 @@ def metric_models(tmp_path_factory):
 # The end-to-end layer: tests that run a command in a subprocess, or use a fixture that trains. `make test-fast`
 # runs the rest (pytest -m "not e2e").
 E2E_CALLS = ("run_trainer(", "run_in_process(", "start_in_session(", "subprocess.", "launch(", "dry_run(", "evaluate(", "launcher_run(")
-E2E_FIXTURES = {"trained", "full_run", "two_process_run", "launcher_reference"}
+E2E_FIXTURES = {"trained", "full_run", "two_process_run", "launcher_reference", "xl_run"}
 
 
 def pytest_configure(config):

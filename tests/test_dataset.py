@@ -8,8 +8,8 @@ from utils.run.dataset import (
     DreamBoothDataset,
     EpochShuffleSampler,
     collate_fn,
+    crop_to_tensor,
     is_dreambooth_dataset_folder,
-    to_training_tensor,
 )
 
 
@@ -51,9 +51,10 @@ def test_mpo_jpeg_is_read(tmp_path):
 def test_training_tensor_shape_range_and_crops():
     image = Image.linear_gradient("L").rotate(90).convert("RGB").resize((120, 64))
     generator = torch.Generator().manual_seed(0)
-    center = to_training_tensor(image, 32, True, generator)
-    assert center.shape == (3, 32, 32) and center.min() >= -1 and center.max() <= 1
-    crops = {to_training_tensor(image, 32, False, torch.Generator().manual_seed(s)).sum().item() for s in range(6)}
+    image = image.resize((60, 32))  # the short side at the training size
+    center, corner = crop_to_tensor(image, 32, True, generator)
+    assert center.shape == (3, 32, 32) and center.min() >= -1 and center.max() <= 1 and corner == (0, 14)
+    crops = {crop_to_tensor(image, 32, False, torch.Generator().manual_seed(s))[0].sum().item() for s in range(6)}
     assert len(crops) > 1
 
 
@@ -79,7 +80,7 @@ def test_cached_images_are_not_read(subject, tmp_path):
 
     images = list_images(subject)
     cache = LatentCache(tmp_path, "model", 32, False)
-    cache.save("k0", torch.ones(4, 4, 4), torch.full((4, 4, 4), 0.5))
+    cache.save("k0", torch.ones(4, 4, 4), torch.full((4, 4, 4), 0.5), torch.tensor([9.0, 9, 0, 0, 32, 32]))
     dataset = DreamBoothDataset(images[:1], PROMPT_IDS, 32, False, seed=0, latent_cache=cache,
                                 cache_keys={images[0]: "k0"})
     images[0].rename(images[0].with_suffix(".moved"))  # the file is not opened when its latents are cached
@@ -89,6 +90,7 @@ def test_cached_images_are_not_read(subject, tmp_path):
         images[0].with_suffix(".moved").rename(images[0])
     assert batch["pixel_values"] is None and batch["latent_rows"] == [0]
     assert torch.equal(batch["latent_std"][0], torch.full((4, 4, 4), 0.5))
+    assert batch["time_ids"][0].tolist() == [9, 9, 0, 0, 32, 32]  # the size and crop kept with the latents
 
 
 def test_sampler_order_is_a_function_of_seed_and_epoch():

@@ -1,5 +1,6 @@
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from utils.run.latents import LatentCache, crop_is_fixed, file_digest, model_fingerprint, plan_latent_cache
 
@@ -41,9 +42,11 @@ def test_keys_change_with_content_model_resolution_and_crop(tmp_path):
 
 def test_round_trip_and_a_torn_file_is_a_miss(tmp_path):
     cache = LatentCache(tmp_path, "m", 64, False)
-    mean, std = torch.randn(4, 8, 8), torch.rand(4, 8, 8)
-    cache.save("k", mean, std)
+    mean, std, time_ids = torch.randn(4, 8, 8), torch.rand(4, 8, 8), torch.tensor([96.0, 128, 0, 16, 64, 64])
+    cache.save("k", mean, std, time_ids)
     loaded = cache.load("k")
-    assert torch.equal(loaded[0], mean) and torch.equal(loaded[1], std)
+    assert torch.equal(loaded[0], mean) and torch.equal(loaded[1], std) and torch.equal(loaded[2], time_ids)
     (tmp_path / "k.safetensors").write_bytes(b"torn")
     assert cache.load("k") is None and cache.load("missing") is None
+    save_file({"mean": mean, "std": std}, tmp_path / "old.safetensors")  # an older version's entry: encode again
+    assert cache.load("old") is None

@@ -16,7 +16,8 @@ def test_every_file_of_a_run_is_under_its_name(tmp_path):
                                                              cat.validation(4), cat.evaluation(4), cat.logs())}
     assert dog.latent_cache == cat.latent_cache == tmp_path / "latent_cache"  # keyed by content: safe to share
     assert dog.logs("/abs/logs") == tmp_path / "/abs/logs" / "dog"
-    assert dog.uploaded_patterns() == ["unet/*/dog/**", "text_encoder/*/dog/**", "validation/dog/**"]
+    assert dog.uploaded_patterns() == ["unet/*/dog/**", "text_encoder/*/dog/**", "text_encoder_2/*/dog/**",
+                                      "validation/dog/**"]
 
 
 def test_checkpoint_folders_are_the_runs_own_in_step_order(tmp_path):

@@ -88,6 +88,7 @@ def test_noise_of_an_example_depends_on_the_seed_and_its_key_alone():
 
 class FakeVAE:
     device = torch.device("cpu")
+    dtype = torch.float32
 
     def __init__(self):
         self.encoded = 0
@@ -102,21 +103,22 @@ class FakeCache:
     def __init__(self):
         self.saved = {}
 
-    def save(self, key, mean, std):
-        self.saved[key] = (mean, std)
+    def save(self, key, mean, std, time_ids):
+        self.saved[key] = (mean, std, time_ids)
 
 
 def test_the_posterior_reads_cached_rows_encodes_pixel_rows_one_at_a_time_and_caches_them():
     pixels = torch.randn(2, 3, 4, 4)
     batch = {"keys": [(0, 0, 0), (0, 1, 0), (0, 2, 0)], "pixel_rows": [0, 2], "pixel_values": pixels,
              "pixel_cache_keys": ["k0", None], "latent_rows": [1], "latent_mean": torch.ones(1, *SHAPE),
-             "latent_std": torch.full((1, *SHAPE), 0.5)}
+             "latent_std": torch.full((1, *SHAPE), 0.5), "time_ids": torch.arange(18.0).view(3, 6)}
     vae, cache = FakeVAE(), FakeCache()
     mean, std = latent_posterior(batch, vae, torch.float32, cache)
     assert vae.encoded == 2  # one image per encode: the result cannot depend on what else is in the batch
     assert torch.equal(mean[1], torch.ones(SHAPE)) and torch.equal(std[1], torch.full(SHAPE, 0.5))
     assert torch.equal(mean[0], pixels[0].mean(dim=0, keepdim=True).repeat(4, 1, 1)[:, :2, :2])
     assert list(cache.saved) == ["k0"] and torch.equal(cache.saved["k0"][0], mean[0])
+    assert torch.equal(cache.saved["k0"][2], batch["time_ids"][0])  # with the row's own size and crop
 
 
 def test_scale_lr_and_8bit_adam():

@@ -74,6 +74,19 @@ def load_rgb(path, resolution=None) -> Image.Image:
         return _to_rgb(ImageOps.exif_transpose(image))
 
 
+EXIF_ORIENTATION = 0x0112
+TURNED_ORIENTATIONS = (5, 6, 7, 8)  # stored turned by 90 degrees: width and height swap when shown upright
+
+
+def upright_size(path) -> tuple[int, int]:
+    """(width, height) of a photo as load_rgb shows it, at full size, from its header alone."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(EXIF_ORIENTATION) in TURNED_ORIENTATIONS:
+            return height, width
+    return width, height
+
+
 def check_images(paths, resolution: int, skip_bad: bool, what: str) -> list[Path]:
     """Decode every image once, before any model loads: the readable ones are returned; unreadable ones stop the
     run with their names (or are skipped with a warning when `skip_bad`); small ones are reported as upscaled."""

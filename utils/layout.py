@@ -5,7 +5,7 @@ never overwrites, resumes from or prunes another's files:
 
     OUTPUT_DIR/
       unet/{step}/{run}/                     adapters (stock peft folders), every --checkpointing_steps and at the end
-      text_encoder/{step}/{run}/             with --train_text_encoder
+      text_encoder/{step}/{run}/             with --train_text_encoder (and text_encoder_2/ for SDXL)
       checkpoints/{run}/checkpoint-{step}/   full training state, for --resume_from_checkpoint
       checkpoints/{run}/run.lock             held while the run trains (utils/run/lock.py)
       validation/{run}/{step}/               validation images
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from utils.errors import UserError
 
-ADAPTER_PARTS = ("unet", "text_encoder")
+ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second
 CHECKPOINT_PREFIX = "checkpoint-"
 
 

@@ -4,6 +4,7 @@ The trainer, class images, validation, inference and evaluation ask a `ModelFami
 the model: its components and how they load, the layers BOFT wraps, how prompts become the UNet's conditioning, the
 pipeline class, and the default resolution. A family is one file here (stable_diffusion.py: SD 1.x and 2.x) plus
 its tests; `family_of` picks it from the pipeline class named in the model's model_index.json, never from its name.
+stable_diffusion_xl.py is SDXL: two text encoders and the added size and crop conditioning.
 """
 
 import json
@@ -35,8 +36,11 @@ class ModelFamily:
     unet_target_modules: tuple[str, ...]  # Linear layers of the UNet that get BOFT adapters
     text_encoder_target_modules: tuple[str, ...]  # ... of every text encoder, with --train_text_encoder
     default_resolution: int
+    accepts_tokenizer_name = True  # --tokenizer_name can replace the model's tokenizer
+    vae_overflows_in_fp16 = False  # the VAE stays fp32 under mixed precision unless another VAE is given
 
-    def load(self, source: str, revision=None, tokenizer_name=None) -> Components:
+    def load(self, source: str, revision=None, tokenizer_name=None, vae_name=None) -> Components:
+        """The components from pretrained weights; `vae_name` (--pretrained_vae_model_name_or_path) replaces the VAE."""
         raise NotImplementedError
 
     def empty_models(self, source: str, revision=None) -> tuple[object, dict]:
@@ -57,15 +61,25 @@ class ModelFamily:
         """A generation pipeline over components in memory (validation)."""
         raise NotImplementedError
 
-    def load_pipeline(self, source: str, revision=None, dtype=None):
+    def load_pipeline(self, source: str, revision=None, dtype=None, vae_name=None):
         """The family's generation pipeline from pretrained weights (class images, inference)."""
         raise NotImplementedError
 
 
 def _families() -> list[ModelFamily]:
     from utils.families.stable_diffusion import StableDiffusion
+    from utils.families.stable_diffusion_xl import StableDiffusionXL
 
-    return [StableDiffusion()]
+    return [StableDiffusion(), StableDiffusionXL()]
+
+
+def load_vae(source: str, revision=None, vae_name=None, dtype=None):
+    """The pipeline's own VAE, or a replacement (a folder or hub id holding an AutoencoderKL at its top level)."""
+    from diffusers import AutoencoderKL
+
+    if vae_name:
+        return AutoencoderKL.from_pretrained(vae_name, dtype=dtype)
+    return AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, dtype=dtype)
 
 
 def hub_offline() -> bool:

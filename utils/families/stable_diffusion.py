@@ -8,7 +8,7 @@ import logging
 import torch
 
 from utils.errors import UserError
-from utils.families import Components, ModelFamily
+from utils.families import Components, ModelFamily, load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -18,18 +18,21 @@ SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel",)
 PROMPT_FLAGS = {0: "--instance_prompt", 1: "--class_prompt"}
 
 
-def text_encoder_class(name_or_path: str, revision=None):
-    from transformers import CLIPTextModel, PretrainedConfig
+def text_encoder_class(name_or_path: str, revision=None, subfolder="text_encoder", supported=SUPPORTED_TEXT_ENCODERS,
+                       family="Stable Diffusion 1.x and 2.x"):
+    """The transformers class of a pipeline's text encoder, after checking it is one the family supports."""
+    import transformers
+    from transformers import PretrainedConfig
 
     # The raw config: building a PretrainedConfig from a CLIP one logs a spurious model-type mismatch.
-    config, _ = PretrainedConfig.get_config_dict(name_or_path, subfolder="text_encoder", revision=revision)
+    config, _ = PretrainedConfig.get_config_dict(name_or_path, subfolder=subfolder, revision=revision)
     architecture = (config.get("architectures") or ["(none given)"])[0]
-    if architecture not in SUPPORTED_TEXT_ENCODERS:
+    if architecture not in supported:
         raise UserError(
-            f"the text encoder of {name_or_path} is a {architecture}; this trainer supports "
-            f"{', '.join(SUPPORTED_TEXT_ENCODERS)} (Stable Diffusion 1.x and 2.x)"
+            f"the {subfolder.replace('_', ' ')} of {name_or_path} is a {architecture}; this trainer supports "
+            f"{', '.join(supported)} there ({family})"
         )
-    return CLIPTextModel
+    return getattr(transformers, architecture)
 
 
 def warn_if_truncated(tokenizer, prompt: str, what: str) -> None:
@@ -75,8 +78,8 @@ class StableDiffusion(ModelFamily):
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     default_resolution = 512  # the guide's; SD 2.1 was also trained at 768, which --resolution 768 gives
 
-    def load(self, source, revision=None, tokenizer_name=None) -> Components:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def load(self, source, revision=None, tokenizer_name=None, vae_name=None) -> Components:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
 
         if tokenizer_name:
@@ -86,7 +89,7 @@ class StableDiffusion(ModelFamily):
         text_encoder = text_encoder_class(source, revision).from_pretrained(source, subfolder="text_encoder",
                                                                             revision=revision)
         return Components(
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision),
+            vae=load_vae(source, revision, vae_name),
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
             text_encoders={"text_encoder": text_encoder},
@@ -129,8 +132,9 @@ class StableDiffusion(ModelFamily):
             requires_safety_checker=False,
         )
 
-    def load_pipeline(self, source, revision=None, dtype=None):
+    def load_pipeline(self, source, revision=None, dtype=None, vae_name=None):
         from diffusers import StableDiffusionPipeline
 
+        replaced = {"vae": load_vae(source, revision, vae_name, dtype)} if vae_name else {}
         return StableDiffusionPipeline.from_pretrained(source, revision=revision, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+                                                       requires_safety_checker=False, **replaced)

@@ -28,6 +28,7 @@ COMPATIBILITY_SETTINGS = (
     "pretrained_model_name_or_path",
     "learning_rate",
     "revision",
+    "pretrained_vae_model_name_or_path",
     "boft_block_num",
     "boft_block_size",
     "boft_n_butterfly_factor",

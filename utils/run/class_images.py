@@ -92,7 +92,8 @@ def generate_indices(config, family, indices: list[int], device, show_progress: 
     """Generate and save class images with these indices, --sample_batch_size at a time, with the family's pipeline."""
     class_dir = Path(config.class_data_dir)
     dtype = generation_dtype(config.prior_generation_precision, device.type)
-    pipeline = family.load_pipeline(config.pretrained_model_name_or_path, config.revision, dtype).to(device)
+    pipeline = family.load_pipeline(config.pretrained_model_name_or_path, config.revision, dtype,
+                                    config.pretrained_vae_model_name_or_path).to(device)
     if config.class_scheduler == "dpm":
         from diffusers import DPMSolverMultistepScheduler
 

@@ -7,7 +7,6 @@ import torch
 from utils.images import list_images
 from utils.run.dataset import DreamBoothDataset, EpochShuffleSampler, collate_fn
 from utils.run.latents import fill_latent_cache, model_fingerprint, plan_latent_cache
-from utils.families import weight_dtype
 from utils.run.stopping import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -19,13 +18,13 @@ def make_dataloader(config, accelerator, components, images, prompt_ids: dict, c
     class_images = class_images[: config.num_class_images]
     cache, cache_keys, notice = plan_latent_cache(
         images + class_images, config.resolution, config.center_crop, config.cache_latents, cache_folder,
-        model_fingerprint(config.pretrained_model_name_or_path, config.revision, dict(components.vae.config)),
+        model_fingerprint(config.pretrained_vae_model_name_or_path or config.pretrained_model_name_or_path,
+                          config.revision, dict(components.vae.config)),
     )
     logger.info(notice)
     if cache is not None:
         with accelerator.main_process_first():  # the main process encodes; the others find the files
-            encoded = fill_latent_cache(cache, cache_keys, components.vae, config.resolution, config.center_crop,
-                                        weight_dtype(accelerator.mixed_precision))
+            encoded = fill_latent_cache(cache, cache_keys, components.vae, config.resolution, config.center_crop)
         logger.info("Latent cache: %d image(s) encoded, %d found", encoded, len(cache_keys) - encoded)
     dataset = DreamBoothDataset(images, prompt_ids, config.resolution, config.center_crop, config.seed,
                                 class_images=class_images, latent_cache=cache, cache_keys=cache_keys)

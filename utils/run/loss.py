@@ -11,16 +11,17 @@ from utils.run.latents import encode_one
 
 
 def latent_posterior(batch, vae, dtype, cache=None):
-    """(mean, std) of each row's VAE posterior: read for cached rows, encoded now (one row at a time, see
-    utils/run/latents.py) for pixel rows, and cached when allowed."""
+    """(mean, std) of each row's VAE posterior in `dtype`: read for cached rows, encoded now in the VAE's dtype
+    (one row at a time, see utils/run/latents.py) for pixel rows, and cached when allowed."""
     rows = [None] * len(batch["keys"])
     for j, row in enumerate(batch["pixel_rows"]):
-        rows[row] = encode_one(vae, batch["pixel_values"][j], dtype)
+        rows[row] = encode_one(vae, batch["pixel_values"][j], vae.dtype)
         if cache is not None and batch["pixel_cache_keys"][j] is not None:
-            cache.save(batch["pixel_cache_keys"][j], *rows[row])
+            cache.save(batch["pixel_cache_keys"][j], *rows[row], batch["time_ids"][row])
     for j, row in enumerate(batch["latent_rows"]):
-        rows[row] = (batch["latent_mean"][j].to(vae.device, dtype), batch["latent_std"][j].to(vae.device, dtype))
-    return torch.stack([mean for mean, _ in rows]), torch.stack([std for _, std in rows])
+        rows[row] = (batch["latent_mean"][j], batch["latent_std"][j])
+    return (torch.stack([mean for mean, _ in rows]).to(vae.device, dtype),
+            torch.stack([std for _, std in rows]).to(vae.device, dtype))
 
 
 def diffusion_loss(batch, mean, std, conditioning: dict, unet, noise_scheduler, scaling_factor, seed,

@@ -25,6 +25,7 @@ def plan_lines(config, family, mixed_precision, num_images: int, unet, text_enco
         "Dry run: every check passed. The plan:",
         f"  subject: {num_images} image(s) in {config.instance_data_dir}, "
         f"prompt {config.instance_prompt!r}",
+        f"  model: {family.name}, trained at {config.resolution} px",
     ]
     if config.with_prior_preservation:
         lines.append(f"  class: {num_class_present} image(s) in {config.class_data_dir}, {to_generate} to generate "

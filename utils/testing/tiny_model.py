@@ -1,11 +1,12 @@
-"""A tiny Stable Diffusion pipeline with random weights, and a synthetic subject to train on.
+"""Tiny Stable Diffusion and SDXL pipelines with random weights, and a synthetic subject to train on.
 
-Tests, the demo and CI cannot download real weights, so they build a pipeline with the real SD component
-classes (UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, AutoencoderKL, DDPMScheduler) at toy sizes, save it
-with `save_pretrained`, and load it back through the same `from_pretrained` path a real model takes.
+Tests, the demo and CI cannot download real weights, so they build a pipeline with the real component classes
+(UNet2DConditionModel, CLIPTextModel(WithProjection), CLIPTokenizer, AutoencoderKL, DDPMScheduler) at toy sizes,
+save it with `save_pretrained`, and load it back through the same `from_pretrained` path a real model takes.
 
     python -m utils.testing.tiny_model data/tiny-sd                     # the pipeline
     python -m utils.testing.tiny_model data/tiny-sd --subject data/demo  # and a synthetic subject
+    python -m utils.testing.tiny_model data/tiny-sdxl --family sdxl      # an SDXL pipeline
 """
 
 import argparse
@@ -35,10 +36,55 @@ def _tiny_vocabulary() -> dict[str, int]:
     return {token: i for i, token in enumerate(tokens)}
 
 
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+    )
+
+
+def _tiny_text_config():
+    from transformers import CLIPTextConfig
+
+    vocab_size = len(_tiny_vocabulary())
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_tiny_vocabulary(), merges=[], model_max_length=77)
+
+
+def _tiny_scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type=prediction_type, steps_offset=1, clip_sample=False)
+
+
 def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """Return a StableDiffusionPipeline with random weights, small enough to train on a CPU in seconds."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -51,49 +97,52 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-    )
-    vocabulary = _tiny_vocabulary()
-    vocab_size = len(vocabulary)
-    tokenizer = CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=TEXT_HIDDEN_SIZE,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=TEXT_HIDDEN_SIZE,
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-        )
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        steps_offset=1,
-        clip_sample=False,
-    )
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        tokenizer=_tiny_tokenizer(),
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_tiny_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+XL_TIME_EMBED_DIM = 8  # per added condition; SDXL has six (original size, crop corner, target size)
+
+
+def build_tiny_xl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A StableDiffusionXLPipeline with random weights: SDXL's structure (two text encoders side by side, the
+    pooled embedding and the six size-and-crop numbers as added conditioning, a plain first block) at toy size."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_EMBED_DIM,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=TEXT_HIDDEN_SIZE + 6 * XL_TIME_EMBED_DIM,
+        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        norm_num_groups=16,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config()),
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(),
+        unet=unet,
+        scheduler=_tiny_scheduler(prediction_type),
+        add_watermarker=False,
     )
 
 
@@ -104,7 +153,6 @@ def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
         CLIPImageProcessor,
         CLIPModel,
         CLIPProcessor,
-        CLIPTokenizer,
         ViTConfig,
         ViTImageProcessor,
         ViTModel,
@@ -127,14 +175,17 @@ def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
     CLIPModel(config).save_pretrained(clip)
     CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=CLIPTokenizer(vocab=vocabulary, merges=[], model_max_length=77),
+        tokenizer=_tiny_tokenizer(),
     ).save_pretrained(clip)
     return dino, clip
 
 
-def save_tiny_pipeline(folder, prediction_type: str = "epsilon") -> Path:
+BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_xl_pipeline}
+
+
+def save_tiny_pipeline(folder, prediction_type: str = "epsilon", family: str = "sd") -> Path:
     folder = Path(folder)
-    build_tiny_pipeline(prediction_type).save_pretrained(folder)
+    BUILDERS[family](prediction_type).save_pretrained(folder)
     return folder
 
 
@@ -159,9 +210,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="folder to write the pipeline to (save_pretrained layout)")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--family", default="sd", choices=list(BUILDERS), help="sd: SD 1.x/2.x structure; sdxl")
     parser.add_argument("--subject", help="also write a synthetic subject's photos to this folder")
     args = parser.parse_args(argv)
-    print(f"tiny pipeline written to {save_tiny_pipeline(args.output, args.prediction_type)}")
+    print(f"tiny pipeline written to {save_tiny_pipeline(args.output, args.prediction_type, args.family)}")
     if args.subject:
         print(f"synthetic subject written to {make_synthetic_subject(args.subject)}")
 

@@ -1,0 +1,224 @@
+"""Stable Diffusion XL: the family (two text encoders, the added size-and-crop conditioning), and the trainer,
+resume, inference, merging, export and evaluation end to end on a tiny random SDXL pipeline."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.helpers import REPO, adapter_weights, base_args, cli_env, run_in_process, run_trainer
+from utils.families import family_of
+from utils.families.stable_diffusion_xl import ENCODER_PARTS, StableDiffusionXL
+from utils.images import upright_size
+from utils.run.dataset import DreamBoothDataset, collate_fn, training_example
+
+RUN = "xl_toy"
+PARTS = ("unet", *ENCODER_PARTS)
+GENERATION = dict(num_inference_steps=3, height=64, width=64, output_type="np")
+
+
+# --- the family -------------------------------------------------------------------------------------------------
+def test_the_sdxl_family_is_read_from_model_index_json(tiny_xl_model, tmp_path):
+    family = family_of(str(tiny_xl_model))
+    assert isinstance(family, StableDiffusionXL) and family.default_resolution == 1024
+    unet, encoders = family.empty_models(str(tiny_xl_model))
+    assert list(encoders) == ["text_encoder", "text_encoder_2"]
+    assert type(encoders["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
+    assert all(p.device.type == "meta" for p in unet.parameters())
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_xl_model, broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(Exception, match="has no tokenizer_2/ sub-folder"):
+        family_of(str(broken))
+
+
+def test_conditioning_reads_both_encoders_and_the_batchs_size_and_crop(tiny_xl_model):
+    family = StableDiffusionXL()
+    components = family.load(str(tiny_xl_model))
+    prompts = {0: "a photo of qwe toy", 1: "a photo of toy"}
+    ids = family.prompt_ids(components, prompts)
+    assert ids[0].shape == (2, 77)  # one row per tokenizer
+    frozen = family.conditioning(components, prompts, False, "cpu", torch.float32)
+    trained = family.conditioning(components, prompts, True, "cpu", torch.float32)
+    time_ids = torch.tensor([[96.0, 128, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]])
+    batch = {"keys": [(0, 0, 0), (0, 0, 1)], "input_ids": torch.stack([ids[0], ids[1]]), "time_ids": time_ids}
+    once, every_step = frozen(batch), trained(batch)
+    hidden = once["encoder_hidden_states"]
+    assert hidden.shape == (2, 77, 64)  # both encoders' 32-wide states side by side
+    assert once["added_cond_kwargs"]["text_embeds"].shape == (2, 32)
+    assert torch.equal(once["added_cond_kwargs"]["time_ids"], time_ids)
+    assert torch.allclose(hidden, every_step["encoder_hidden_states"], atol=1e-6)
+    assert torch.allclose(once["added_cond_kwargs"]["text_embeds"], every_step["added_cond_kwargs"]["text_embeds"],
+                          atol=1e-6)
+    noisy = torch.randn(2, 4, 8, 8)
+    assert components.unet(noisy, torch.tensor([1, 2]), **once).sample.shape == noisy.shape
+
+
+def test_size_and_crop_come_from_the_photo_and_its_crop(tmp_path):
+    photo = tmp_path / "wide.jpg"
+    Image.new("RGB", (200, 100), "red").save(photo)
+    turned = tmp_path / "turned.jpg"  # stored 200 x 100, shown upright as 100 x 200 (EXIF orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (200, 100), "blue").save(turned, exif=exif)
+    assert upright_size(photo) == (200, 100) and upright_size(turned) == (100, 200)
+    pixels, time_ids = training_example(photo, 64, True, torch.Generator())
+    assert pixels.shape == (3, 64, 64)
+    assert time_ids.tolist() == [100, 200, 0, 32, 64, 64]  # (height, width), center crop's (top, left), target
+    _, time_ids = training_example(turned, 64, True, torch.Generator())
+    assert time_ids.tolist() == [200, 100, 32, 0, 64, 64]
+    lefts = {training_example(photo, 64, False, torch.Generator().manual_seed(s))[1][3].item() for s in range(8)}
+    assert len(lefts) > 1 and all(0 <= left <= 64 for left in lefts)  # a random crop says where it is
+
+
+def test_every_row_carries_its_size_and_crop_into_the_batch(tmp_path):
+    photo = tmp_path / "wide.jpg"
+    Image.new("RGB", (200, 100), "red").save(photo)
+    dataset = DreamBoothDataset([photo], {0: torch.zeros(2, 77, dtype=torch.long)}, 64, False, 0)
+    batch = collate_fn([dataset[(0, 0)]], with_prior_preservation=False)
+    left = batch["time_ids"][0, 3].item()
+    assert batch["time_ids"][0].tolist() == [100, 200, 0, left, 64, 64]
+    assert batch["input_ids"].shape == (1, 2, 77)
+
+
+def test_the_sdxl_vae_stays_fp32_under_mixed_precision_unless_another_is_given(tiny_xl_model):
+    from tests.helpers import make_config
+    from utils.run.adapters import wrap_with_adapters
+
+    family = StableDiffusionXL()
+    for vae_name, expected in ((None, torch.float32), (str(tiny_xl_model / "vae"), torch.bfloat16)):
+        config = make_config(pretrained_model_name_or_path=str(tiny_xl_model), mixed_precision="bf16",
+                             pretrained_vae_model_name_or_path=vae_name)
+        components = family.load(str(tiny_xl_model), vae_name=vae_name)
+        wrap_with_adapters(config, family, components, torch.device("cpu"), "bf16")
+        assert components.vae.dtype == expected
+        assert next(components.text_encoders["text_encoder_2"].parameters()).dtype == torch.bfloat16
+
+
+def test_tokenizer_name_is_refused_for_sdxl(tiny_xl_model, subject, tmp_path):
+    result = run_in_process(base_args(tiny_xl_model, subject, tmp_path / "out", tokenizer_name=tiny_xl_model,
+                                      dry_run=True))
+    assert result.returncode == 2 and "--tokenizer_name applies to Stable Diffusion 1.x/2.x" in result.stderr
+
+
+def test_dry_run_plans_both_text_encoders(tiny_xl_model, subject, tmp_path):
+    result = run_in_process(base_args(tiny_xl_model, subject, tmp_path / "out", train_text_encoder=True,
+                                      resolution=None, dry_run=True))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("model: Stable Diffusion XL, trained at 1024 px", "UNet: BOFT on 64 layers", "text encoder: BOFT on 4 layers", "text encoder 2: BOFT on 4 layers"):
+        assert line in result.stdout
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+def xl_args(model, subject, root, output_dir, **extra):
+    return base_args(
+        model, subject, output_dir, with_prior_preservation=True, class_data_dir=root / "class",
+        class_prompt="a photo of toy", num_class_images=2, class_inference_steps=2, train_text_encoder=True,
+        max_train_steps=3, checkpointing_steps=2, validation_steps=3, validation_prompt="a red qwe toy",
+        num_validation_images=1, validation_inference_steps=3, boft_bias="boft_only", wandb_run_name=RUN,
+        learning_rate=1e-2, **extra)
+
+
+@pytest.fixture(scope="module")
+def xl_run(tiny_xl_model, subject, tmp_path_factory):
+    """The launcher's recipe on SDXL: prior preservation (class images from the SDXL pipeline), both text encoders
+    trained, trained biases, a checkpoint at step 2 of 3, validation at the end."""
+    root = tmp_path_factory.mktemp("xl_run")
+    result = run_trainer(xl_args(tiny_xl_model, subject, root, root / "out"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return root
+
+
+def test_sdxl_trains_with_prior_preservation_and_both_text_encoders(xl_run):
+    out = xl_run / "out"
+    assert sorted(p.name for p in (xl_run / "class").glob("class_*.jpg")) == ["class_00000.jpg", "class_00001.jpg"]
+    for part in PARTS:
+        for step in (2, 3):
+            config = json.loads((out / part / str(step) / RUN / "adapter_config.json").read_text())
+            assert config["peft_type"] == "BOFT"
+    caches = [load_file(path) for path in (out / "latent_cache").glob("*.safetensors")]
+    assert len(caches) == 5  # 3 photos and 2 class images, each with its size and crop
+    assert sorted(tuple(c["time_ids"].tolist()) for c in caches)[0] == (64, 64, 0, 0, 64, 64)
+
+
+def test_sdxl_resume_is_exact(xl_run, tiny_xl_model, subject):
+    resumed = xl_run / "resumed"
+    shutil.copytree(xl_run / "out" / "checkpoints", resumed / "checkpoints")
+    result = run_trainer(xl_args(tiny_xl_model, subject, xl_run, resumed, resume_from_checkpoint="latest"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr
+    expected, got = (adapter_weights(out, 3, RUN, PARTS) for out in (xl_run / "out", resumed))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_sdxl_adapters_reproduce_the_validation_image_with_stock_peft(xl_run, tiny_xl_model):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+    from peft import PeftModel
+
+    from utils.boft import peft_seam
+
+    out = xl_run / "out"
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_xl_model, add_watermarker=False)
+    peft_seam.install()
+    for part in PARTS:
+        setattr(pipeline, part, PeftModel.from_pretrained(getattr(pipeline, part), out / part / "3" / RUN,
+                                                          adapter_name=RUN))
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64,
+                     generator=[torch.Generator().manual_seed(0)]).images[0]
+    saved = np.asarray(Image.open(out / "validation" / RUN / "3" / "00_a_red_qwe_toy_0.png"), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
+
+
+def test_sdxl_unmerged_merged_and_exported_give_the_same_image(xl_run, tiny_xl_model, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from utils.inference import BoftPipeline
+
+    pipe = BoftPipeline.from_pretrained(tiny_xl_model, device="cpu")
+    assert pipe.load_adapter(xl_run / "out", RUN) == 3
+    assert set(pipe.peft_models) == set(PARTS)
+    unmerged = pipe.generate("a qwe toy", **GENERATION)[0]
+    pipe.set_adapter(None)
+    base = pipe.generate("a qwe toy", **GENERATION)[0]
+    pipe.set_adapter(RUN)
+    pipe.merge()
+    merged = pipe.generate("a qwe toy", **GENERATION)[0]
+    exported = StableDiffusionXLPipeline.from_pretrained(pipe.save_merged(tmp_path / "merged"))
+    assert not any("boft" in key for part in PARTS for key in getattr(exported, part).state_dict())
+    image = exported("a qwe toy", guidance_scale=7.5, generator=[torch.Generator().manual_seed(0)], **GENERATION).images[0]
+    assert np.abs(unmerged - base).max() > 1e-2
+    assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3
+
+
+def test_sdxl_evaluate_generates_from_the_adapters(xl_run, tiny_xl_model, tmp_path):
+    from utils import evaluate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a qwe toy in the snow\n")
+    evaluate.main(["generate", "--pretrained_model_name_or_path", str(tiny_xl_model), "--output_dir",
+                   str(xl_run / "out"), "--adapter_name", RUN, "--prompts_file", str(prompts), "--num_images", "1",
+                   "--num_inference_steps", "2", "--resolution", "64"])
+    assert Image.open(xl_run / "out" / "eval" / RUN / "3" / "000" / "00.png").size == (64, 64)
+
+
+def test_the_notebook_generates_and_merges_sdxl_adapters(xl_run, tiny_xl_model, tmp_path):
+    import nbformat
+
+    env = dict(MODEL_NAME=str(tiny_xl_model), OUTPUT_DIR=str(xl_run / "out"), RUN_NAME=RUN, PROMPT="a qwe toy",
+               MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64")
+    result = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "nbconvert", "--execute", "--to",
+                             "notebook", "--output-dir", str(tmp_path), str(REPO / "dreambooth_inference.ipynb")],
+                            cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notebook = nbformat.read(next(tmp_path.glob("dreambooth_inference*.ipynb")), as_version=4)
+    text = "\n".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert f"{RUN} at step 3" in text
+    assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
