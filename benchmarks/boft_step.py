@@ -8,6 +8,7 @@ keeps freed memory for the next step (utils/run/cpu_allocator.py), as the traine
 
     python -m benchmarks.boft_step --quick                  # about three minutes on 2 cores: SD 1.5, 128 px, m = 1
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
+    python -m benchmarks.boft_step --arch sdxl --factors 1            # SDXL base (2.6 B parameters, 11 GB fp32)
 Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, peak RSS.
 """
 
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.sd_architectures import build_unet
+from benchmarks.sd_architectures import added_conditioning, build_unet
 from utils.run.cpu_allocator import keep_freed_memory
 
 
@@ -32,19 +33,18 @@ def peak_rss_mb() -> int:
     return 0
 
 
-def make_model(unet, mode: str, n_factors: int, block_num: int):
+def make_model(unet, mode: str, n_factors: int, block_num: int, targets):
     """(model, optimizer): the frozen UNet for the floor, else the UNet with a BOFT adapter."""
     if mode == "floor":
         return unet.requires_grad_(False), None
     from peft import BOFTConfig, get_peft_model
 
     from utils.boft import peft_seam
-    from utils.families.stable_diffusion import UNET_TARGET_MODULES
 
     if not peft_seam.install():
         raise SystemExit("peft is not recognised by utils/boft/peft_seam.py: nothing to benchmark")
     config = BOFTConfig(boft_block_num=block_num, boft_block_size=0, boft_n_butterfly_factor=n_factors,
-                        boft_dropout=0.1, target_modules=list(UNET_TARGET_MODULES))
+                        boft_dropout=0.1, target_modules=list(targets))
     model = get_peft_model(unet, config)
     if mode == "fast":
         peft_seam.use_fast_forward(model)
@@ -58,10 +58,10 @@ WARM_UP_ROUNDS = 3
 
 def one_step(model, optimizer, inputs) -> float:
     """Seconds for one step: BOFT (adapters trained, AdamW step) with an optimizer, else the floor."""
-    latents, timesteps, context = inputs
+    latents, timesteps, context, added = inputs
     start = time.perf_counter()
     noisy = latents.clone().requires_grad_(optimizer is None)
-    model(noisy, timesteps, context).sample.float().pow(2).mean().backward()
+    model(noisy, timesteps, context, **added).sample.float().pow(2).mean().backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -77,12 +77,16 @@ def floor_step(model, inputs) -> float:
 
 def measure_one(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
     keep_freed_memory()
+    from utils.families.stable_diffusion import UNET_TARGET_MODULES
+    from utils.families.stable_diffusion_xl import UNET_TARGET_MODULES as XL_UNET_TARGET_MODULES
+
     unet, text_dim = build_unet(arch)
-    model, optimizer = make_model(unet, mode, n_factors, block_num)
+    targets = XL_UNET_TARGET_MODULES if arch == "sdxl" else UNET_TARGET_MODULES
+    model, optimizer = make_model(unet, mode, n_factors, block_num, targets)
     generator = torch.Generator().manual_seed(0)
     size = resolution // 8
     inputs = (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500]),
-              torch.randn(2, 77, text_dim, generator=generator))
+              torch.randn(2, 77, text_dim, generator=generator), added_conditioning(unet, 2, resolution))
     floor_times, boft_times = [], []
     for i in range(WARM_UP_ROUNDS + repeats):
         floor_seconds = floor_step(model, inputs)
@@ -114,7 +118,7 @@ def run(arch, resolution, factors, block_num, repeats, modes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sd21"])
+    parser.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sd21", "sdxl"])
     parser.add_argument("--resolution", nargs="+", type=int, default=[256])
     parser.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--block_num", type=int, default=8)

@@ -124,6 +124,20 @@ def test_fast_forward_matches_the_dense_product_of_factors(side, factors, block_
                  outputs_and_grads(layer, x, reference))
 
 
+@pytest.mark.parametrize("in_features, out_features, factors", [(2048, 640, 1), (1280, 1280, 2), (768, 768, 1)])
+def test_sdxl_widths_fast_forward_and_merge_match_stock_peft(in_features, out_features, factors):
+    """SDXL's cross-attention keys read 2048-wide text states; its layers are 640 and 1280 wide, its text encoders
+    768 and 1280: the block-shape rules, the fast forward on either side and merging cover them."""
+    layer = random_boft_layer(in_features, out_features, block_num=8, factors=factors)
+    x = torch.randn(2, 7, in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        stock = peft_boft.Linear.forward(layer, x)
+        for side in ("weight", "activation"):
+            assert_close([peft_seam.boft_linear(layer, x, "default", side)], [stock], rtol=1e-4)
+        layer.merge()
+        assert_close([layer(x)], [stock], rtol=1e-4)
+
+
 @pytest.mark.parametrize("side", ["weight", "activation"])
 def test_dropout_matches_peft_under_the_same_random_state(side):
     layer = random_boft_layer(factors=2, dropout=0.5)

@@ -164,7 +164,8 @@ def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
     notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed cleared
     env = dict(MODEL_NAME=str(tiny_model), OUTPUT_DIR=str(trained), RUN_NAME="toy", PROMPT="a qwe toy",
-               SECOND_RUN_NAME="teapot", MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64")
+               SECOND_RUN_NAME="teapot", MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64",
+               EXPORT_FILE=str(tmp_path / "export.safetensors"))
     # The README's unattended command, from the project's environment.
     result = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "nbconvert", "--execute", "--to",
                              "notebook", "--output-dir", str(tmp_path), str(REPO / "dreambooth_inference.ipynb")],
@@ -176,3 +177,4 @@ def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
     difference = re.search(r"largest pixel difference between unmerged and merged: (\d+) / 255", text)
     assert difference and int(difference.group(1)) <= 1, text[-2000:]  # the same picture up to rounding
     assert (tmp_path / "merged" / "model_index.json").is_file()
+    assert (tmp_path / "export.safetensors").is_file() and "comfyui export of toy" in text

@@ -51,7 +51,7 @@ def test_conditioning_reads_both_encoders_and_the_batchs_size_and_crop(tiny_xl_m
     batch = {"keys": [(0, 0, 0), (0, 0, 1)], "input_ids": torch.stack([ids[0], ids[1]]), "time_ids": time_ids}
     once, every_step = frozen(batch), trained(batch)
     hidden = once["encoder_hidden_states"]
-    assert hidden.shape == (2, 77, 64)  # both encoders' 32-wide states side by side
+    assert hidden.shape == (2, 77, 80)  # both encoders' states (32 and 48 wide) side by side
     assert once["added_cond_kwargs"]["text_embeds"].shape == (2, 32)
     assert torch.equal(once["added_cond_kwargs"]["time_ids"], time_ids)
     assert torch.allclose(hidden, every_step["encoder_hidden_states"], atol=1e-6)
@@ -213,7 +213,8 @@ def test_the_notebook_generates_and_merges_sdxl_adapters(xl_run, tiny_xl_model, 
     import nbformat
 
     env = dict(MODEL_NAME=str(tiny_xl_model), OUTPUT_DIR=str(xl_run / "out"), RUN_NAME=RUN, PROMPT="a qwe toy",
-               MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64")
+               MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64",
+               EXPORT_FILE=str(tmp_path / "export.safetensors"))
     result = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "nbconvert", "--execute", "--to",
                              "notebook", "--output-dir", str(tmp_path), str(REPO / "dreambooth_inference.ipynb")],
                             cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=600)
@@ -222,3 +223,52 @@ def test_the_notebook_generates_and_merges_sdxl_adapters(xl_run, tiny_xl_model, 
     text = "\n".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert f"{RUN} at step 3" in text
     assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert (tmp_path / "export.safetensors").is_file() and f"comfyui export of {RUN}" in text
+
+
+@pytest.fixture(scope="module")
+def sdxl_configs(tmp_path_factory):
+    """SDXL base 1.0's real configurations, without weights (what --dry_run reads)."""
+    from benchmarks.sd_architectures import save_sdxl_configs
+
+    return save_sdxl_configs(tmp_path_factory.mktemp("sdxl-configs") / "sdxl")
+
+
+def test_real_sdxl_widths_pass_the_block_shape_check_and_are_planned(sdxl_configs, subject, tmp_path):
+    args = base_args(sdxl_configs, subject, tmp_path / "out", resolution=None, train_text_encoder=True, dry_run=True,
+                     boft_n_butterfly_factor=1, mixed_precision="bf16")
+    result = run_in_process(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("trained at 1024 px", "UNet: BOFT on 560 layers, 150,865,920 trainable parameters",
+                 "text encoder: BOFT on 24 layers", "text encoder 2: BOFT on 64 layers"):
+        assert line in result.stdout, result.stdout
+    refused = run_in_process(base_args(sdxl_configs, subject, tmp_path / "out", boft_block_num=3, dry_run=True))
+    assert refused.returncode == 2 and "--boft_block_num=3" in refused.stderr
+    assert "[640, 1280, 2048]" in refused.stderr  # the UNet's targeted widths, cross-attention keys included
+
+
+def test_sdxl_exports_a_single_file_checkpoint_and_kohya_files(xl_run, tiny_xl_model, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file as load_tensors
+
+    from tests.test_export import assert_same_weights, merged_pipeline, run_export
+
+    out = run_export(tiny_xl_model, xl_run / "out", RUN, "checkpoint", tmp_path / "xl.safetensors", "--dtype", "fp32")
+    keys = set(load_tensors(out))
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # the size-and-crop embedding
+    loaded = StableDiffusionXLPipeline.from_single_file(str(out), config=str(tiny_xl_model), local_files_only=True)
+    pipe = merged_pipeline(tiny_xl_model, xl_run / "out", RUN)
+    assert_same_weights(pipe, loaded, PARTS + ("vae",))
+    expected = pipe.generate("a qwe toy", **GENERATION)[0]
+    loaded.scheduler = type(pipe.pipeline.scheduler).from_config(pipe.pipeline.scheduler.config)
+    image = loaded("a qwe toy", guidance_scale=7.5, generator=[torch.Generator().manual_seed(0)], **GENERATION).images[0]
+    assert np.abs(expected - image).max() <= 2 / 255
+
+    comfy = load_tensors(run_export(tiny_xl_model, xl_run / "out", RUN, "comfyui", tmp_path / "c.safetensors"))
+    assert {k.split("_")[1] for k in comfy} == {"unet", "te1", "te2"} and all(v.dtype == torch.float16 for v in comfy.values())
+    lora = run_export(tiny_xl_model, xl_run / "out", RUN, "lora", tmp_path / "l.safetensors", "--rank", 4)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_xl_model, add_watermarker=False)
+    pipeline.load_lora_weights(str(lora))
+    assert {"unet", "text_encoder", "text_encoder_2"} <= {name for name, _ in pipeline.get_list_adapters().items()}

@@ -181,6 +181,35 @@ class BoftPipeline:
                     else peft_model.unload())
         self.peft_models, self.active, self.biases, self.base_biases = {}, None, {}, {}
 
+    def state_dict_of(self, part: str) -> dict:
+        """A pipeline part's weights as the plain model names them (merged ones where an adapter is merged)."""
+        if part in self.peft_models:
+            return peft_seam.base_state_dict(self.peft_models[part])
+        return getattr(self.pipeline, part).state_dict()
+
+    @torch.no_grad()
+    def weight_changes(self) -> dict:
+        """{part: {parameter name: (base, merged)}} of every parameter the active adapter changes: the weights of
+        its BOFT layers and the biases it trained, named as in the plain model. Leaves the adapter merged."""
+        if self.active is None:
+            raise UserError("no adapter is active: load one, or set_adapter(name), first")
+        adapter = self.active
+        self.set_adapter(None)  # un-merges, and puts the base model's biases back
+        base = {}
+        for part, peft_model in self.peft_models.items():
+            if adapter in peft_model.peft_config:
+                state = self.state_dict_of(part)
+                names = set(peft_seam.adapted_weight_names(peft_model, adapter)) | {n for n in state if n.endswith(".bias")}
+                base[part] = {name: state[name].detach().clone() for name in sorted(names)}
+        self.set_adapter(adapter)
+        self.merge()
+        changes = {}
+        for part, originals in base.items():
+            merged = self.state_dict_of(part)
+            changes[part] = {name: (value, merged[name].detach().clone()) for name, value in originals.items()
+                             if not torch.equal(value, merged[name])}
+        return changes
+
     def save_merged(self, folder) -> Path:
         """Write the pipeline with the active adapter merged as a plain diffusers folder (safetensors)."""
         if self.active is not None:

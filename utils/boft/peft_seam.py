@@ -282,6 +282,12 @@ def is_merged(peft_model) -> bool:
     return any(getattr(m, "merged", False) for m in peft_model.modules() if hasattr(m, "boft_R"))
 
 
+def adapted_weight_names(peft_model, adapter_name: str) -> list[str]:
+    """The weights (named as in the plain model) that merging `adapter_name` rotates: those of its BOFT layers."""
+    return [f"{name}.weight" for name, module in peft_model.get_base_model().named_modules()
+            if hasattr(module, "boft_R") and adapter_name in module.boft_R]
+
+
 def base_state_dict(peft_model) -> dict:
     """The state dict of the model under peft's layers, with their names (no adapter weights, no `base_layer`)."""
     return {

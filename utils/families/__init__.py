@@ -36,6 +36,7 @@ class ModelFamily:
     unet_target_modules: tuple[str, ...]  # Linear layers of the UNet that get BOFT adapters
     text_encoder_target_modules: tuple[str, ...]  # ... of every text encoder, with --train_text_encoder
     default_resolution: int
+    kohya_prefixes: dict  # part -> kohya's adapter key prefix, as the web UIs read it ("lora_unet", "lora_te", ...)
     accepts_tokenizer_name = True  # --tokenizer_name can replace the model's tokenizer
     vae_overflows_in_fp16 = False  # the VAE stays fp32 under mixed precision unless another VAE is given
 
@@ -63,6 +64,15 @@ class ModelFamily:
 
     def load_pipeline(self, source: str, revision=None, dtype=None, vae_name=None):
         """The family's generation pipeline from pretrained weights (class images, inference)."""
+        raise NotImplementedError
+
+    def original_text_encoders(self, pipeline) -> dict:
+        """{part: (key prefix, "clip" or "open_clip")}: where each text encoder of the pipeline sits in the original
+        single-file checkpoint layout, and in which naming (utils/original_layout.py)."""
+        raise NotImplementedError
+
+    def base_model_version(self, pipeline) -> str:
+        """kohya's ss_base_model_version of this model, for adapter files' metadata."""
         raise NotImplementedError
 
 
@@ -132,6 +142,14 @@ def weight_dtype(mixed_precision):
     import torch
 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def vae_dtype(family, mixed_precision, vae_replaced: bool):
+    """The VAE's dtype in training: the mixed-precision one, but fp32 for a family whose VAE overflows in fp16
+    (SDXL's) unless another VAE was given."""
+    import torch
+
+    return torch.float32 if family.vae_overflows_in_fp16 and not vae_replaced else weight_dtype(mixed_precision)
 
 
 def cast_frozen(model, dtype):

@@ -77,6 +77,7 @@ class StableDiffusion(ModelFamily):
     unet_target_modules = UNET_TARGET_MODULES
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     default_resolution = 512  # the guide's; SD 2.1 was also trained at 768, which --resolution 768 gives
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
     def load(self, source, revision=None, tokenizer_name=None, vae_name=None) -> Components:
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -138,3 +139,16 @@ class StableDiffusion(ModelFamily):
         replaced = {"vae": load_vae(source, revision, vae_name, dtype)} if vae_name else {}
         return StableDiffusionPipeline.from_pretrained(source, revision=revision, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False, **replaced)
+
+    def original_text_encoders(self, pipeline):
+        if is_open_clip(pipeline.text_encoder):
+            return {"text_encoder": ("cond_stage_model.model.", "open_clip")}
+        return {"text_encoder": ("cond_stage_model.transformer.", "clip")}
+
+    def base_model_version(self, pipeline):
+        return "sd_v2" if is_open_clip(pipeline.text_encoder) else "sd_v1"
+
+
+def is_open_clip(text_encoder) -> bool:
+    """SD 2.x's text encoder is OpenCLIP's (GELU); SD 1.x's is OpenAI's CLIP (quick GELU)."""
+    return text_encoder.config.hidden_act == "gelu"

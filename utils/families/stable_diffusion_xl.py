@@ -77,6 +77,7 @@ class StableDiffusionXL(ModelFamily):
     unet_target_modules = UNET_TARGET_MODULES
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     default_resolution = 1024
+    kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     accepts_tokenizer_name = False  # two tokenizers, matched to their encoders: load ignores tokenizer_name
     vae_overflows_in_fp16 = True
 
@@ -134,3 +135,10 @@ class StableDiffusionXL(ModelFamily):
         replaced = {"vae": load_vae(source, revision, vae_name, dtype)} if vae_name else {}
         return StableDiffusionXLPipeline.from_pretrained(source, revision=revision, dtype=dtype,
                                                          add_watermarker=False, **replaced)
+
+    def original_text_encoders(self, pipeline):
+        return {"text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
+                "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip")}
+
+    def base_model_version(self, pipeline):
+        return "sdxl_base_v1-0"

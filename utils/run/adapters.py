@@ -2,10 +2,8 @@
 
 import logging
 
-import torch
-
 from utils.boft import peft_seam
-from utils.families import cast_frozen, enable_xformers, weight_dtype
+from utils.families import cast_frozen, enable_xformers, vae_dtype, weight_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -15,8 +13,8 @@ def wrap_with_adapters(config, family, components, device, mixed_precision) -> d
     mixed-precision dtype on `device` (a VAE that overflows in fp16 stays fp32). Returns the trained models by part ("unet", "text_encoder", ...); the
     components then hold the wrapped models."""
     dtype = weight_dtype(mixed_precision)
-    keep_vae_fp32 = family.vae_overflows_in_fp16 and not config.pretrained_vae_model_name_or_path
-    components.vae.requires_grad_(False).to(device, dtype=torch.float32 if keep_vae_fp32 else dtype)
+    components.vae.requires_grad_(False).to(device, vae_dtype(family, mixed_precision,
+                                                              bool(config.pretrained_vae_model_name_or_path)))
     trained = {"unet": peft_seam.add_boft_adapter(components.unet, family.unet_target_modules, config.boft,
                                                   config.run_name, "UNet")}
     components.unet = trained["unet"]

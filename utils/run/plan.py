@@ -1,6 +1,7 @@
 """--dry_run: what a run would do and what its weights, adapters and optimizer would take, from configs alone."""
 
 from utils.boft.shapes import adapter_parameters, targeted_linears
+from utils.families import vae_dtype
 from utils.images import list_images
 
 GB = 2**30
@@ -15,9 +16,11 @@ def plan_lines(config, family, mixed_precision, num_images: int, unet, text_enco
         models += [(part.replace("_", " "), encoder, family.text_encoder_target_modules)
                    for part, encoder in text_encoders.items()]
     trainable = {name: adapter_parameters(model, targets, config.boft) for name, model, targets in models}
-    frozen = [unet, *text_encoders.values()]
-    weights = sum(p.numel() for model in frozen for p in model.parameters()) + vae_parameter_count(config)
     weight_bytes = {"fp16": 2, "bf16": 2}.get(mixed_precision, 4)
+    vae_bytes = vae_dtype(family, mixed_precision, bool(config.pretrained_vae_model_name_or_path)).itemsize
+    encoders = sum(p.numel() for model in text_encoders.values() for p in model.parameters())
+    resident = sum(p.numel() for p in unet.parameters()) + (encoders if config.train_text_encoder else 0)
+    weights = resident * weight_bytes + vae_parameter_count(config) * vae_bytes
     adapters = sum(trainable.values())
     optimizer_bytes = 2 if config.use_8bit_adam else 8
     to_generate = max(0, config.num_class_images - num_class_present) if config.with_prior_preservation else 0
@@ -36,10 +39,13 @@ def plan_lines(config, family, mixed_precision, num_images: int, unet, text_enco
         f"  optimizer steps: {config.max_train_steps} ({config.num_examples} examples per epoch, batch "
         f"{config.train_batch_size} x {config.num_processes} process(es) x {config.gradient_accumulation_steps} "
         "accumulation)",
-        f"  memory per process, before activations: weights {weights * weight_bytes / GB:.2f} GB "
-        f"({mixed_precision or 'fp32'}), adapters and their gradients {2 * adapters * 4 / GB:.3f} GB, "
-        f"optimizer state {adapters * optimizer_bytes / GB:.3f} GB",
+        f"  memory per process, before activations: weights {weights / GB:.2f} GB "
+        f"({mixed_precision or 'fp32'}{', the VAE in fp32' if vae_bytes > weight_bytes else ''}), adapters and "
+        f"their gradients {2 * adapters * 4 / GB:.3f} GB, optimizer state {adapters * optimizer_bytes / GB:.3f} GB",
     ]
+    if not config.train_text_encoder:
+        lines.append(f"  on a GPU the frozen text encoders ({encoders * weight_bytes / GB:.2f} GB) leave it once the prompts "
+                     "are encoded, and come back for validation")
     return lines
 
 

@@ -50,13 +50,13 @@ def _tiny_vae():
     )
 
 
-def _tiny_text_config():
+def _tiny_text_config(hidden_size=TEXT_HIDDEN_SIZE):
     from transformers import CLIPTextConfig
 
     vocab_size = len(_tiny_vocabulary())
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN_SIZE,
+        hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -110,6 +110,9 @@ def build_tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0):
 
 
 XL_TIME_EMBED_DIM = 8  # per added condition; SDXL has six (original size, crop corner, target size)
+# The second text encoder is wider than the first, as in SDXL (1280 and 768): single-file loaders tell them apart
+# by width.
+XL_SECOND_TEXT_HIDDEN_SIZE = 48
 
 
 def build_tiny_xl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
@@ -131,13 +134,13 @@ def build_tiny_xl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
         addition_time_embed_dim=XL_TIME_EMBED_DIM,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=TEXT_HIDDEN_SIZE + 6 * XL_TIME_EMBED_DIM,
-        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        cross_attention_dim=TEXT_HIDDEN_SIZE + XL_SECOND_TEXT_HIDDEN_SIZE,
         norm_num_groups=16,
     )
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_tiny_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(XL_SECOND_TEXT_HIDDEN_SIZE)),
         tokenizer=_tiny_tokenizer(),
         tokenizer_2=_tiny_tokenizer(),
         unet=unet,
