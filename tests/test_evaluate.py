@@ -81,7 +81,21 @@ def evaluate(*argv):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_models, tmp_path):
+def evaluate_here(capsys, *argv):
+    """utils.evaluate's main in this process (the same code as `python -m utils.evaluate` without its imports)."""
+    from utils.evaluate import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_models, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a qwe toy in the snow\na red qwe toy\n")
     common = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", trained, "--adapter_name", "toy",
@@ -92,7 +106,7 @@ def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_mod
     assert (folder / "prompts.txt").read_text().splitlines() == ["a qwe toy in the snow", "a red qwe toy"]
     assert sorted(p.name for p in (folder / "001").iterdir()) == ["00.png", "01.png"]
     base = trained / "eval" / "base" / "class"
-    scored = evaluate("score", "--instance_data_dir", subject, "--generated_dir", folder, "--class_generated_dir", base,
+    scored = evaluate_here(capsys, "score", "--instance_data_dir", subject, "--generated_dir", folder, "--class_generated_dir", base,
                       "--dino_model", metric_models[0], "--clip_model", metric_models[1])
     assert scored.returncode == 0, scored.stderr[-3000:]
     with open(folder / "scores.csv") as file:
@@ -103,9 +117,9 @@ def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_mod
     assert Image.open(folder / "grid.png").size == (3 * 128, 3 * 128)  # real row + two prompt rows
 
 
-def test_every_checkpoint_scores_each_step_and_plots(trained, tiny_model, subject, metric_models, tmp_path):
+def test_every_checkpoint_scores_each_step_and_plots(trained, tiny_model, subject, metric_models, tmp_path, capsys):
     shutil.rmtree(trained / "eval", ignore_errors=True)
-    result = evaluate("score", "--every_checkpoint", "--pretrained_model_name_or_path", tiny_model,
+    result = evaluate_here(capsys, "score", "--every_checkpoint", "--pretrained_model_name_or_path", tiny_model,
                       "--output_dir", trained, "--adapter_name", "toy", "--subject_index", 27,
                       "--num_images", 1, "--num_inference_steps", 2, "--resolution", 64,
                       "--instance_data_dir", subject, "--dino_model", metric_models[0], "--clip_model", metric_models[1])

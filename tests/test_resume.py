@@ -29,13 +29,15 @@ CONFIGS = {
     "prior_accumulation_text_encoder": dict(with_prior_preservation=True, class_prompt="a photo of toy",
                                             num_class_images=2, class_inference_steps=2, gradient_accumulation_steps=2,
                                             train_text_encoder=True, num_dataloader_workers=1),
-    "plain": dict(train_batch_size=2),
+    # SDXL: its size-and-crop conditioning comes back from the latent cache on resume.
+    "sdxl_batch_2": dict(train_batch_size=2),
 }
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_sigkill_then_resume_equals_an_uninterrupted_run(config, tiny_model, subject, tmp_path):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(config, request, subject, tmp_path):
     flags = dict(CONFIGS[config])
+    tiny_model = request.getfixturevalue("tiny_xl_model" if config.startswith("sdxl") else "tiny_model")
     if "class_prompt" in flags:
         flags["class_data_dir"] = tmp_path / "class"
     models = ("unet", "text_encoder") if flags.get("train_text_encoder") else ("unet",)
