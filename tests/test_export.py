@@ -143,7 +143,13 @@ def test_mistakes_are_refused_before_anything_loads(trained, tiny_model, tmp_pat
     common = ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(trained)]
     existing = tmp_path / "there.safetensors"
     existing.write_bytes(b"keep")
+    other_family = tmp_path / "kandinsky"
+    shutil.copytree(tiny_model, other_family)
+    index = json.loads((other_family / "model_index.json").read_text())
+    (other_family / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
     cases = [
+        (["--adapter_name", "toy", "--format", "checkpoint", "--out", tmp_path / "a.safetensors",
+          "--pretrained_model_name_or_path", other_family], "is a KandinskyPipeline; this trainer supports"),
         (["--adapter_name", "nobody", "--format", "comfyui", "--out", tmp_path / "a.safetensors"], "no adapter named 'nobody'"),
         (["--adapter_name", "toy", "--step", "7", "--format", "comfyui", "--out", tmp_path / "a.safetensors"], "has no step 7"),
         (["--adapter_name", "toy", "--format", "comfyui", "--out", existing], "exists; pass --overwrite"),
