@@ -43,7 +43,8 @@ def size_and_crop(original_size: tuple[int, int], top: int, left: int, size: int
 def training_example(path, size: int, center_crop: bool, generator: torch.Generator, resized=None):
     """(pixels, size-and-crop conditions) of one image: the short side resized to `size` (or `resized`, that image
     already resized), a size x size square cropped."""
-    resized = resized or resize_short_side(load_rgb(path, size), size)
+    if resized is None:
+        resized = resize_short_side(load_rgb(path, size), size)
     pixels, (top, left) = crop_to_tensor(resized, size, center_crop, generator)
     return pixels, size_and_crop(upright_size(path), top, left, size)
 
