@@ -9,7 +9,11 @@ keeps freed memory for the next step (utils/run/cpu_allocator.py), as the traine
     python -m benchmarks.boft_step --quick                  # about three minutes on 2 cores: SD 1.5, 128 px, m = 1
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
     python -m benchmarks.boft_step --arch sdxl --factors 1            # SDXL base (2.6 B parameters, 11 GB fp32)
-Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, peak RSS.
+    python -m benchmarks.boft_step --profile --resolution 256         # the top operations of one BOFT step
+Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, the
+lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
+counted at the layer shapes and token counts of the step), peak RSS. --profile prints the top operations of one
+BOFT step instead.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import time
 
 import torch
 
+from benchmarks.arithmetic import counted_floor, lower_bound
 from benchmarks.sd_architectures import added_conditioning, build_unet
 from utils.run.cpu_allocator import keep_freed_memory
 
@@ -75,8 +80,8 @@ def floor_step(model, inputs) -> float:
         return one_step(model, None, inputs)
 
 
-def measure_one(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
-    keep_freed_memory()
+def set_up(arch, resolution, mode, n_factors, block_num):
+    """(model, optimizer or None, step inputs at batch 2) for an architecture and a BOFT forward."""
     from utils.families.stable_diffusion import UNET_TARGET_MODULES
     from utils.families.stable_diffusion_xl import UNET_TARGET_MODULES as XL_UNET_TARGET_MODULES
 
@@ -87,6 +92,15 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
     size = resolution // 8
     inputs = (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500]),
               torch.randn(2, 77, text_dim, generator=generator), added_conditioning(unet, 2, resolution))
+    return model, optimizer, inputs
+
+
+def measure_one(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
+    keep_freed_memory()
+    model, optimizer, inputs = set_up(arch, resolution, mode, n_factors, block_num)
+    bound = None
+    if optimizer is not None:
+        bound = lower_bound(*counted_floor(lambda: floor_step(model, inputs), model))
     floor_times, boft_times = [], []
     for i in range(WARM_UP_ROUNDS + repeats):
         floor_seconds = floor_step(model, inputs)
@@ -95,7 +109,20 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
             floor_times.append(floor_seconds)
             boft_times.append(boft_seconds)
     return {"seconds": statistics.median(boft_times), "floor_seconds": statistics.median(floor_times),
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(), "bound": bound}
+
+
+def profile_one(arch, resolution, n_factors, block_num, rows=15) -> str:
+    """The top operations (by their own CPU time) of one fast BOFT step, after the untimed rounds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    keep_freed_memory()
+    model, optimizer, inputs = set_up(arch, resolution, "fast", n_factors, block_num)
+    for _ in range(WARM_UP_ROUNDS):
+        one_step(model, optimizer, inputs)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        one_step(model, optimizer, inputs)
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
@@ -107,13 +134,14 @@ def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats)
 
 def run(arch, resolution, factors, block_num, repeats, modes):
     floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats)
-    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.2f} | 1.00 | {floor['peak_rss_mb']} |", flush=True)
+    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.2f} | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
+          flush=True)
     for m in factors:
         for mode in modes:
             measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats)
             ratio = measured["seconds"] / measured["floor_seconds"]
             print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.2f} | {ratio:.2f} "
-                  f"| {measured['peak_rss_mb']} |", flush=True)
+                  f"| {measured['bound']:.3f} | {measured['peak_rss_mb']} |", flush=True)
 
 
 def main(argv=None):
@@ -125,6 +153,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft"])
     parser.add_argument("--quick", action="store_true", help="SD 1.5, 128 px, m = 1, two repeats")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top operations of one fast BOFT step (first --arch, --resolution, --factors)")
     parser.add_argument("--one", nargs=4, metavar=("ARCH", "PX", "MODE", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -133,10 +163,13 @@ def main(argv=None):
         return
     if args.quick:
         args.arch, args.resolution, args.factors, args.repeats = ["sd15"], [128], [1], 2
+    if args.profile:
+        print(profile_one(args.arch[0], args.resolution[0], args.factors[0], args.block_num))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, block_num {args.block_num}, batch 2, "
           f"median of {args.repeats} steps; x floor: against floor steps interleaved in the same process")
-    print("| arch | px | BOFT forward | factors | s/step | x floor | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| arch | px | BOFT forward | factors | s/step | x floor | arithmetic bound | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for resolution in args.resolution:
             run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes)
