@@ -1,0 +1,36 @@
+"""benchmarks/arithmetic.py: BOFT's extra multiply-adds, counted from a layer's shape and the rows it sees."""
+
+import torch
+from peft import BOFTConfig, get_peft_model
+
+from benchmarks.arithmetic import counted_floor, extra_multiply_adds, lower_bound
+from utils.boft import peft_seam
+
+
+def boft_model(block_num=8):
+    peft_seam.install()
+    config = BOFTConfig(boft_block_num=block_num, boft_block_size=0, boft_n_butterfly_factor=2, target_modules=["0"])
+    return get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 48)), config)
+
+
+def test_the_cheaper_side_and_the_cayley_transform_are_counted():
+    layer = boft_model().base_model.model[0]  # 2 factors of 8 blocks of 8
+    on_activations, cayley = 3 * 2 * 10 * 64 * 8, 3 * 2 * 8 * 8**3
+    assert extra_multiply_adds(layer, rows=10) == on_activations + cayley
+    layer = boft_model(block_num=2).base_model.model[0]  # blocks of 32: with many rows the weight side is cheaper
+    on_weight, cayley = 2 * 2 * 48 * 64 * 32 + 10_000 * 48 * 64, 3 * 2 * 2 * 32**3
+    assert extra_multiply_adds(layer, rows=10_000) == on_weight + cayley
+
+
+def test_the_floor_is_counted_with_the_rows_each_layer_saw():
+    model = boft_model()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+
+    def floor_step():
+        with model.disable_adapter():
+            model(x).sum().backward()
+
+    flops, extra = counted_floor(floor_step, model)
+    assert flops == 2 * 15 * 64 * 48 * 2  # forward and the input's gradient, 15 rows
+    assert extra == extra_multiply_adds(model.base_model.model[0], rows=15)
+    assert lower_bound(flops, extra) == 1 + 2 * extra / flops
