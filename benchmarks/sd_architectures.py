@@ -42,9 +42,10 @@ SDXL_TEXT_ENCODERS = {
     "text_encoder_2": dict(architectures=["CLIPTextModelWithProjection"], hidden_size=1280, intermediate_size=5120,
                            num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
 }
-SDXL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
-                scaling_factor=0.13025, force_upcast=True)
+# The VAE of SD 1.x/2.x; SDXL's has the same architecture, another scale and trained at 1024 px.
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+SDXL_VAE = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 
 def build_unet(name: str, seed: int = 0):
@@ -106,14 +107,7 @@ def save_random_pipeline(name: str, folder, seed: int = 0):
         return folder
     unet, text_dim = build_unet(name, seed)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = AutoencoderKL(**SD_VAE)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=text_dim, intermediate_size=4 * text_dim, num_hidden_layers=12 if name == "sd15" else 23,
         num_attention_heads=text_dim // 64, max_position_embeddings=77, projection_dim=text_dim,

@@ -26,7 +26,7 @@ import torch
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import family_of
-from utils.inference import BoftPipeline, resolve_adapter
+from utils.inference import BoftPipeline, check_model_and_adapter
 from utils.original_layout import (
     TEXT_ENCODER_CONVERTERS,
     kohya_name,
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args) -> None:
     """Every mistake that can be found without loading a weight, as a UserError."""
-    from utils.run.flags import removed_model_problem, unwritable_ancestor
+    from utils.run.flags import unwritable_ancestor
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -70,10 +70,7 @@ def check_arguments(args) -> None:
         raise UserError("--format lora needs --rank R, a positive number (for example 32)")
     if args.format != "lora" and args.rank is not None:
         raise UserError(f"--rank applies to --format lora only, not to --format {args.format}")
-    if problem := removed_model_problem(args.pretrained_model_name_or_path):
-        raise UserError(problem)
-    family_of(args.pretrained_model_name_or_path, args.revision)
-    resolve_adapter(args.output_dir, args.adapter_name, args.step)
+    check_model_and_adapter(args)
 
 
 def checkpoint_tensors(pipe: BoftPipeline, family) -> dict:

@@ -264,7 +264,7 @@ def check_arguments(args) -> None:
     """Every mistake in the command line that can be found without loading a weight, as a UserError."""
     from PIL import Image
 
-    from utils.run.flags import removed_model_problem, unwritable_ancestor
+    from utils.run.flags import unwritable_ancestor
 
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be positive")
@@ -276,6 +276,14 @@ def check_arguments(args) -> None:
     for flag, path in (("--out", out.parent), ("--save_merged", Path(args.save_merged or ".").parent)):
         if (blocked := unwritable_ancestor(path)) is not None:
             raise UserError(f"{flag} {path}: {blocked} is not a folder you can write to")
+    check_model_and_adapter(args)
+
+
+def check_model_and_adapter(args) -> None:
+    """The base model can be loaded (no removed hub id, a family this project knows) and the run saved the adapter
+    at that step: the checks every tool that loads adapters makes before any weight loads."""
+    from utils.run.flags import removed_model_problem
+
     if problem := removed_model_problem(args.pretrained_model_name_or_path):
         raise UserError(problem)
     family_of(args.pretrained_model_name_or_path, args.revision)
