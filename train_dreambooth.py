@@ -19,7 +19,6 @@ final adapters, the reports).
 """
 
 import logging
-import math
 import os
 import shlex
 import sys
@@ -43,7 +42,7 @@ from utils.run.adapters import wrap_with_adapters
 from utils.run.class_images import generate_class_images
 from utils.run.config import RunConfig, class_images_used, training_resolution
 from utils.run.cpu_allocator import keep_freed_memory
-from utils.run.data import make_dataloader
+from utils.run.data import make_dataloader, per_process_batch
 from utils.run.dataset import fetch_dreambooth_dataset, is_dreambooth_dataset_folder
 from utils.run.flags import parse_args, run_name
 from utils.run.lock import lock_run
@@ -155,6 +154,7 @@ class DreamBoothRun:
         *models, self.optimizer, self.loader = accelerator.prepare(*self.trained.values(), optimizer, loader)
         self.trained = dict(zip(self.trained, models))
         self.unet = self.trained["unet"]
+        self.rotations = peft_seam.RotationCache(*(accelerator.unwrap_model(m) for m in self.trained.values()))
         self.conditioning = self.family.conditioning(self._components_with(self.trained), prompts,
                                                      config.train_text_encoder, accelerator.device, self.dtype)
         self._frozen_text_encoders_to("cpu")  # their embeddings are computed; they come back for validation
@@ -162,10 +162,7 @@ class DreamBoothRun:
         unwrapped = {id(accelerator.unwrap_model(model)): part for part, model in self.trained.items()}
         checkpoints.register_adapter_hooks(accelerator, config.run_name, unwrapped)
         tracking.start_trackers(config, accelerator, self.trackers, self.layout.logs(config.logging_dir))
-        batch = min(config.train_batch_size, math.ceil(len(self.loader.dataset) / accelerator.num_processes))
-        if batch < config.train_batch_size:
-            logger.warning("--train_batch_size %d is more than the %d example(s) each process has: batches of %d",
-                           config.train_batch_size, batch, batch)
+        batch = per_process_batch(config.train_batch_size, len(self.loader.dataset), accelerator.num_processes)
         logger.info("Training %d optimizer steps: %d examples, batch %d per device x %d process(es) x %d accumulation",
                     config.max_train_steps, len(self.loader.dataset), batch, accelerator.num_processes,
                     config.gradient_accumulation_steps)
@@ -268,6 +265,8 @@ class DreamBoothRun:
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=config.set_grads_to_none)
+            if accelerator.sync_gradients:  # the adapters changed: their rotations are computed anew
+                self.rotations.clear()
         return loss
 
     def after_optimizer_step(self, loss, progress):
@@ -330,7 +329,8 @@ class DreamBoothRun:
         logger.info("Validation at step %d: %d prompt(s) x %d image(s)", step, len(config.validation_prompts),
                     config.num_validation_images)
         components.unet.eval()
-        with self.timer("validation"), torch.random.fork_rng(devices=[]):  # must not move the training's random stream
+        # The training's random stream must not move; the adapters are folded into the weights meanwhile (no BOFT cost).
+        with self.timer("validation"), torch.random.fork_rng(devices=[]), peft_seam.folded(*base.values()):
             images, captions = validation.generate_validation_images(
                 pipeline, config.validation_prompts, config.num_validation_images, self.state.seed,
                 config.validation_inference_steps, config.resolution, accelerator.autocast, config.sample_batch_size,

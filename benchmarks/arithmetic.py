@@ -6,7 +6,9 @@ input rows (tokens x batch), m butterfly factors and blocks of size b = in / blo
   blocks' gradient, three products of rows x in x b;
 - on the weight: each factor rotates W (out x in x b) and takes the blocks' gradient from W's (the same size), and
   the rotated weight's gradient is a full rows x out x in product the frozen step does not compute;
-- the Cayley transform of each block and factor: an inverse and the two products of its backward, about 3 b^3.
+- the Cayley transform of each block and factor: an inverse and the two products of its backward, about 3 b^3;
+  under gradient accumulation of k micro-batches, the inverse is taken once per optimizer step (b^3 / k per
+  micro-batch) while the backward's two products run every micro-batch.
 Scales, biases and permutations move data without multiplying and are left out: an implementation gets below the
 bound only if its multiply-adds run faster than the frozen step's.
 """
@@ -18,18 +20,19 @@ def boft_layers(model) -> list:
     return [module for module in model.modules() if hasattr(module, "boft_R")]
 
 
-def extra_multiply_adds(layer, rows: int) -> int:
-    """What one BOFT layer adds to a training step, on the cheaper side, with `rows` input rows."""
+def extra_multiply_adds(layer, rows: int, micro_batches: int = 1) -> float:
+    """What one BOFT layer adds to a training step (per micro-batch of `micro_batches` sharing one optimizer step),
+    on the cheaper side, with `rows` input rows."""
     (boft_r,) = layer.boft_R.values()
     factors, blocks, size, _ = boft_r.shape
     inputs, outputs = layer.in_features, layer.out_features
     on_activations = 3 * factors * rows * inputs * size
     on_weight = 2 * factors * outputs * inputs * size + rows * outputs * inputs
-    cayley = 3 * factors * blocks * size**3
+    cayley = (2 + 1 / micro_batches) * factors * blocks * size**3
     return min(on_activations, on_weight) + cayley
 
 
-def counted_floor(step, model) -> tuple[int, int]:
+def counted_floor(step, model, micro_batches: int = 1) -> tuple[int, float]:
     """(FLOPs of one floor step, BOFT's extra multiply-adds at the rows each layer saw in it)."""
     rows = {}
     hooks = [layer.register_forward_hook(lambda module, args, _: rows.__setitem__(module, args[0].numel() // module.in_features))
@@ -38,7 +41,7 @@ def counted_floor(step, model) -> tuple[int, int]:
         step()
     for hook in hooks:
         hook.remove()
-    return counter.get_total_flops(), sum(extra_multiply_adds(layer, n) for layer, n in rows.items())
+    return counter.get_total_flops(), sum(extra_multiply_adds(layer, n, micro_batches) for layer, n in rows.items())
 
 
 def lower_bound(floor_flops: int, extra: int) -> float:

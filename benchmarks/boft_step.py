@@ -10,6 +10,7 @@ keeps freed memory for the next step (utils/run/cpu_allocator.py), as the traine
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
     python -m benchmarks.boft_step --arch sdxl --factors 1            # SDXL base (2.6 B parameters, 11 GB fp32)
     python -m benchmarks.boft_step --profile --resolution 256         # the top operations of one BOFT step
+    python -m benchmarks.boft_step --accumulation 4 --factors 1 2     # 4 micro-batches a step, against 4 floor steps
 Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, the
 lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
 counted at the layer shapes and token counts of the step), peak RSS. --profile prints the top operations of one
@@ -39,9 +40,10 @@ def peak_rss_mb() -> int:
 
 
 def make_model(unet, mode: str, n_factors: int, block_num: int, targets):
-    """(model, optimizer): the frozen UNet for the floor, else the UNet with a BOFT adapter."""
+    """(model, optimizer, rotation cache or None): the frozen UNet for the floor, else the UNet with a BOFT adapter
+    (the fast forward with the trainer's RotationCache)."""
     if mode == "floor":
-        return unet.requires_grad_(False), None
+        return unet.requires_grad_(False), None, None
     from peft import BOFTConfig, get_peft_model
 
     from utils.boft import peft_seam
@@ -51,60 +53,67 @@ def make_model(unet, mode: str, n_factors: int, block_num: int, targets):
     config = BOFTConfig(boft_block_num=block_num, boft_block_size=0, boft_n_butterfly_factor=n_factors,
                         boft_dropout=0.1, target_modules=list(targets))
     model = get_peft_model(unet, config)
+    rotations = None
     if mode == "fast":
         peft_seam.use_fast_forward(model)
+        rotations = peft_seam.RotationCache(model)
     trained = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(trained, lr=1e-5, fused=True)  # as the trainer's make_optimizer on a CPU
+    return model, torch.optim.AdamW(trained, lr=1e-5, fused=True), rotations  # the trainer's optimizer on a CPU
 
 
 # Untimed rounds first: the heap takes two or three steps to reach the layout it then reuses.
 WARM_UP_ROUNDS = 3
 
 
-def one_step(model, optimizer, inputs) -> float:
-    """Seconds for one step: BOFT (adapters trained, AdamW step) with an optimizer, else the floor."""
+def one_step(model, optimizer, inputs, micro_batches=1, rotations=None) -> float:
+    """Seconds for one step of `micro_batches` forward and backward passes: BOFT (adapters trained, then one AdamW
+    step, after which the rotation cache is cleared, as in the trainer) with an optimizer, else the floor."""
     latents, timesteps, context, added = inputs
     start = time.perf_counter()
-    noisy = latents.clone().requires_grad_(optimizer is None)
-    model(noisy, timesteps, context, **added).sample.float().pow(2).mean().backward()
+    for _ in range(micro_batches):
+        noisy = latents.clone().requires_grad_(optimizer is None)
+        model(noisy, timesteps, context, **added).sample.float().pow(2).mean().backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if rotations is not None:
+        rotations.clear()
     return time.perf_counter() - start
 
 
-def floor_step(model, inputs) -> float:
+def floor_step(model, inputs, micro_batches=1) -> float:
     if not hasattr(model, "disable_adapter"):
-        return one_step(model, None, inputs)
+        return one_step(model, None, inputs, micro_batches)
     with model.disable_adapter():
-        return one_step(model, None, inputs)
+        return one_step(model, None, inputs, micro_batches)
 
 
 def set_up(arch, resolution, mode, n_factors, block_num):
-    """(model, optimizer or None, step inputs at batch 2) for an architecture and a BOFT forward."""
+    """(model, optimizer or None, rotation cache or None, step inputs at batch 2) for an architecture and a BOFT
+    forward."""
     from utils.families.stable_diffusion import UNET_TARGET_MODULES
     from utils.families.stable_diffusion_xl import UNET_TARGET_MODULES as XL_UNET_TARGET_MODULES
 
     unet, text_dim = build_unet(arch)
     targets = XL_UNET_TARGET_MODULES if arch == "sdxl" else UNET_TARGET_MODULES
-    model, optimizer = make_model(unet, mode, n_factors, block_num, targets)
+    model, optimizer, rotations = make_model(unet, mode, n_factors, block_num, targets)
     generator = torch.Generator().manual_seed(0)
     size = resolution // 8
     inputs = (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500]),
               torch.randn(2, 77, text_dim, generator=generator), added_conditioning(unet, 2, resolution))
-    return model, optimizer, inputs
+    return model, optimizer, rotations, inputs
 
 
-def measure_one(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
+def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1) -> dict:
     keep_freed_memory()
-    model, optimizer, inputs = set_up(arch, resolution, mode, n_factors, block_num)
+    model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num)
     bound = None
     if optimizer is not None:
-        bound = lower_bound(*counted_floor(lambda: floor_step(model, inputs), model))
+        bound = lower_bound(*counted_floor(lambda: floor_step(model, inputs), model, micro_batches))
     floor_times, boft_times = [], []
     for i in range(WARM_UP_ROUNDS + repeats):
-        floor_seconds = floor_step(model, inputs)
-        boft_seconds = one_step(model, optimizer, inputs) if optimizer is not None else floor_seconds
+        floor_seconds = floor_step(model, inputs, micro_batches)
+        boft_seconds = floor_seconds if optimizer is None else one_step(model, optimizer, inputs, micro_batches, rotations)
         if i >= WARM_UP_ROUNDS:
             floor_times.append(floor_seconds)
             boft_times.append(boft_seconds)
@@ -117,28 +126,28 @@ def profile_one(arch, resolution, n_factors, block_num, rows=15) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     keep_freed_memory()
-    model, optimizer, inputs = set_up(arch, resolution, "fast", n_factors, block_num)
+    model, optimizer, rotations, inputs = set_up(arch, resolution, "fast", n_factors, block_num)
     for _ in range(WARM_UP_ROUNDS):
-        one_step(model, optimizer, inputs)
+        one_step(model, optimizer, inputs, rotations=rotations)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        one_step(model, optimizer, inputs)
+        one_step(model, optimizer, inputs, rotations=rotations)
     return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats) -> dict:
+def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1) -> dict:
     command = [sys.executable, "-m", "benchmarks.boft_step", "--one", arch, str(resolution), mode, str(n_factors),
-               "--block_num", str(block_num), "--repeats", str(repeats)]
+               "--block_num", str(block_num), "--repeats", str(repeats), "--accumulation", str(micro_batches)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(arch, resolution, factors, block_num, repeats, modes):
-    floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats)
+def run(arch, resolution, factors, block_num, repeats, modes, micro_batches):
+    floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches)
     print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.2f} | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
           flush=True)
     for m in factors:
         for mode in modes:
-            measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats)
+            measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches)
             ratio = measured["seconds"] / measured["floor_seconds"]
             print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.2f} | {ratio:.2f} "
                   f"| {measured['bound']:.3f} | {measured['peak_rss_mb']} |", flush=True)
@@ -152,6 +161,8 @@ def main(argv=None):
     parser.add_argument("--block_num", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft"])
+    parser.add_argument("--accumulation", type=int, default=1, metavar="K",
+                        help="a step is K micro-batches and one optimizer step, against K floor steps")
     parser.add_argument("--quick", action="store_true", help="SD 1.5, 128 px, m = 1, two repeats")
     parser.add_argument("--profile", action="store_true",
                         help="print the top operations of one fast BOFT step (first --arch, --resolution, --factors)")
@@ -159,7 +170,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.one:
         arch, resolution, mode, n_factors = args.one
-        print(json.dumps(measure_one(arch, int(resolution), mode, int(n_factors), args.block_num, args.repeats)))
+        print(json.dumps(measure_one(arch, int(resolution), mode, int(n_factors), args.block_num, args.repeats,
+                                     args.accumulation)))
         return
     if args.quick:
         args.arch, args.resolution, args.factors, args.repeats = ["sd15"], [128], [1], 2
@@ -167,12 +179,13 @@ def main(argv=None):
         print(profile_one(args.arch[0], args.resolution[0], args.factors[0], args.block_num))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, block_num {args.block_num}, batch 2, "
-          f"median of {args.repeats} steps; x floor: against floor steps interleaved in the same process")
+          f"{args.accumulation} micro-batch(es) per step, median of {args.repeats} steps; x floor: against floor "
+          "steps interleaved in the same process")
     print("| arch | px | BOFT forward | factors | s/step | x floor | arithmetic bound | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for resolution in args.resolution:
-            run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes)
+            run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation)
 
 
 if __name__ == "__main__":

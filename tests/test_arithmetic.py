@@ -34,3 +34,10 @@ def test_the_floor_is_counted_with_the_rows_each_layer_saw():
     assert flops == 2 * 15 * 64 * 48 * 2  # forward and the input's gradient, 15 rows
     assert extra == extra_multiply_adds(model.base_model.model[0], rows=15)
     assert lower_bound(flops, extra) == 1 + 2 * extra / flops
+
+
+def test_accumulated_micro_batches_share_the_cayley_inverse():
+    layer = boft_model().base_model.model[0]
+    rotation = 3 * 2 * 10 * 64 * 8
+    inverse, backward = 2 * 8 * 8**3, 2 * 2 * 8 * 8**3  # per factor and block: the inverse once a step
+    assert extra_multiply_adds(layer, rows=10, micro_batches=4) == rotation + backward + inverse / 4

@@ -256,3 +256,72 @@ def test_the_copying_block_product_for_other_devices_computes_the_same(monkeypat
     strided = outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", "activation"))
     monkeypatch.setattr(rotation, "STRIDED_OUT_DEVICES", ())
     assert_close(outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", "activation")), strided)
+
+
+def _fast_layer(**settings):
+    layer = random_boft_layer(**settings)
+    layer._fast_boft = True  # as use_fast_forward marks the layers it routes
+    return layer
+
+
+def _counting_inverses(monkeypatch):
+    calls, inverse = [], rotation.skew_inverse
+
+    def counted(r):
+        calls.append(r.shape)
+        return inverse(r)
+
+    monkeypatch.setattr(peft_seam, "skew_inverse", counted)  # the cache's
+    monkeypatch.setattr(rotation, "skew_inverse", counted)  # cayley()'s own
+    return calls
+
+
+@pytest.mark.parametrize("side", ["weight", "activation"])
+def test_the_rotation_cache_inverts_once_per_parameter_state_and_changes_no_gradient(side, monkeypatch):
+    """Gradient accumulation: micro-batches share one Cayley inverse; outputs and accumulated gradients are
+    bit-identical to computing it every micro-batch."""
+    plain, cached = _fast_layer(factors=2), _fast_layer(factors=2)
+    cached.load_state_dict(plain.state_dict())
+    cache = peft_seam.RotationCache(torch.nn.Sequential(cached))
+    calls = _counting_inverses(monkeypatch)
+    micro_batches = [torch.randn(5, 64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    for layer in (plain, cached):
+        for x in micro_batches:
+            peft_seam.boft_linear(layer, x, "default", side).square().sum().backward()
+    assert len(calls) == len(micro_batches) + 1  # every micro-batch without the cache, once with it
+    assert torch.equal(plain.boft_R["default"].grad, cached.boft_R["default"].grad)
+    assert torch.equal(plain.boft_s["default"].grad, cached.boft_s["default"].grad)
+    x = micro_batches[0]
+    with torch.no_grad():
+        cached.boft_R["default"].add_(0.1)  # an optimizer step in place: the version counter moves
+        plain.boft_R["default"].add_(0.1)
+        assert torch.equal(peft_seam.boft_linear(cached, x, "default", side),
+                           peft_seam.boft_linear(plain, x, "default", side))
+        cached.boft_R["default"].data += 0.1  # a write torch does not count (bitsandbytes' kernels): clear()
+        plain.boft_R["default"].data += 0.1
+        cache.clear()
+        assert torch.equal(peft_seam.boft_linear(cached, x, "default", side),
+                           peft_seam.boft_linear(plain, x, "default", side))
+
+
+def test_folding_generates_as_merged_and_puts_the_very_weights_back():
+    layer = _fast_layer(factors=2)
+    layer.eval()
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(8))
+    weight = layer.base_layer.weight
+    address, before = weight.data_ptr(), weight.detach().clone()
+    with torch.no_grad():
+        unfolded = peft_seam.fast_boft_forward(layer, x)
+        with peft_seam.folded(model):
+            assert layer.merged and not torch.equal(weight, before)
+            folded = peft_seam.fast_boft_forward(layer, x)
+        assert not layer.merged and weight.data_ptr() == address and torch.equal(weight, before)
+        assert_close([folded], [unfolded], rtol=1e-5)
+        peft_seam.structured_merge(layer)
+        assert torch.equal(peft_seam.fast_boft_forward(layer, x), folded)  # folded is merged, exactly
+    fresh = _fast_layer(factors=2).eval()
+    kept = fresh.base_layer.weight.detach().clone()
+    with pytest.raises(RuntimeError), peft_seam.folded(torch.nn.Sequential(fresh)):
+        raise RuntimeError  # an error while generating still puts the weights back
+    assert not fresh.merged and torch.equal(fresh.base_layer.weight, kept)

@@ -28,7 +28,7 @@ def start_trainer(argv):
 CONFIGS = {
     "prior_accumulation_text_encoder": dict(with_prior_preservation=True, class_prompt="a photo of toy",
                                             num_class_images=2, class_inference_steps=2, gradient_accumulation_steps=2,
-                                            train_text_encoder=True, num_dataloader_workers=1),
+                                            train_text_encoder=True, num_dataloader_workers=1, no_cache_latents=True),
     # SDXL: its size-and-crop conditioning comes back from the latent cache on resume.
     "sdxl_batch_2": dict(train_batch_size=2),
 }

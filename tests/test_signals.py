@@ -29,7 +29,8 @@ def stopped_at(output: str) -> int:
 @pytest.mark.parametrize("target", ["group", "launcher"])
 def test_sigterm_through_accelerate_launch_saves_with_two_workers(target, tiny_model, subject, tmp_path):
     out = tmp_path / "out"
-    argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=2)
+    argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=2,
+                     no_cache_latents=True)  # photos to decode: the workers really start
     process = start_in_session([*ACCELERATE, *ONE_PROCESS, REPO / "train_dreambooth.py", *argv])
     layout = RunLayout(out, "dreambooth_boft")
     wait_for(layout.checkpoint(2), process)
@@ -98,7 +99,8 @@ def test_sigterm_to_the_multi_process_launcher_alone_saves_on_every_process(tiny
     from tests.test_multiprocess import free_port
 
     out = tmp_path / "out"
-    argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=1)
+    argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=1,
+                     no_cache_latents=True)
     process = start_in_session([*LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                                 str(free_port()), REPO / "train_dreambooth.py", *argv], ACCELERATE_USE_CPU="1")

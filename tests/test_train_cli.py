@@ -265,3 +265,32 @@ def test_latent_cache_changes_nothing_but_speed_and_is_reused(tiny_model, subjec
     entries = {p: p.stat().st_mtime_ns for p in (tmp_path / "on" / "latent_cache").iterdir()}
     assert len(entries) == 3 + 2  # three photos, two class images, each encoded once
     # Reused by the next run of the folder: tests/test_many_subjects.py (a resume finds every latent).
+
+
+def test_micro_batches_share_the_rotations_of_their_optimizer_step(tiny_model, subject, tmp_path, monkeypatch):
+    """--gradient_accumulation_steps 2: each adapter's Cayley inverse is computed once per optimizer step, not
+    per micro-batch, and anew after every step, even under 8-bit Adam (whose updates torch does not count)."""
+    from diffusers import UNet2DConditionModel
+
+    from utils.boft import peft_seam, rotation
+    from utils.families.stable_diffusion import UNET_TARGET_MODULES
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    layers = sum(name.endswith(tuple(UNET_TARGET_MODULES)) for name, _ in unet.named_modules())
+    calls, inverse = [], rotation.skew_inverse
+    monkeypatch.setattr(peft_seam, "skew_inverse", lambda r: calls.append(r.shape) or inverse(r))
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", gradient_accumulation_steps=2,
+                                      use_8bit_adam=True, max_train_steps=2, train_batch_size=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch 1 per device x 1 process(es) x 2 accumulation" in result.stderr
+    assert len(calls) == 2 * layers > 0
+
+
+def test_workers_are_not_started_when_every_latent_is_cached(tiny_model, subject, tmp_path):
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", num_dataloader_workers=2,
+                                      max_train_steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Every image's latents are cached: the loader reads them in this process" in result.stderr
+    result = run_in_process(base_args(tiny_model, subject, tmp_path / "out2", num_dataloader_workers=2,
+                                      max_train_steps=1, no_cache_latents=True))  # photos to decode: workers start
+    assert result.returncode == 0 and "Every image's latents are cached" not in result.stderr, result.stderr[-3000:]

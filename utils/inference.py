@@ -225,17 +225,18 @@ class BoftPipeline:
                  seed=0, height=None, width=None, output_type="pil"):
         """num_images images of one prompt; image k is seeded with seed + k, the same on every device."""
         generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
-        return self.pipeline(
-            prompt,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            height=height,
-            width=width,
-            output_type=output_type,
-        ).images
+        with peft_seam.folded(*self.peft_models.values()):  # an unmerged adapter costs nothing while generating
+            return self.pipeline(
+                prompt,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                height=height,
+                width=width,
+                output_type=output_type,
+            ).images
 
 
 def build_parser():

@@ -14,6 +14,7 @@ recognise (another version, a moved module, a renamed attribute) it warns once a
 
 import types
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from utils.boft.rotation import (
     cayley,
     cheaper_side,
     rotate_rows,
+    skew_inverse,
 )
 from utils.boft.shapes import BoftSettings, check_adapter_shape
 from utils.errors import UserError
@@ -168,11 +170,47 @@ def multiplicative_dropout(dropout, blocks):
     return torch.where(mask.to(blocks.device), eye, blocks)
 
 
+class RotationCache:
+    """The Cayley inverse of each fast BOFT layer's parameters, computed once while they stay the same: across the
+    micro-batches of an optimizer step under gradient accumulation, across validation's denoising steps. Gradients
+    still flow to the parameters every micro-batch (the backward needs only the inverse).
+
+    Whoever changes the parameters calls clear() (the trainer, after each optimizer step). A change made in place
+    by a torch operation (loading a checkpoint) is noticed as well, by the parameter's version counter; optimizers
+    that write through raw pointers (bitsandbytes) are not, hence clear()."""
+
+    def __init__(self, *models):
+        self._inverses = {}
+        for model in models:
+            for module in model.modules():
+                if getattr(module, "_fast_boft", False):
+                    module.__dict__["_rotation_cache"] = self
+
+    def inverse(self, layer, adapter: str, boft_r):
+        stamp = (boft_r.data_ptr(), boft_r._version)
+        key = (id(layer), adapter)
+        if key not in self._inverses or self._inverses[key][0] != stamp:
+            m, d, h, _ = boft_r.shape
+            self._inverses[key] = (stamp, skew_inverse(boft_r.detach().reshape(m * d, h, h).float()))
+        return self._inverses[key][1]
+
+    def clear(self) -> None:
+        self._inverses.clear()
+
+
+def layer_blocks(layer, adapter: str):
+    """The Cayley blocks of a layer's adapter (from its RotationCache when it has one), dropout applied."""
+    boft_r = layer.boft_R[adapter]
+    cache = layer.__dict__.get("_rotation_cache")
+    a_inverse = cache.inverse(layer, adapter, boft_r) if cache is not None else None
+    return multiplicative_dropout(layer.boft_dropout[adapter], cayley(boft_r, a_inverse))
+
+
 def boft_linear(layer, x, adapter: str, side: str):
     """y = s * (x R) W^T + b, peft's BOFT Linear, with R applied on the weight or on the activations."""
     weight, bias = layer.base_layer.weight, layer.base_layer.bias
     boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
-    blocks = multiplicative_dropout(layer.boft_dropout[adapter], cayley(boft_r))
+    blocks = layer_blocks(layer, adapter)
     if side == "weight":  # W_eff = diag(s) W R^T
         rotated = rotate_rows(weight.to(blocks.dtype), blocks, rotation_plan(layer, boft_r, True))
         return F.linear(x, (rotated * boft_s.view(-1, 1)).to(weight.dtype), bias).to(x.dtype)
@@ -182,16 +220,52 @@ def boft_linear(layer, x, adapter: str, side: str):
     return result.to(x.dtype)
 
 
+def _active_adapter(layer) -> str | None:
+    active = [name for name in layer.active_adapters if name in layer.boft_R]
+    return active[0] if len(active) == 1 else None
+
+
 def fast_boft_forward(layer, x, *args, **kwargs):
     """peft's BOFT Linear forward without the dense rotation; peft's own for what it does not cover."""
-    active = [name for name in layer.active_adapters if name in layer.boft_R]
-    if layer.disable_adapters or layer.merged or len(active) != 1 or args or kwargs:
+    adapter = _active_adapter(layer)
+    if layer.disable_adapters or layer.merged or adapter is None or args or kwargs:
         return _peft_layer_module().Linear.forward(layer, x, *args, **kwargs)
-    m, _, h, _ = layer.boft_R[active[0]].shape
+    m, _, h, _ = layer.boft_R[adapter].shape
     out_features, in_features = layer.base_layer.weight.shape
     training = torch.is_grad_enabled() and any(r.requires_grad for r in layer.boft_R.values())
     side = cheaper_side(out_features, in_features, x.numel() // in_features, m, h, training)
-    return boft_linear(layer, x, active[0], side)
+    return boft_linear(layer, x, adapter, side)
+
+
+def merged_weight(layer, adapter: str):
+    """diag(s) W R^T, peft's merged weight, with the rotation applied to W's rows, in the weight's dtype."""
+    weight, boft_r = layer.base_layer.weight, layer.boft_R[adapter]
+    rotated = rotate_rows(weight.float(), cayley(boft_r.float()), rotation_plan(layer, boft_r, True))
+    return (layer.boft_s[adapter].float() * rotated).to(weight.dtype)
+
+
+@contextmanager
+@torch.no_grad()
+def folded(*models):
+    """For the duration, each fast BOFT layer of `models` computes with its active adapter folded into its weight
+    (as merged), so that generating costs what the base model costs; on exit the very same weight tensors are put
+    back, untouched. For generating: nothing may train inside."""
+    swapped = []
+    try:
+        for model in models:
+            for layer in model.modules():
+                adapter = _active_adapter(layer) if getattr(layer, "_fast_boft", False) else None
+                if adapter is None or layer.merged or layer.disable_adapters:
+                    continue
+                weight = layer.base_layer.weight
+                swapped.append((layer, weight.data))
+                weight.data = merged_weight(layer, adapter)
+                layer.merged_adapters.append(adapter)
+        yield
+    finally:
+        for layer, original in reversed(swapped):
+            layer.base_layer.weight.data = original
+            layer.merged_adapters.pop()
 
 
 @torch.no_grad()
@@ -203,13 +277,10 @@ def structured_merge(layer, safe_merge: bool = False, adapter_names=None) -> Non
     for name in check_adapters_to_merge(layer, adapter_names):
         if name not in layer.boft_R:
             continue
-        boft_r = layer.boft_R[name]
-        blocks = cayley(boft_r.float())
-        rotated = rotate_rows(weight.float(), blocks, rotation_plan(layer, boft_r, True))
-        merged = layer.boft_s[name].float() * rotated
+        merged = merged_weight(layer, name)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-        weight.copy_(merged.to(weight.dtype))
+        weight.copy_(merged)
         layer.merged_adapters.append(name)
 
 
@@ -240,6 +311,7 @@ def use_fast_forward(peft_model) -> int:
                 module.forward = types.MethodType(fast_boft_forward, module)
                 module.merge = types.MethodType(structured_merge, module)
                 module.unmerge = types.MethodType(structured_unmerge, module)
+                module._fast_boft = True
                 count += 1
     return count
 

@@ -127,9 +127,6 @@ def rotate_rows(rows, blocks, plan):
 
 
 # Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
-
-
-# Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
 # equivalents; fitted to SD 1.5's layers on a 2-core CPU (benchmarks/boft_step.py). It only decides which side is
 # faster, never what is computed.
 ELEMENT_OVERHEAD = 300
@@ -148,15 +145,21 @@ def cheaper_side(out_features: int, in_features: int, tokens: int, n_factors: in
     return "weight" if weight_cost <= tokens * in_features * per_element else "activation"
 
 
-class Cayley(torch.autograd.Function):
-    """Q = (I - S)(I + S)^-1 with S the skew part of R, computed as the equal 2 (I + S)^-1 - I: one inverse, and a
-    backward of two matmuls, dQ = -2 A^-1 dA A^-1 with A = I + S."""
-
-    @staticmethod
-    def forward(ctx, r):
+def skew_inverse(r):
+    """(I + S)^-1 for S the skew part of each block of r (k, H, H), float32: the one inverse of the Cayley map,
+    taken apart so that a caller may compute it once while the parameters stay the same."""
+    with torch.no_grad():
         a = (r - r.transpose(1, 2)) * 0.5
         a.diagonal(dim1=1, dim2=2).add_(1)
-        a_inverse = torch.linalg.inv_ex(a)[0]  # I + S is invertible for every real skew S
+        return torch.linalg.inv_ex(a)[0]  # I + S is invertible for every real skew S
+
+
+class Cayley(torch.autograd.Function):
+    """Q = (I - S)(I + S)^-1 with S the skew part of R, computed as the equal 2 (I + S)^-1 - I from the inverse
+    skew_inverse(R) gives: no other inverse, and a backward of two matmuls, dQ = -2 A^-1 dA A^-1 with A = I + S."""
+
+    @staticmethod
+    def forward(ctx, r, a_inverse):
         ctx.save_for_backward(a_inverse)
         q = a_inverse * 2
         q.diagonal(dim1=1, dim2=2).sub_(1)
@@ -167,11 +170,13 @@ class Cayley(torch.autograd.Function):
     def backward(ctx, grad):
         (a_inverse,) = ctx.saved_tensors
         t = torch.bmm(torch.bmm(a_inverse.transpose(1, 2), grad), a_inverse.transpose(1, 2))
-        return t.transpose(1, 2) - t  # grad_R = (grad_A - grad_A^T) / 2 with grad_A = -2 t
+        return t.transpose(1, 2) - t, None  # grad_R = (grad_A - grad_A^T) / 2 with grad_A = -2 t
 
 
-def cayley(boft_r):
-    """peft's Cayley map of the skew part of each block, in float32 as peft computes it. Shape (m, D, H, H)."""
+def cayley(boft_r, a_inverse=None):
+    """peft's Cayley map of the skew part of each block, in float32 as peft computes it. Shape (m, D, H, H).
+    `a_inverse`: skew_inverse of these very parameters, when the caller has it."""
     m, d, h, _ = boft_r.shape
-    return Cayley.apply(boft_r.reshape(m * d, h, h).float()).view(m, d, h, h).to(boft_r.dtype)
-
+    r = boft_r.reshape(m * d, h, h).float()
+    a_inverse = skew_inverse(r) if a_inverse is None else a_inverse
+    return Cayley.apply(r, a_inverse).view(m, d, h, h).to(boft_r.dtype)

@@ -1,6 +1,7 @@
 """The training data loader: instance (and class) images, as cached latents where that is exact, else pixels."""
 
 import logging
+import math
 
 import torch
 
@@ -28,13 +29,27 @@ def make_dataloader(config, accelerator, components, images, prompt_ids: dict, c
         logger.info("Latent cache: %d image(s) encoded, %d found", encoded, len(cache_keys) - encoded)
     dataset = DreamBoothDataset(images, prompt_ids, config.resolution, config.center_crop, config.seed,
                                 class_images=class_images, latent_cache=cache, cache_keys=cache_keys)
+    workers = config.num_dataloader_workers
+    if workers and len(cache_keys) == len(set(images + class_images)):
+        logger.info("Every image's latents are cached: the loader reads them in this process (--num_dataloader_workers "
+                    "%d would start workers every epoch, ~0.1 s each time, with nothing to decode)", workers)
+        workers = 0
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.train_batch_size,
         sampler=EpochShuffleSampler(len(dataset), config.seed),
         collate_fn=lambda examples: collate_fn(examples, config.with_prior_preservation),
-        num_workers=config.num_dataloader_workers,
+        num_workers=workers,
         worker_init_fn=ignore_stop_signals,  # the main process saves first, then ends them
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched by the loader
     )
     return loader, cache
+
+
+def per_process_batch(train_batch_size: int, examples: int, num_processes: int) -> int:
+    """The batch each process really gets: fewer examples than --train_batch_size per process make it smaller."""
+    batch = min(train_batch_size, math.ceil(examples / num_processes))
+    if batch < train_batch_size:
+        logger.warning("--train_batch_size %d is more than the %d example(s) each process has: batches of %d",
+                       train_batch_size, batch, batch)
+    return batch

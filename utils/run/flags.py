@@ -97,7 +97,9 @@ def _data_group(parser):
         "--no_cache_latents", dest="cache_latents", action="store_const", const=False, help="Encode every step."
     )
     group.add_argument(
-        "--num_dataloader_workers", type=int, default=1, help="Worker processes of the training data loader."
+        "--num_dataloader_workers", type=int, default=1,
+        help="Worker processes of the training data loader, decoding photos while the model trains. When every "
+             "image's latents are cached there is nothing to decode and the loader runs in the main process.",
     )
     group.add_argument(
         "--skip_bad_images", action="store_true", help="Skip unreadable image files (with a warning) instead of stopping."
