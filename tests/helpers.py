@@ -155,3 +155,12 @@ def run_in_process(argv) -> subprocess.CompletedProcess:
         sys.argv[:] = saved_argv
         AcceleratorState._reset_state(reset_partial_state=True)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def counting_inverses(monkeypatch) -> list:
+    """The number of blocks of each Cayley inversion from now on (a RotationCache's batches and cayley()'s own)."""
+    from utils.boft import rotation
+
+    calls, inverse = [], rotation.skew_inverse
+    monkeypatch.setattr(rotation, "skew_inverse", lambda r: calls.append(r.shape[0]) or inverse(r))
+    return calls

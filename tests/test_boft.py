@@ -7,6 +7,7 @@ import torch
 from peft import BOFTConfig, get_peft_model
 
 import peft.tuners.boft.layer as peft_boft
+from tests.helpers import counting_inverses
 from utils.boft import peft_seam, rotation, shapes
 from utils.boft.shapes import BoftSettings
 from utils.errors import UserError
@@ -264,18 +265,6 @@ def _fast_layer(**settings):
     return layer
 
 
-def _counting_inverses(monkeypatch):
-    calls, inverse = [], rotation.skew_inverse
-
-    def counted(r):
-        calls.append(r.shape)
-        return inverse(r)
-
-    monkeypatch.setattr(peft_seam, "skew_inverse", counted)  # the cache's
-    monkeypatch.setattr(rotation, "skew_inverse", counted)  # cayley()'s own
-    return calls
-
-
 @pytest.mark.parametrize("side", ["weight", "activation"])
 def test_the_rotation_cache_inverts_once_per_parameter_state_and_changes_no_gradient(side, monkeypatch):
     """Gradient accumulation: micro-batches share one Cayley inverse; outputs and accumulated gradients are
@@ -283,12 +272,12 @@ def test_the_rotation_cache_inverts_once_per_parameter_state_and_changes_no_grad
     plain, cached = _fast_layer(factors=2), _fast_layer(factors=2)
     cached.load_state_dict(plain.state_dict())
     cache = peft_seam.RotationCache(torch.nn.Sequential(cached))
-    calls = _counting_inverses(monkeypatch)
+    calls = counting_inverses(monkeypatch)
     micro_batches = [torch.randn(5, 64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     for layer in (plain, cached):
         for x in micro_batches:
             peft_seam.boft_linear(layer, x, "default", side).square().sum().backward()
-    assert len(calls) == len(micro_batches) + 1  # every micro-batch without the cache, once with it
+    assert calls == [16] * (len(micro_batches) + 1)  # 2 x 8 blocks every micro-batch without the cache, once with it
     assert torch.equal(plain.boft_R["default"].grad, cached.boft_R["default"].grad)
     assert torch.equal(plain.boft_s["default"].grad, cached.boft_s["default"].grad)
     x = micro_batches[0]
@@ -325,3 +314,16 @@ def test_folding_generates_as_merged_and_puts_the_very_weights_back():
     with pytest.raises(RuntimeError), peft_seam.folded(torch.nn.Sequential(fresh)):
         raise RuntimeError  # an error while generating still puts the weights back
     assert not fresh.merged and torch.equal(fresh.base_layer.weight, kept)
+
+
+def test_the_cache_inverts_every_layer_in_one_batch_per_block_size_with_the_same_values(monkeypatch):
+    layers = [_fast_layer(in_features=n, factors=2) for n in (64, 64, 128)]  # blocks of 8, 8 and 16
+    cache = peft_seam.RotationCache(torch.nn.Sequential(*layers))
+    calls = counting_inverses(monkeypatch)
+    inverses = [cache.inverse(layer, "default", layer.boft_R["default"]) for layer in layers]
+    assert sorted(calls) == [16, 32]  # the two 64-wide layers together, on the first request
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # also split over three threads
+    for layer, inverse in zip(layers, inverses):
+        boft_r = layer.boft_R["default"]
+        alone = rotation.skew_inverse(boft_r.detach().reshape(-1, *boft_r.shape[-2:]))
+        assert torch.equal(inverse, alone)

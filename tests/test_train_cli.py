@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, run_in_process, run_trainer
+from tests.helpers import (REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, counting_inverses,
+                           run_in_process, run_trainer)
 from utils.images import list_images
 
 VALIDATION = "a qwe toy on the beach. a red qwe toy."
@@ -272,18 +273,16 @@ def test_micro_batches_share_the_rotations_of_their_optimizer_step(tiny_model, s
     per micro-batch, and anew after every step, even under 8-bit Adam (whose updates torch does not count)."""
     from diffusers import UNet2DConditionModel
 
-    from utils.boft import peft_seam, rotation
     from utils.families.stable_diffusion import UNET_TARGET_MODULES
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     layers = sum(name.endswith(tuple(UNET_TARGET_MODULES)) for name, _ in unet.named_modules())
-    calls, inverse = [], rotation.skew_inverse
-    monkeypatch.setattr(peft_seam, "skew_inverse", lambda r: calls.append(r.shape) or inverse(r))
+    calls = counting_inverses(monkeypatch)
     result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", gradient_accumulation_steps=2,
                                       use_8bit_adam=True, max_train_steps=2, train_batch_size=1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch 1 per device x 1 process(es) x 2 accumulation" in result.stderr
-    assert len(calls) == 2 * layers > 0
+    assert sum(calls) == 2 * layers * 2 * 8 > 0  # 2 factors x 8 blocks a layer, twice
 
 
 def test_workers_are_not_started_when_every_latent_is_cached(tiny_model, subject, tmp_path):
