@@ -158,9 +158,15 @@ def run_in_process(argv) -> subprocess.CompletedProcess:
 
 
 def counting_inverses(monkeypatch) -> list:
-    """The number of blocks of each Cayley inversion from now on (a RotationCache's batches and cayley()'s own)."""
-    from utils.boft import rotation
+    """The number of blocks of each Cayley inversion from now on."""
+    from utils.boft import peft_seam, rotation
 
     calls, inverse = [], rotation.skew_inverse
-    monkeypatch.setattr(rotation, "skew_inverse", lambda r: calls.append(r.shape[0]) or inverse(r))
+
+    def counted(r):
+        calls.append(r.shape[0])
+        return inverse(r)
+
+    monkeypatch.setattr(peft_seam, "skew_inverse", counted)  # a RotationCache's
+    monkeypatch.setattr(rotation, "skew_inverse", counted)  # cayley()'s own
     return calls

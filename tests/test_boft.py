@@ -314,16 +314,3 @@ def test_folding_generates_as_merged_and_puts_the_very_weights_back():
     with pytest.raises(RuntimeError), peft_seam.folded(torch.nn.Sequential(fresh)):
         raise RuntimeError  # an error while generating still puts the weights back
     assert not fresh.merged and torch.equal(fresh.base_layer.weight, kept)
-
-
-def test_the_cache_inverts_every_layer_in_one_batch_per_block_size_with_the_same_values(monkeypatch):
-    layers = [_fast_layer(in_features=n, factors=2) for n in (64, 64, 128)]  # blocks of 8, 8 and 16
-    cache = peft_seam.RotationCache(torch.nn.Sequential(*layers))
-    calls = counting_inverses(monkeypatch)
-    inverses = [cache.inverse(layer, "default", layer.boft_R["default"]) for layer in layers]
-    assert sorted(calls) == [16, 32]  # the two 64-wide layers together, on the first request
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # also split over three threads
-    for layer, inverse in zip(layers, inverses):
-        boft_r = layer.boft_R["default"]
-        alone = rotation.skew_inverse(boft_r.detach().reshape(-1, *boft_r.shape[-2:]))
-        assert torch.equal(inverse, alone)

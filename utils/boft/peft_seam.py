@@ -25,7 +25,7 @@ from utils.boft.rotation import (
     cayley,
     cheaper_side,
     rotate_rows,
-    skew_inverses,
+    skew_inverse,
 )
 from utils.boft.shapes import BoftSettings, check_adapter_shape
 from utils.errors import UserError
@@ -171,39 +171,28 @@ def multiplicative_dropout(dropout, blocks):
 
 
 class RotationCache:
-    """The Cayley inverses of the fast BOFT layers' parameters, computed once while they stay the same: across the
+    """The Cayley inverse of each fast BOFT layer's parameters, computed once while they stay the same: across the
     micro-batches of an optimizer step under gradient accumulation, across validation's denoising steps. Gradients
-    still flow to the parameters every micro-batch (the backward needs only the inverse). When one layer's is
-    missing, those of every layer are computed together: one batch per block size, spread over the CPU's cores.
+    still flow to the parameters every micro-batch (the backward needs only the inverse).
 
     Whoever changes the parameters calls clear() (the trainer, after each optimizer step). A change made in place
     by a torch operation (loading a checkpoint) is noticed as well, by the parameter's version counter; optimizers
     that write through raw pointers (bitsandbytes) are not, hence clear()."""
 
     def __init__(self, *models):
-        self._inverses, self._layers = {}, []
+        self._inverses = {}
         for model in models:
             for module in model.modules():
                 if getattr(module, "_fast_boft", False):
                     module.__dict__["_rotation_cache"] = self
-                    self._layers.append(module)
-
-    @staticmethod
-    def _stamp(boft_r):
-        return boft_r.data_ptr(), boft_r._version
-
-    def _is_fresh(self, layer, adapter: str) -> bool:
-        entry = self._inverses.get((id(layer), adapter))
-        return entry is not None and entry[0] == self._stamp(layer.boft_R[adapter])
 
     def inverse(self, layer, adapter: str, boft_r):
-        if not self._is_fresh(layer, adapter):
-            stale = [m for m in self._layers if adapter in m.boft_R and not self._is_fresh(m, adapter)]
-            blocks = [m.boft_R[adapter].detach() for m in stale]
-            inverses = skew_inverses([r.reshape(-1, r.shape[-1], r.shape[-1]).float() for r in blocks])
-            for module, r, a_inverse in zip(stale, blocks, inverses):
-                self._inverses[(id(module), adapter)] = (self._stamp(module.boft_R[adapter]), a_inverse)
-        return self._inverses[(id(layer), adapter)][1]
+        stamp = (boft_r.data_ptr(), boft_r._version)
+        key = (id(layer), adapter)
+        if key not in self._inverses or self._inverses[key][0] != stamp:
+            m, d, h, _ = boft_r.shape
+            self._inverses[key] = (stamp, skew_inverse(boft_r.detach().reshape(m * d, h, h).float()))
+        return self._inverses[key][1]
 
     def clear(self) -> None:
         self._inverses.clear()

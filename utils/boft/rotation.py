@@ -2,8 +2,6 @@
 Cayley map, butterfly permutations applied as reshapes, and rows @ R or rows @ R^T computed factor by factor without
 ever forming the dense in x in rotation. utils/boft/peft_seam.py applies these to peft's layers."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 class TorchBlockDiagonal:
@@ -153,36 +151,7 @@ def skew_inverse(r):
     with torch.no_grad():
         a = (r - r.transpose(1, 2)) * 0.5
         a.diagonal(dim1=1, dim2=2).add_(1)
-        return _split_over_cores(a)  # I + S is invertible for every real skew S
-
-
-_inverse_pool = None
-
-
-def _split_over_cores(a):
-    """(I + S)^-1 of a batch on a CPU: LAPACK inverts a batch one small matrix at a time on one core, so the batch
-    is split over torch's intra-op threads. Each matrix gets the same LAPACK call either way: bit-identical."""
-    global _inverse_pool
-    parts = min(torch.get_num_threads(), a.shape[0])
-    if a.device.type != "cpu" or parts < 2:
-        return torch.linalg.inv_ex(a)[0]
-    if _inverse_pool is None or _inverse_pool._max_workers != parts:
-        _inverse_pool = ThreadPoolExecutor(parts, thread_name_prefix="boft-inverse")
-    return torch.cat(list(_inverse_pool.map(lambda chunk: torch.linalg.inv_ex(chunk)[0], a.chunk(parts))))
-
-
-def skew_inverses(rs: list) -> list:
-    """skew_inverse of each tensor of `rs`, computed as one batch per block size (what a RotationCache does for all
-    layers at once): the same values as one call per tensor, bit for bit."""
-    groups = {}
-    for i, r in enumerate(rs):
-        groups.setdefault((r.shape[-1], r.dtype, r.device), []).append(i)
-    inverses = [None] * len(rs)
-    for members in groups.values():
-        batch = skew_inverse(torch.cat([rs[i] for i in members]))
-        for i, inverse in zip(members, batch.split([rs[i].shape[0] for i in members])):
-            inverses[i] = inverse
-    return inverses
+        return torch.linalg.inv_ex(a)[0]  # I + S is invertible for every real skew S
 
 
 class Cayley(torch.autograd.Function):
