@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from utils.boft import peft_seam
 from utils.boft.shapes import check_adapter_shape
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.families import family_of, weight_dtype
+from utils.families import check_vae, family_of, weight_dtype
 from utils.images import check_images, list_images, require_images
 from utils.layout import RunLayout
 from utils.run import checkpoints, hub, tracking, validation
@@ -86,6 +86,7 @@ def preflight(config, family):
     built on the meta device for --dry_run's plan)."""
     if config.tokenizer_name and not family.accepts_tokenizer_name:
         raise UserError(f"--tokenizer_name applies to Stable Diffusion 1.x/2.x; {family.name} uses its own tokenizers")
+    check_vae(config.pretrained_vae_model_name_or_path)
     unet, text_encoders = family.empty_models(config.pretrained_model_name_or_path, config.revision)
     check_adapter_shape(unet, family.unet_target_modules, config.boft, "UNet")
     for part, encoder in text_encoders.items() if config.train_text_encoder else ():

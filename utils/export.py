@@ -26,7 +26,7 @@ import torch
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import family_of
-from utils.inference import BoftPipeline, check_model_and_adapter
+from utils.inference import VAE_HELP, BoftPipeline, check_model_and_adapter
 from utils.original_layout import (
     TEXT_ENCODER_CONVERTERS,
     kohya_name,
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
     parser.add_argument("--revision", default=None)
+    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
     parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
     parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
     parser.add_argument("--step", default="latest", help="A saved step, or latest.")
@@ -163,7 +164,7 @@ def metadata_for(args, family, pipeline, step: int, rank=None) -> dict:
 
 def export(args) -> Path:
     pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, device="cpu", dtype="fp32",
-                                        scheduler="pipeline")
+                                        scheduler="pipeline", vae_name=args.pretrained_vae_model_name_or_path)
     family = family_of(args.pretrained_model_name_or_path, args.revision)
     step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
     rank = None

@@ -18,7 +18,7 @@ import torch
 
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.families import family_of
+from utils.families import check_vae, family_of
 from utils.layout import RunLayout
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,12 +84,13 @@ class BoftPipeline:
         self.base_biases = {}  # part -> {parameter name: the base model's bias}
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm"):
-        """The base model's pipeline (of its family: utils/families), on the best device unless told."""
+    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm", vae_name=None):
+        """The base model's pipeline (of its family: utils/families), on the best device unless told; `vae_name`:
+        a VAE in place of the model's (the run's --pretrained_vae_model_name_or_path)."""
         from diffusers import DPMSolverMultistepScheduler
 
         device, torch_dtype = choose_device_and_dtype(device, dtype)
-        pipeline = family_of(name_or_path, revision).load_pipeline(name_or_path, revision, torch_dtype)
+        pipeline = family_of(name_or_path, revision).load_pipeline(name_or_path, revision, torch_dtype, vae_name)
         if scheduler == "dpm":
             pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
@@ -239,10 +240,14 @@ class BoftPipeline:
             ).images
 
 
+VAE_HELP = "A VAE in place of the model's, as the run's --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE)."
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m utils.inference", description=__doc__.split("\n")[0])
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
     parser.add_argument("--revision", default=None)
+    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
     parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
     parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
     parser.add_argument("--step", default="latest", help="A saved step, or latest.")
@@ -288,6 +293,7 @@ def check_model_and_adapter(args) -> None:
     if problem := removed_model_problem(args.pretrained_model_name_or_path):
         raise UserError(problem)
     family_of(args.pretrained_model_name_or_path, args.revision)
+    check_vae(args.pretrained_vae_model_name_or_path)
     resolve_adapter(args.output_dir, args.adapter_name, args.step)
 
 
@@ -296,7 +302,8 @@ def main(argv=None):
     peft_seam.install()
     try:
         check_arguments(args)  # before any weight loads
-        pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype)
+        pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype,
+                                            vae_name=args.pretrained_vae_model_name_or_path)
         step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
         if args.merge:
             pipe.merge()

@@ -97,27 +97,43 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def read_model_index(name_or_path: str, revision=None) -> dict:
-    """model_index.json of a local pipeline folder or a hub id (the only file fetched); UserErrors say how to fix."""
+def read_config(name_or_path: str, filename: str, revision, what: str, flag: str, layout: str) -> dict:
+    """`filename` (JSON) of a local folder or a hub id, the only file fetched, for the model `flag` names; UserErrors
+    say how to fix. `what`: "model", "VAE"; `layout`: what the folder should be."""
     folder = Path(name_or_path)
     if folder.is_dir():
-        if not (folder / "model_index.json").is_file():
-            raise UserError(f"the model folder {name_or_path} has no model_index.json: pass a pipeline folder in "
-                            "diffusers layout (as written by save_pretrained)")
-        return json.loads((folder / "model_index.json").read_text())
+        if not (folder / filename).is_file():
+            raise UserError(f"the {what} folder {name_or_path} has no {filename}: pass {layout}")
+        return json.loads((folder / filename).read_text())
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"the model folder {name_or_path} does not exist")
+        raise UserError(f"the {what} folder {name_or_path} does not exist")
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text())
+        return json.loads(Path(hf_hub_download(name_or_path, filename, revision=revision)).read_text())
     except Exception as error:  # huggingface_hub raises many types here; all mean "cannot reach this model"
         reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if hub_offline() else type(error).__name__
         raise UserError(
-            f"cannot load the model {name_or_path} ({reason}). Download it once with network access "
-            f"(`hf download {name_or_path}`), or pass a local folder in diffusers layout to "
-            "--pretrained_model_name_or_path"
+            f"cannot load the {what} {name_or_path} ({reason}). Download it once with network access "
+            f"(`hf download {name_or_path}`), or pass a local folder in diffusers layout to {flag}"
         ) from None
+
+
+def read_model_index(name_or_path: str, revision=None) -> dict:
+    """model_index.json of a local pipeline folder or a hub id."""
+    return read_config(name_or_path, "model_index.json", revision, "model", "--pretrained_model_name_or_path",
+                       "a pipeline folder in diffusers layout (as written by save_pretrained)")
+
+
+def check_vae(vae_name) -> None:
+    """A replacement VAE (--pretrained_vae_model_name_or_path; None: the model's own) is an AutoencoderKL."""
+    if vae_name is None:
+        return
+    class_name = read_config(vae_name, "config.json", None, "VAE", "--pretrained_vae_model_name_or_path",
+                             "a folder holding an AutoencoderKL (its config.json and weights)").get("_class_name")
+    if class_name != "AutoencoderKL":
+        found = class_name or "model of no named class"
+        raise UserError(f"--pretrained_vae_model_name_or_path {vae_name} holds a {found}, not an AutoencoderKL (a VAE)")
 
 
 def family_of(name_or_path: str, revision=None) -> ModelFamily:
