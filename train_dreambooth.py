@@ -20,7 +20,6 @@ final adapters, the reports).
 
 import logging
 import os
-import shlex
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -36,13 +35,14 @@ from utils.boft.shapes import check_adapter_shape
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import check_vae, family_of, weight_dtype
 from utils.images import check_images, list_images, require_images
+from utils.inference import inference_command
 from utils.layout import RunLayout
 from utils.run import checkpoints, hub, tracking, validation
 from utils.run.adapters import wrap_with_adapters
 from utils.run.class_images import generate_class_images
 from utils.run.config import RunConfig, class_images_used, training_resolution
 from utils.run.cpu_allocator import keep_freed_memory
-from utils.run.data import make_dataloader, per_process_batch
+from utils.run.data import make_dataloader, per_process_batch, stop_workers
 from utils.run.dataset import fetch_dreambooth_dataset, is_dreambooth_dataset_folder
 from utils.run.flags import parse_args, run_name
 from utils.run.lock import lock_run
@@ -222,6 +222,7 @@ class DreamBoothRun:
     def finish(self, memory, hub_target):
         """Save the final adapters, report time and memory, push to the hub, and say where everything is."""
         config, accelerator, step = self.config, self.accelerator, self.state.global_step
+        stop_workers(self.loader)
         if step % config.checkpointing_steps:  # a checkpoint at this step saved them already
             with self.timer("saving"):
                 self.save_adapters()
@@ -233,14 +234,12 @@ class DreamBoothRun:
             logger.info("Pushed to %s", hub.push_to_hub(self.layout, *hub_target))
         accelerator.end_training()
         if accelerator.is_main_process:
-            command = ["python", "-m", "utils.inference", "--pretrained_model_name_or_path",
-                       config.pretrained_model_name_or_path, "--output_dir", config.output_dir, "--adapter_name",
-                       config.run_name, "--prompt", config.instance_prompt]
             print(f"Done: {step} steps. UNet adapter: {self.layout.adapter('unet', step)}\n"
-                  f"Generate with it: {shlex.join(command)}")
+                  f"Generate with it: {inference_command(config)}")
 
     def interrupted(self) -> SystemExit:
         """After a stop signal: say where the saved state is and how to go on; the exit status says which signal."""
+        stop_workers(self.loader)
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
             print(f"Interrupted at step {self.state.global_step}; the training state is saved in "

@@ -198,3 +198,19 @@ def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
     assert difference and int(difference.group(1)) <= 1, text[-2000:]  # the same picture up to rounding
     assert (tmp_path / "merged" / "model_index.json").is_file()
     assert (tmp_path / "export.safetensors").is_file() and "comfyui export of toy" in text
+
+
+def test_the_command_the_trainer_prints_parses_and_carries_the_runs_vae():
+    import shlex
+
+    from tests.helpers import make_config
+    from utils.inference import build_parser, inference_command
+
+    for vae in (None, "some/vae"):
+        config = make_config(pretrained_model_name_or_path="base model", pretrained_vae_model_name_or_path=vae,
+                             instance_prompt="a photo of qwe toy")
+        argv = shlex.split(inference_command(config))
+        assert argv[:3] == ["python", "-m", "utils.inference"]
+        args = build_parser().parse_args(argv[3:])
+        assert (args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path, args.prompt,
+                args.adapter_name) == ("base model", vae, "a photo of qwe toy", config.run_name)

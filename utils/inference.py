@@ -11,6 +11,7 @@ utils/boft/peft_seam.py (which gives peft the butterfly operation for every fact
 """
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -238,6 +239,15 @@ class BoftPipeline:
                 width=width,
                 output_type=output_type,
             ).images
+
+
+def inference_command(config) -> str:
+    """The command line that generates with a finished run's adapters (the trainer prints it)."""
+    vae = config.pretrained_vae_model_name_or_path
+    return shlex.join(["python", "-m", "utils.inference", "--pretrained_model_name_or_path",
+                       config.pretrained_model_name_or_path, *(["--pretrained_vae_model_name_or_path", vae] if vae else []),
+                       "--output_dir", config.output_dir, "--adapter_name", config.run_name,
+                       "--prompt", config.instance_prompt])
 
 
 VAE_HELP = "A VAE in place of the model's, as the run's --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE)."

@@ -40,6 +40,7 @@ def make_dataloader(config, accelerator, components, images, prompt_ids: dict, c
         sampler=EpochShuffleSampler(len(dataset), config.seed),
         collate_fn=lambda examples: collate_fn(examples, config.with_prior_preservation),
         num_workers=workers,
+        persistent_workers=workers > 0,  # an epoch is a handful of images: start workers once, keep their decoded photos
         worker_init_fn=ignore_stop_signals,  # the main process saves first, then ends them
         generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched by the loader
     )
@@ -53,3 +54,12 @@ def per_process_batch(train_batch_size: int, examples: int, num_processes: int) 
         logger.warning("--train_batch_size %d is more than the %d example(s) each process has: batches of %d",
                        train_batch_size, batch, batch)
     return batch
+
+
+def stop_workers(loader) -> None:
+    """End the loader's persistent workers now. They ignore stop signals (the main process saves first), so they
+    cannot be left to the interpreter's exit, which ends daemonic children with SIGTERM and then waits for them."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
