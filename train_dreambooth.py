@@ -215,6 +215,7 @@ class DreamBoothRun:
                     break
                 if self.stop_requested():
                     self.save_checkpoint()
+                    stop_workers(epoch_loader)  # this epoch's loader: a resumed epoch has its own
                     return False
         progress.close()
         return True
@@ -239,7 +240,6 @@ class DreamBoothRun:
 
     def interrupted(self) -> SystemExit:
         """After a stop signal: say where the saved state is and how to go on; the exit status says which signal."""
-        stop_workers(self.loader)
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
             print(f"Interrupted at step {self.state.global_step}; the training state is saved in "
