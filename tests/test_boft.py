@@ -224,22 +224,22 @@ def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):
 
 
 @pytest.mark.parametrize("factors, block_num", [(2, 8), (4, 8), (3, 16)])
-def test_butterfly_permutations_are_applied_as_reshapes_and_equal_the_gather(factors, block_num):
+def test_butterfly_permutations_move_chunks_of_half_a_block_and_equal_the_gather(factors, block_num):
     layer = random_boft_layer(in_features=64, block_num=block_num, factors=factors)
     z = torch.randn(5, 64)
     steps, _ = peft_seam.rotation_plan(layer, layer.boft_R["default"], transpose=False)
     for _, before, after in steps:
         for permutation in (p for p in (before, after) if p is not None):
-            assert permutation.chunk_shape is not None  # peft's permutations all have the chunk structure
+            assert permutation.chunk == 64 // block_num // 2  # peft's permutations all move half-blocks
             assert torch.equal(permutation(z), z[:, permutation.index])
             assert torch.equal(permutation.inverse()(permutation(z)), z)
 
 
 def test_an_unstructured_permutation_falls_back_to_a_gather():
     index = torch.randperm(64, generator=torch.Generator().manual_seed(0))
-    permutation = rotation.ColumnPermutation.of(index, 4)
+    permutation = rotation.ColumnPermutation(index)
     z = torch.randn(3, 64)
-    assert permutation.chunk_shape is None
+    assert permutation.chunk == 1
     assert torch.equal(permutation(z), z[:, index]) and torch.equal(permutation.inverse()(permutation(z)), z)
 
 

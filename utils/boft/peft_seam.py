@@ -145,7 +145,7 @@ def rotation_plan(layer, boft_r, transpose: bool):
             if torch.equal(index, torch.arange(d * h, device=index.device)):
                 steps.append((i, None, None))
             else:
-                after = ColumnPermutation.of(index, h // 2)
+                after = ColumnPermutation(index)
                 steps.append((i, after.inverse(), after))
         cache[key] = (steps if transpose else steps[::-1], transpose)
     return cache[key]
