@@ -11,7 +11,14 @@ input rows (tokens x batch), m butterfly factors and blocks of size b = in / blo
   micro-batch) while the backward's two products run every micro-batch.
 Scales, biases and permutations move data without multiplying and are left out: an implementation gets below the
 bound only if its multiply-adds run faster than the frozen step's.
+
+The second bound (`with_measured_inverse`) replaces the inverse's share by the time this machine takes for it: an
+exact inverse of a batch of small blocks does not run at matmul speed on a CPU (LAPACK inverts them one at a time),
+so no step that computes peft's Cayley map exactly gets below that bound either.
 """
+
+import statistics
+import time
 
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,3 +54,29 @@ def counted_floor(step, model, micro_batches: int = 1) -> tuple[int, float]:
 def lower_bound(floor_flops: int, extra: int) -> float:
     """The step's time over the floor's if every extra multiply-add ran as fast as the floor's do."""
     return 1 + 2 * extra / floor_flops
+
+
+def inverse_multiply_adds(model) -> int:
+    """One Cayley inverse of every block of every factor of every BOFT layer, counted as b^3 each."""
+    return sum(r.shape[0] * r.shape[1] * r.shape[2] ** 3 for layer in boft_layers(model) for r in layer.boft_R.values())
+
+
+def measured_inverse_seconds(model, repeats: int = 3) -> float:
+    """Seconds this machine takes for one step's Cayley inverses, layer by layer as the trainer takes them."""
+    from utils.boft.rotation import skew_inverse
+
+    blocks = [r.detach().reshape(-1, *r.shape[2:]).float() for layer in boft_layers(model) for r in layer.boft_R.values()]
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for layer_blocks in blocks:
+            skew_inverse(layer_blocks)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def with_measured_inverse(bound: float, floor_flops: int, floor_seconds: float, inverse_macs: int,
+                          inverse_seconds: float) -> float:
+    """`bound` with the inverse taking the seconds measured instead of its multiply-adds at the floor's speed; the
+    floor's FLOPs and seconds are those of a whole optimizer step (all its micro-batches: one inverse)."""
+    return bound + inverse_seconds / floor_seconds - 2 * inverse_macs / floor_flops

@@ -13,7 +13,8 @@ keeps freed memory for the next step (utils/run/cpu_allocator.py), as the traine
     python -m benchmarks.boft_step --accumulation 4 --factors 1 2     # 4 micro-batches a step, against 4 floor steps
 Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, the
 lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
-counted at the layer shapes and token counts of the step), peak RSS. --profile prints the top operations of one
+counted at the layer shapes and token counts of the step), the same bound with the Cayley inverses at the time this
+machine measures for them, peak RSS. --profile prints the top operations of one
 BOFT step instead.
 """
 
@@ -26,7 +27,8 @@ import time
 
 import torch
 
-from benchmarks.arithmetic import counted_floor, lower_bound
+from benchmarks.arithmetic import (counted_floor, inverse_multiply_adds, lower_bound, measured_inverse_seconds,
+                                   with_measured_inverse)
 from benchmarks.sd_architectures import added_conditioning, build_unet
 from utils.run.cpu_allocator import keep_freed_memory
 
@@ -107,9 +109,10 @@ def set_up(arch, resolution, mode, n_factors, block_num):
 def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1) -> dict:
     keep_freed_memory()
     model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num)
-    bound = None
+    bound = attainable = None
     if optimizer is not None:
-        bound = lower_bound(*counted_floor(lambda: floor_step(model, inputs), model, micro_batches))
+        floor_flops, extra = counted_floor(lambda: floor_step(model, inputs), model, micro_batches)
+        bound = lower_bound(floor_flops, extra)
     floor_times, boft_times = [], []
     for i in range(WARM_UP_ROUNDS + repeats):
         floor_seconds = floor_step(model, inputs, micro_batches)
@@ -117,8 +120,11 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
         if i >= WARM_UP_ROUNDS:
             floor_times.append(floor_seconds)
             boft_times.append(boft_seconds)
+    if optimizer is not None:  # a step of all its micro-batches takes one inverse
+        attainable = with_measured_inverse(bound, floor_flops * micro_batches, statistics.median(floor_times),
+                                           inverse_multiply_adds(model), measured_inverse_seconds(model))
     return {"seconds": statistics.median(boft_times), "floor_seconds": statistics.median(floor_times),
-            "peak_rss_mb": peak_rss_mb(), "bound": bound}
+            "peak_rss_mb": peak_rss_mb(), "bound": bound, "with_measured_inverse": attainable}
 
 
 def profile_one(arch, resolution, n_factors, block_num, rows=15) -> str:
@@ -143,14 +149,15 @@ def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats,
 
 def run(arch, resolution, factors, block_num, repeats, modes, micro_batches):
     floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches)
-    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.2f} | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
+    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.2f} | 1.00 | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
           flush=True)
     for m in factors:
         for mode in modes:
             measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches)
             ratio = measured["seconds"] / measured["floor_seconds"]
             print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.2f} | {ratio:.2f} "
-                  f"| {measured['bound']:.3f} | {measured['peak_rss_mb']} |", flush=True)
+                  f"| {measured['bound']:.3f} | {measured['with_measured_inverse']:.3f} | {measured['peak_rss_mb']} |",
+                  flush=True)
 
 
 def main(argv=None):
@@ -181,8 +188,9 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, block_num {args.block_num}, batch 2, "
           f"{args.accumulation} micro-batch(es) per step, median of {args.repeats} steps; x floor: against floor "
           "steps interleaved in the same process")
-    print("| arch | px | BOFT forward | factors | s/step | x floor | arithmetic bound | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| arch | px | BOFT forward | factors | s/step | x floor | arithmetic bound | bound with measured inverse "
+          "| peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for resolution in args.resolution:
             run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation)

@@ -3,7 +3,9 @@
 import torch
 from peft import BOFTConfig, get_peft_model
 
-from benchmarks.arithmetic import counted_floor, extra_multiply_adds, lower_bound
+from benchmarks.arithmetic import (counted_floor, extra_multiply_adds, inverse_multiply_adds, lower_bound,
+                                   measured_inverse_seconds, with_measured_inverse)
+from tests.helpers import counting_inverses
 from utils.boft import peft_seam
 
 
@@ -41,3 +43,15 @@ def test_accumulated_micro_batches_share_the_cayley_inverse():
     rotation = 3 * 2 * 10 * 64 * 8
     inverse, backward = 2 * 8 * 8**3, 2 * 2 * 8 * 8**3  # per factor and block: the inverse once a step
     assert extra_multiply_adds(layer, rows=10, micro_batches=4) == rotation + backward + inverse / 4
+
+
+def test_the_second_bound_puts_the_measured_inverse_in_place_of_its_multiply_adds(monkeypatch):
+    model = boft_model()  # 2 factors of 8 blocks of 8
+    assert inverse_multiply_adds(model) == 2 * 8 * 8**3
+    calls = counting_inverses(monkeypatch)
+    assert measured_inverse_seconds(model, repeats=3) > 0
+    assert calls == [16, 16, 16]  # every block of every factor of the layer, once a repeat
+    floor_flops, floor_seconds, macs = 10**9, 2.0, 10**6
+    at_floor_speed = 2 * macs / floor_flops * floor_seconds
+    assert with_measured_inverse(1.1, floor_flops, floor_seconds, macs, at_floor_speed) == 1.1
+    assert abs(with_measured_inverse(1.1, floor_flops, floor_seconds, macs, at_floor_speed + 0.2) - 1.2) < 1e-12
