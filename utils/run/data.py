@@ -2,6 +2,7 @@
 
 import logging
 import math
+import multiprocessing
 
 import torch
 
@@ -58,8 +59,18 @@ def per_process_batch(train_batch_size: int, examples: int, num_processes: int) 
 
 def stop_workers(loader) -> None:
     """End the loader's persistent workers now. They ignore stop signals (the main process saves first), so they
-    cannot be left to the interpreter's exit, which ends daemonic children with SIGTERM and then waits for them."""
+    cannot be left to the interpreter's exit, which ends daemonic children with SIGTERM and then waits for them.
+
+    torch has no public way to end them early: its iterator's own shutdown is used where it exists. On a torch
+    without it the workers are killed instead (they hold nothing to save): the daemonic children of this process,
+    which nothing else in the trainer starts."""
     iterator = getattr(loader, "_iterator", None)
-    if iterator is not None:
-        iterator._shutdown_workers()
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if callable(shutdown):
+        shutdown()
         loader._iterator = None
+    elif loader.num_workers > 0:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join()
