@@ -137,3 +137,15 @@ def test_missing_inputs_are_clear_errors(tmp_path, subject, metric_models, capsy
             main(["score", "--instance_data_dir", str(subject), "--generated_dir", str(tmp_path),
                   "--dino_model", str(models[0]), "--clip_model", str(models[1])])
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_missing_step_before_any_weight_loads(trained, tiny_model, monkeypatch, capsys):
+    from utils.inference import BoftPipeline
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter's step was checked")
+
+    monkeypatch.setattr(BoftPipeline, "from_pretrained", loading)
+    result = evaluate_here(capsys, "generate", "--pretrained_model_name_or_path", tiny_model, "--output_dir", trained,
+                           "--adapter_name", "toy", "--step", 999, "--subject_index", 27)
+    assert result.returncode == 2 and "999" in result.stderr

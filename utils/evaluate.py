@@ -23,7 +23,6 @@ import torch
 from utils.images import list_images, load_rgb
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.families import check_vae
 from utils.inference import VAE_HELP
 from utils.layout import RunLayout
 
@@ -276,6 +275,7 @@ def build_parser():
     score = commands.add_parser("score", help="score a generated folder (or every checkpoint) against real photos")
     for sub in (gen, score):
         sub.add_argument("--pretrained_model_name_or_path")
+        sub.add_argument("--revision", default=None)
         sub.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
         sub.add_argument("--output_dir", help="the training run's --output_dir")
         sub.add_argument("--adapter_name")
@@ -302,13 +302,14 @@ def build_parser():
 
 
 def _pipeline(args):
-    from utils.inference import BoftPipeline
+    """The pipeline to generate with, after the checks utils.inference makes before any weight loads."""
+    from utils.inference import BoftPipeline, check_model_and_adapter
 
     missing = [f"--{n}" for n in ("pretrained_model_name_or_path", "output_dir", "adapter_name") if not getattr(args, n)]
     if missing or (args.subject_index is None and not args.prompts_file):
         raise UserError(f"generating needs {', '.join(missing or ['--subject_index or --prompts_file'])}")
-    check_vae(args.pretrained_vae_model_name_or_path)
-    return BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, device=args.device, dtype=args.dtype,
+    check_model_and_adapter(args)
+    return BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype,
                                         vae_name=args.pretrained_vae_model_name_or_path)
 
 
