@@ -17,12 +17,12 @@ butterfly blocks cannot be copied into their `oft_blocks`: these exact formats a
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from utils.atomic import atomic_file
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import family_of
@@ -141,12 +141,8 @@ def write_safetensors(tensors: dict, metadata: dict, out: Path, dtype) -> int:
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
+    with atomic_file(out) as partial:
         save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}, partial, metadata)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     return out.stat().st_size
 
 

@@ -8,13 +8,13 @@ image is generated once, whole.
 """
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from utils.atomic import atomic_file
 from utils.run.flags import unwritable_ancestor
 from utils.images import list_images
 from utils.errors import UserError
@@ -109,9 +109,5 @@ def generate_indices(config, family, indices: list[int], device, show_progress: 
             generator=[torch.Generator().manual_seed(index) for index in batch],
         ).images
         for index, image in zip(batch, images):
-            partial = class_dir / f".{class_image_name(index)}.{os.getpid()}.partial"
-            try:
+            with atomic_file(class_dir / class_image_name(index)) as partial:
                 image.save(partial, format="JPEG", quality=95)
-                os.replace(partial, class_dir / class_image_name(index))
-            finally:  # a stop or a full disk leaves no partial file behind
-                partial.unlink(missing_ok=True)

@@ -14,13 +14,13 @@ against an uninterrupted one, differ in their last bits.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from utils.atomic import atomic_file
 from utils.run.dataset import training_example
 
 
@@ -80,10 +80,9 @@ class LatentCache:
         return tuple(tensors[name] for name in CACHED_TENSORS)
 
     def save(self, key: str, mean: torch.Tensor, std: torch.Tensor, time_ids: torch.Tensor) -> None:
-        partial = self.folder / f".{key}.{os.getpid()}.partial"
         tensors = dict(zip(CACHED_TENSORS, (mean, std, time_ids)))
-        save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, partial)
-        os.replace(partial, self._path(key))
+        with atomic_file(self._path(key)) as partial:
+            save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, partial)
 
 
 def plan_latent_cache(images, resolution: int, center_crop: bool, requested, folder, fingerprint: str):
