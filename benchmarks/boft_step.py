@@ -11,10 +11,11 @@ keeps freed memory for the next step (utils/run/cpu_allocator.py), as the traine
     python -m benchmarks.boft_step --arch sdxl --factors 1            # SDXL base (2.6 B parameters, 11 GB fp32)
     python -m benchmarks.boft_step --profile --resolution 256         # the top operations of one BOFT step
     python -m benchmarks.boft_step --accumulation 4 --factors 1 2     # 4 micro-batches a step, against 4 floor steps
+    python -m benchmarks.boft_step --device cuda --resolution 512 --precision fp16   # on a GPU, under fp16 autocast
 Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, the
 lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
 counted at the layer shapes and token counts of the step), the same bound with the Cayley inverses at the time this
-machine measures for them, peak RSS. --profile prints the top operations of one
+machine measures for them, peak RSS (on a GPU: peak GPU memory allocated). --profile prints the top operations of one
 BOFT step instead.
 """
 
@@ -31,6 +32,19 @@ from benchmarks.arithmetic import (counted_floor, inverse_multiply_adds, lower_b
                                    with_measured_inverse)
 from benchmarks.sd_architectures import added_conditioning, build_unet
 from utils.run.cpu_allocator import keep_freed_memory
+
+
+def peak_memory_mb(device: str) -> int:
+    """Peak RSS of this process, or on a GPU the peak memory torch allocated there."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() // 2**20
+    return peak_rss_mb()
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so that wall-clock time measures it (a no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_rss_mb() -> int:
@@ -67,56 +81,70 @@ def make_model(unet, mode: str, n_factors: int, block_num: int, targets):
 WARM_UP_ROUNDS = 3
 
 
-def one_step(model, optimizer, inputs, micro_batches=1, rotations=None) -> float:
+# --precision: the autocast dtype of the forward, as accelerate's --mixed_precision sets it (weights stay fp32).
+AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def one_step(model, optimizer, inputs, micro_batches=1, rotations=None, precision="fp32") -> float:
     """Seconds for one step of `micro_batches` forward and backward passes: BOFT (adapters trained, then one AdamW
     step, after which the rotation cache is cleared, as in the trainer) with an optimizer, else the floor."""
     latents, timesteps, context, added = inputs
+    dtype = AUTOCAST[precision]
+    synchronize(latents.device)
     start = time.perf_counter()
     for _ in range(micro_batches):
         noisy = latents.clone().requires_grad_(optimizer is None)
-        model(noisy, timesteps, context, **added).sample.float().pow(2).mean().backward()
+        with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype is not None):
+            prediction = model(noisy, timesteps, context, **added).sample
+        prediction.float().pow(2).mean().backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if rotations is not None:
         rotations.clear()
+    synchronize(latents.device)
     return time.perf_counter() - start
 
 
-def floor_step(model, inputs, micro_batches=1) -> float:
+def floor_step(model, inputs, micro_batches=1, precision="fp32") -> float:
     if not hasattr(model, "disable_adapter"):
-        return one_step(model, None, inputs, micro_batches)
+        return one_step(model, None, inputs, micro_batches, precision=precision)
     with model.disable_adapter():
-        return one_step(model, None, inputs, micro_batches)
+        return one_step(model, None, inputs, micro_batches, precision=precision)
 
 
-def set_up(arch, resolution, mode, n_factors, block_num):
+def set_up(arch, resolution, mode, n_factors, block_num, device="cpu"):
     """(model, optimizer or None, rotation cache or None, step inputs at batch 2) for an architecture and a BOFT
-    forward."""
+    forward, on `device`."""
     from utils.families.stable_diffusion import UNET_TARGET_MODULES
     from utils.families.stable_diffusion_xl import UNET_TARGET_MODULES as XL_UNET_TARGET_MODULES
 
     unet, text_dim = build_unet(arch)
+    unet.to(device)
     targets = XL_UNET_TARGET_MODULES if arch == "sdxl" else UNET_TARGET_MODULES
     model, optimizer, rotations = make_model(unet, mode, n_factors, block_num, targets)
     generator = torch.Generator().manual_seed(0)
     size = resolution // 8
     inputs = (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500]),
               torch.randn(2, 77, text_dim, generator=generator), added_conditioning(unet, 2, resolution))
-    return model, optimizer, rotations, inputs
+    on_device = lambda value: value.to(device) if isinstance(value, torch.Tensor) else value
+    added = {name: {key: on_device(v) for key, v in value.items()} for name, value in inputs[3].items()}
+    return model, optimizer, rotations, (*map(on_device, inputs[:3]), added)
 
 
-def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1) -> dict:
+def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
+                precision="fp32") -> dict:
     keep_freed_memory()
-    model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num)
+    model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num, device)
     bound = attainable = None
     if optimizer is not None:
         floor_flops, extra = counted_floor(lambda: floor_step(model, inputs), model, micro_batches)
         bound = lower_bound(floor_flops, extra)
     floor_times, boft_times = [], []
     for i in range(WARM_UP_ROUNDS + repeats):
-        floor_seconds = floor_step(model, inputs, micro_batches)
-        boft_seconds = floor_seconds if optimizer is None else one_step(model, optimizer, inputs, micro_batches, rotations)
+        floor_seconds = floor_step(model, inputs, micro_batches, precision)
+        boft_seconds = floor_seconds if optimizer is None else one_step(model, optimizer, inputs, micro_batches,
+                                                                        rotations, precision)
         if i >= WARM_UP_ROUNDS:
             floor_times.append(floor_seconds)
             boft_times.append(boft_seconds)
@@ -124,7 +152,7 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
         attainable = with_measured_inverse(bound, floor_flops * micro_batches, statistics.median(floor_times),
                                            inverse_multiply_adds(model), measured_inverse_seconds(model))
     return {"seconds": statistics.median(boft_times), "floor_seconds": statistics.median(floor_times),
-            "peak_rss_mb": peak_rss_mb(), "bound": bound, "with_measured_inverse": attainable}
+            "peak_rss_mb": peak_memory_mb(device), "bound": bound, "with_measured_inverse": attainable}
 
 
 def profile_one(arch, resolution, n_factors, block_num, rows=15) -> str:
@@ -140,22 +168,25 @@ def profile_one(arch, resolution, n_factors, block_num, rows=15) -> str:
     return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1) -> dict:
+def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
+                          precision="fp32") -> dict:
     command = [sys.executable, "-m", "benchmarks.boft_step", "--one", arch, str(resolution), mode, str(n_factors),
-               "--block_num", str(block_num), "--repeats", str(repeats), "--accumulation", str(micro_batches)]
+               "--block_num", str(block_num), "--repeats", str(repeats), "--accumulation", str(micro_batches),
+               "--device", device, "--precision", precision]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(arch, resolution, factors, block_num, repeats, modes, micro_batches):
-    floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches)
-    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.2f} | 1.00 | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
+def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision):
+    floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches, device, precision)
+    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.3f} | 1.00 | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
           flush=True)
     for m in factors:
         for mode in modes:
-            measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches)
+            measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches, device,
+                                             precision)
             ratio = measured["seconds"] / measured["floor_seconds"]
-            print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.2f} | {ratio:.2f} "
+            print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.3f} | {ratio:.3f} "
                   f"| {measured['bound']:.3f} | {measured['with_measured_inverse']:.3f} | {measured['peak_rss_mb']} |",
                   flush=True)
 
@@ -170,6 +201,9 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft"])
     parser.add_argument("--accumulation", type=int, default=1, metavar="K",
                         help="a step is K micro-batches and one optimizer step, against K floor steps")
+    parser.add_argument("--device", default="cpu", help="where the UNet runs, e.g. cuda")
+    parser.add_argument("--precision", default="fp32", choices=sorted(AUTOCAST),
+                        help="autocast dtype of the forward, as --mixed_precision (weights stay fp32)")
     parser.add_argument("--quick", action="store_true", help="SD 1.5, 128 px, m = 1, two repeats")
     parser.add_argument("--profile", action="store_true",
                         help="print the top operations of one fast BOFT step (first --arch, --resolution, --factors)")
@@ -178,22 +212,26 @@ def main(argv=None):
     if args.one:
         arch, resolution, mode, n_factors = args.one
         print(json.dumps(measure_one(arch, int(resolution), mode, int(n_factors), args.block_num, args.repeats,
-                                     args.accumulation)))
+                                     args.accumulation, args.device, args.precision)))
         return
     if args.quick:
         args.arch, args.resolution, args.factors, args.repeats = ["sd15"], [128], [1], 2
     if args.profile:
         print(profile_one(args.arch[0], args.resolution[0], args.factors[0], args.block_num))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, block_num {args.block_num}, batch 2, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {where}, {args.precision}, block_num {args.block_num}, batch 2, "
           f"{args.accumulation} micro-batch(es) per step, median of {args.repeats} steps; x floor: against floor "
           "steps interleaved in the same process")
-    print("| arch | px | BOFT forward | factors | s/step | x floor | arithmetic bound | bound with measured inverse "
-          "| peak RSS MB |")
+    memory = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
+    print(f"| arch | px | BOFT forward | factors | s/step | x floor | arithmetic bound | bound with measured inverse "
+          f"| {memory} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for resolution in args.resolution:
-            run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation)
+            run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation,
+                args.device, args.precision)
 
 
 if __name__ == "__main__":
