@@ -293,6 +293,22 @@ def test_the_rotation_cache_inverts_once_per_parameter_state_and_changes_no_grad
                            peft_seam.boft_linear(plain, x, "default", side))
 
 
+def test_the_rotation_cache_inverts_every_layer_at_once_one_batch_per_block_size(monkeypatch):
+    layers = [_fast_layer(factors=2), _fast_layer(factors=1), _fast_layer(block_num=4)]  # blocks of 8, 8 and 16
+    cache = peft_seam.RotationCache(torch.nn.ModuleList(layers))
+    one_by_one = [rotation.skew_inverse(layer.boft_R["default"].detach().flatten(0, 1)) for layer in layers]
+    calls = counting_inverses(monkeypatch)
+    together = [cache.inverse(layer, "default", layer.boft_R["default"]) for layer in layers]
+    assert sorted(calls) == [4, 16 + 8]  # the first layer's miss inverted all three
+    assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))
+    with torch.no_grad():
+        layers[1].boft_R["default"].add_(0.1)
+    cache.inverse(layers[0], "default", layers[0].boft_R["default"])
+    assert sorted(calls) == [4, 16 + 8]  # still current
+    cache.inverse(layers[1], "default", layers[1].boft_R["default"])
+    assert calls[-1] == 8  # only the changed layer again
+
+
 def test_folding_generates_as_merged_and_puts_the_very_weights_back():
     layer = _fast_layer(factors=2)
     layer.eval()
