@@ -12,9 +12,10 @@ input rows (tokens x batch), m butterfly factors and blocks of size b = in / blo
 Scales, biases and permutations move data without multiplying and are left out: an implementation gets below the
 bound only if its multiply-adds run faster than the frozen step's.
 
-The second bound (`with_measured_inverse`) replaces the inverse's share by the time this machine takes for it: an
-exact inverse of a batch of small blocks does not run at matmul speed on a CPU (LAPACK inverts them one at a time),
-so no step that computes peft's Cayley map exactly gets below that bound either.
+The second bound (`with_measured_inverse`) replaces the inverse's share by the time this machine takes for it, all
+layers' blocks inverted together as the trainer does: an exact inverse of small blocks does not run at matmul speed
+(LAPACK on a CPU inverts them one at a time; cuSOLVER on a GPU has a floor of its own), so no step that computes
+peft's Cayley map exactly gets below that bound either.
 """
 
 import statistics
@@ -63,17 +64,16 @@ def inverse_multiply_adds(model) -> int:
 
 
 def measured_inverse_seconds(model, repeats: int = 3) -> float:
-    """Seconds this machine takes for one step's Cayley inverses, layer by layer as the trainer takes them."""
-    from utils.boft.rotation import skew_inverse
+    """Seconds this machine takes for one step's Cayley inverses, taken together as the trainer takes them."""
+    from utils.boft.peft_seam import invert_together
 
-    blocks = [r.detach().reshape(-1, *r.shape[2:]).float() for layer in boft_layers(model) for r in layer.boft_R.values()]
-    synchronize = torch.cuda.synchronize if blocks and blocks[0].is_cuda else (lambda: None)
+    parameters = [r for layer in boft_layers(model) for r in layer.boft_R.values()]
+    synchronize = torch.cuda.synchronize if parameters and parameters[0].is_cuda else (lambda: None)
     seconds = []
     for _ in range(repeats + 1):  # the first, untimed, loads the solver's kernels
         synchronize()
         start = time.perf_counter()
-        for layer_blocks in blocks:
-            skew_inverse(layer_blocks)
+        invert_together(parameters)
         synchronize()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds[1:])

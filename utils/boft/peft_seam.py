@@ -170,6 +170,20 @@ def multiplicative_dropout(dropout, blocks):
     return torch.where(mask.to(blocks.device), eye, blocks)
 
 
+def invert_together(parameters) -> list:
+    """skew_inverse of each adapter's `boft_R` (m, D, H, H), flattened to (m*D, H, H): one batched inverse per block
+    size and device for all of them."""
+    batches = {}
+    for index, boft_r in enumerate(parameters):
+        batches.setdefault((boft_r.shape[2], boft_r.device), []).append(index)
+    inverses = [None] * len(parameters)
+    for indices in batches.values():
+        blocks = [parameters[i].detach().reshape(-1, *parameters[i].shape[2:]).float() for i in indices]
+        for i, inverse in zip(indices, skew_inverse(torch.cat(blocks)).split([len(b) for b in blocks])):
+            inverses[i] = inverse
+    return inverses
+
+
 class RotationCache:
     """The Cayley inverse of each fast BOFT layer's parameters, computed once while they stay the same: across the
     micro-batches of an optimizer step under gradient accumulation, across validation's denoising steps. Gradients
@@ -203,17 +217,11 @@ class RotationCache:
         return self._inverses[(id(layer), adapter)][1]
 
     def _invert_stale(self) -> None:
-        """Invert every adapter whose parameters changed since its inverse, one batch per block size and device."""
-        batches = {}
-        for layer in self._layers:
-            for adapter, boft_r in layer.boft_R.items():
-                if not self._is_current(layer, adapter, boft_r):
-                    batches.setdefault((boft_r.shape[2], boft_r.device), []).append((layer, adapter, boft_r))
-        for members in batches.values():
-            blocks = [boft_r.detach().reshape(-1, *boft_r.shape[2:]).float() for _, _, boft_r in members]
-            inverses = skew_inverse(torch.cat(blocks)).split([len(b) for b in blocks])
-            for (layer, adapter, boft_r), inverse in zip(members, inverses):
-                self._inverses[(id(layer), adapter)] = ((boft_r.data_ptr(), boft_r._version), inverse)
+        """Invert, together, every adapter whose parameters changed since its inverse."""
+        stale = [(layer, adapter, boft_r) for layer in self._layers for adapter, boft_r in layer.boft_R.items()
+                 if not self._is_current(layer, adapter, boft_r)]
+        for (layer, adapter, boft_r), inverse in zip(stale, invert_together([r for _, _, r in stale])):
+            self._inverses[(id(layer), adapter)] = ((boft_r.data_ptr(), boft_r._version), inverse)
 
     def clear(self) -> None:
         self._inverses.clear()
