@@ -165,7 +165,7 @@ def test_a_read_only_class_folder_is_a_clear_error(tmp_path, monkeypatch):
     class_dir = tmp_path / "class"
     class_dir.mkdir()
     args = make_config(with_prior_preservation=True, class_data_dir=class_dir, class_prompt="a toy", num_class_images=2)
-    monkeypatch.setattr(class_images.os, "access", lambda path, mode: False)  # as on a read-only file system
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as on a read-only file system
     with pytest.raises(UserError, match=r"needs 2 more class image\(s\) but .* cannot be written"):
         class_images.generate_class_images(args, family=None, accelerator=None)
     Image.new("RGB", (8, 8)).save(class_dir / "a.jpg")
