@@ -1,10 +1,17 @@
 # make demo: install, then train on the embedded tiny pipeline (no download). make test: install, run the tests
-# (make test-fast: the unit tests only).
+# (make test-fast: the unit tests only). make lock: refresh the locked package set.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# On a machine without a GPU this resolves to the local CPU wheel where one is provided; elsewhere PyPI's build.
+# The tested set, every package pinned with its hashes: requirements.lock holds all but torch (GPU users keep their
+# CUDA build and install it beside theirs), requirements-torch-cpu.lock the CPU torch the tests run on.
+LOCK := requirements.lock
+TORCH_LOCK := requirements-torch-cpu.lock
+# What make lock pins torch to (on a machine without a GPU pip finds the local CPU wheel where one is provided), and
+# the resolver it uses, installed in a venv of its own so that the tested one holds the locked set alone.
 TORCH ?= torch==2.13.0
+UV ?= uv==0.13.9
+TOOLS := .venv-tools
 # make demo DEMO_FAMILY=sdxl: the same demo on a tiny SDXL pipeline, in folders of its own.
 DEMO_FAMILY ?= sd
 DEMO_SUFFIX := $(if $(filter sdxl,$(DEMO_FAMILY)),-sdxl,)
@@ -14,23 +21,38 @@ DEMO_CLASS := data/class_data/demo_toy$(DEMO_SUFFIX)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast demo benchmark clean
+.PHONY: install lock test test-fast demo benchmark clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+# --clear: a changed lock gives a venv with exactly the locked set, nothing left from the previous one.
+$(VENV)/.installed: $(LOCK) $(TORCH_LOCK)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet --require-hashes -r $(TORCH_LOCK) -r $(LOCK)
 	touch $@
+
+# The newest releases inside requirements.txt's ranges, resolved for this Python; torch stays at $(TORCH).
+lock:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet "$(UV)"
+	rm -rf $(TOOLS)/torch && $(TOOLS)/bin/pip download --quiet --no-deps --only-binary=:all: -d $(TOOLS)/torch "$(TORCH)"
+	cd $(TOOLS)/torch && for wheel in torch-*.whl; do \
+	  printf '# make lock: %s\n%s \\\n    --hash=sha256:%s\n' "$(TORCH)" "torch==$$(echo $$wheel | cut -d- -f2)" \
+	    "$$(sha256sum $$wheel | cut -d' ' -f1)"; done > ../torch.lock
+	mv $(TOOLS)/torch.lock $(TORCH_LOCK)
+	sed -n 's/^\(torch==[^ ]*\).*/\1/p' $(TORCH_LOCK) > $(TOOLS)/torch.txt
+	$(TOOLS)/bin/uv pip compile requirements-dev.txt --upgrade --generate-hashes --quiet \
+	  --python-version $$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
+	  $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) --constraint $(TOOLS)/torch.txt --no-emit-package torch \
+	  --custom-compile-command "make lock" -o $(LOCK)
 
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# The unit tests alone (under a minute): everything but the end-to-end layer (tests/conftest.py marks it).
+# The unit tests alone (under a minute): everything but the end-to-end layer (marked e2e in each test module); the
+# slowest are listed, so that a unit test growing slow is seen.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not e2e" tests
+	$(BIN)/python -m pytest -q -m "not e2e" --durations=5 tests
 
 demo: install
 	$(BIN)/python -m utils.testing.tiny_model $(DEMO_MODEL) --family $(DEMO_FAMILY) --subject data/demo_subject
@@ -50,5 +72,5 @@ benchmark: install
 	$(BIN)/python -m benchmarks.boft_step --quick
 
 clean:
-	rm -rf $(VENV) data/tiny-sd data/tiny-sdxl data/demo_subject data/class_data/demo_toy data/class_data/demo_toy-sdxl \
+	rm -rf $(VENV) $(TOOLS) data/tiny-sd data/tiny-sdxl data/demo_subject data/class_data/demo_toy data/class_data/demo_toy-sdxl \
 	  data/output/demo data/output/demo-sdxl $(DEMO_OUT)
