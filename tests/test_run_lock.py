@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -51,8 +52,68 @@ time.sleep(600)
 
 
 def test_different_runs_lock_independently(tmp_path):
-    with lock_run(RunLayout(tmp_path, "dog"), OneProcess()), lock_run(RunLayout(tmp_path, "cat"), OneProcess()):
-        pass
+    dog, cat = RunLayout(tmp_path, "dog"), RunLayout(tmp_path, "cat")
+    with lock_run(dog, OneProcess()), lock_run(cat, OneProcess()):
+        assert dog.lock_file.read_text().startswith(f"{os.getpid()} on ")
+        assert cat.lock_file.read_text().startswith(f"{os.getpid()} on ")
+        with pytest.raises(UserError):
+            lock_run(cat, OneProcess())
+
+
+@pytest.mark.e2e
+def test_a_forked_child_does_not_keep_the_lock_of_its_killed_parent(tmp_path, caplog):
+    """As with DataLoader workers: the main process is killed alone (the OOM killer) while its child lives on."""
+    layout = RunLayout(tmp_path, "dog")
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+sys.path.insert(0, {str(os.getcwd())!r})
+from utils.run.lock import FileLock
+FileLock({str(layout.lock_file)!r}).try_acquire()
+child = os.fork()
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(UserError, match=f"process {holder.pid} on"):
+            lock_run(layout, OneProcess())
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child is alive, and holds a copy of every descriptor its parent had but the lock's
+        with caplog.at_level(logging.WARNING), lock_run(layout, OneProcess()):
+            assert f"left by process {holder.pid} on" in caplog.text
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_lock_removed_on_release_leaves_no_file_and_waiters_lock_the_next_one(tmp_path):
+    path = tmp_path / "class" / ".generating.lock"
+    first = FileLock(path, remove_on_release=True)
+    first.acquire("waiting")
+    order = []
+
+    def second_generator():
+        with FileLock(path, remove_on_release=True) as second:
+            second.acquire("waiting")  # opened the file the first holds, which it then removes
+            order.append(("second", path.exists()))
+            time.sleep(0.2)
+            order.append(("second done", None))
+
+    waiter = threading.Thread(target=second_generator)
+    waiter.start()
+    time.sleep(0.3)
+    first.release()
+    time.sleep(0.05)
+    third = FileLock(path, remove_on_release=True)
+    assert third.try_acquire()[0] is False  # the second holds the file that now stands at the path
+    waiter.join()
+    assert order == [("second", True), ("second done", None)] and not path.exists()
+    assert third.try_acquire()[0] is True
+    third.release()
+    assert not path.exists()
 
 
 def test_acquire_waits_for_the_holder(tmp_path, caplog):

@@ -4,6 +4,13 @@ class folder.
 The locks are flock(2) locks, which the kernel drops when their holder dies however it dies (SIGKILL, power loss
 of a container), so a lock is never left behind; the file keeps the last holder's pid and host, which names who
 holds a live lock and tells a stale one (its holder gone) from a run that ended cleanly (the file emptied).
+
+A flock belongs to the open file description, which a forked child shares: DataLoader workers, which outlive a
+main process killed alone by seconds, would keep the run locked. Every child forked while a lock is held closes its
+copy at once (os.register_at_fork), so the lock lives exactly as long as the process that took it.
+
+A lock file that must not stay behind (the class folder's: the folder holds the user's images) is removed by its
+holder before it unlocks; whoever locked the file meanwhile finds it removed and locks the new one instead.
 """
 
 import logging
@@ -22,18 +29,35 @@ except ImportError:  # Windows: no flock; runs are not protected from each other
     fcntl = None
 
 
-class FileLock:
-    """An exclusive flock on `path`, created if needed. `try_acquire` never blocks; `acquire` waits."""
+# The descriptors of the locks this process holds; a forked child closes its copies (see the module's docstring).
+_HELD: set[int] = set()
 
-    def __init__(self, path):
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)  # not flock(LOCK_UN): that would unlock the parent's lock too
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+class FileLock:
+    """An exclusive flock on `path`, created if needed. `try_acquire` never blocks; `acquire` waits. With
+    `remove_on_release` the file is deleted when released (nothing stays in a user's folder)."""
+
+    def __init__(self, path, remove_on_release: bool = False):
         self.path = Path(path)
+        self.remove_on_release = remove_on_release
         self._fd = None
 
     def _open(self) -> int:
-        if self.path.exists():
-            return os.open(self.path, os.O_RDWR)  # a second process creates nothing
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
     def _record(self) -> str:
         try:
@@ -41,16 +65,32 @@ class FileLock:
         except OSError:
             return ""
 
+    def _still_the_file(self, fd: int) -> bool:
+        """False when the locked file was removed (or replaced) by its last holder after this process opened it."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _lock(self, fd: int, blocking: bool) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def try_acquire(self) -> tuple[bool, str]:
         """(True, previous holder's record) when acquired; (False, the live holder's record) when not."""
         if fcntl is None:
             return True, ""
-        fd = self._open()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False, self._record()
+        while True:
+            fd = self._open()
+            if not self._lock(fd, blocking=False):
+                os.close(fd)
+                return False, self._record()
+            if self._still_the_file(fd):
+                break
+            os.close(fd)  # locked a removed file: its holder released it; lock the current one
         previous = self._record()
         self._hold(fd)
         return True, previous
@@ -60,6 +100,7 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
 
     def acquire(self, waiting_message: str) -> None:
         """Block until the lock is free, logging `waiting_message` once if it is not free at once."""
@@ -67,15 +108,23 @@ class FileLock:
         if acquired:
             return
         logger.info("%s (held by process %s)", waiting_message, holder or "unknown")
-        fd = self._open()
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        while True:
+            fd = self._open()
+            self._lock(fd, blocking=True)
+            if self._still_the_file(fd):
+                break
+            os.close(fd)
         self._hold(fd)
 
     def release(self) -> None:
         if self._fd is None:
             return
-        os.ftruncate(self._fd, 0)  # an empty file: the last holder ended cleanly
+        if self.remove_on_release:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiter then sees the file is gone
+        else:
+            os.ftruncate(self._fd, 0)  # an empty file: the last holder ended cleanly
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 
