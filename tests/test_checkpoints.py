@@ -3,8 +3,11 @@ import json
 import logging
 
 import pytest
+import torch
 
 from tests.helpers import make_config
+from utils import atomic
+from utils.atomic import atomic_folder
 from utils.errors import UserError
 from utils.families.stable_diffusion import StableDiffusion
 from utils.layout import RunLayout
@@ -12,13 +15,11 @@ from utils.run import checkpoints
 
 
 def write_checkpoint(root, step, settings=None, content=b"weights"):
-    def write(tmp):
+    with atomic_folder(root / f"checkpoint-{step}") as tmp:
         (tmp / "optimizer.bin").write_bytes(content)
         record = {"train_state": {"seed": 1, "global_step": step, "epoch": 0, "batches_done_in_epoch": step},
                   "settings": settings or {"boft_block_num": 8}, "files": {"optimizer.bin": len(content)}}
         (tmp / checkpoints.STATE_FILE).write_text(json.dumps(record))
-
-    checkpoints.atomic_folder(root / f"checkpoint-{step}", write)
     return root / f"checkpoint-{step}"
 
 
@@ -68,12 +69,9 @@ def test_a_failed_save_leaves_nothing_half_written_and_the_previous_checkpoint_i
     layout = RunLayout(tmp_path, "dog")
     previous = write_checkpoint(layout.checkpoints, 2)
 
-    def disk_full(tmp):
+    with pytest.raises(OSError, match="No space left on device"), atomic_folder(layout.checkpoint(4)) as tmp:
         (tmp / "optimizer.bin").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(UserError, match="No space left on device"):
-        checkpoints.atomic_folder(layout.checkpoint(4), disk_full)
     assert sorted(p.name for p in layout.checkpoints.iterdir()) == ["checkpoint-2"]
     assert checkpoints.find_resume_checkpoint("latest", layout) == previous
 
@@ -119,5 +117,11 @@ def test_a_disk_that_fills_while_an_adapter_is_saved_leaves_the_previous_files(t
 def test_saved_folders_get_the_permissions_of_the_umask(tmp_path):
     import stat
 
-    checkpoints.atomic_folder(tmp_path / "adapter", lambda folder: (folder / "f").write_text("x"))
-    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~checkpoints._current_umask()
+    from safetensors.torch import save_file
+
+    with atomic_folder(tmp_path / "adapter") as folder:
+        save_file({"w": torch.zeros(1)}, folder / "adapter_model.safetensors")
+        assert stat.S_IMODE((folder / "adapter_model.safetensors").stat().st_mode) == 0o600  # safetensors' own mode
+    umask = atomic._current_umask()
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask

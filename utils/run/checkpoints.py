@@ -9,14 +9,13 @@ Every folder is written under a temporary name and renamed when complete.
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError
 
+from utils.atomic import atomic_folder
 from utils.errors import UserError
 from utils.layout import RunLayout
 
@@ -53,27 +52,7 @@ class TrainState:
     batches_done_in_epoch: int = 0
 
 
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-# Read once, at import: os.umask can only be read by setting it.
-_FOLDER_MODE = 0o777 & ~_current_umask()
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """Put a completely written folder in place of `final`, in one rename, with the permissions of a folder
-    made by mkdir (tempfile makes its folders private)."""
-    partial.chmod(_FOLDER_MODE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
-
-
-def _write_failed(partial: Path, final: Path, error: Exception) -> UserError:
-    shutil.rmtree(partial, ignore_errors=True)
+def _write_failed(final: Path, error: Exception) -> UserError:
     reason = getattr(error, "strerror", None) or str(error)
     return UserError(
         f"could not write {final}: {reason}. Earlier checkpoints and adapters are intact; free disk space "
@@ -81,21 +60,8 @@ def _write_failed(partial: Path, final: Path, error: Exception) -> UserError:
     )
 
 
-def atomic_folder(final: Path, write) -> None:
-    """Call write(tmp_folder), then rename it to `final`; on failure remove the partial folder and say so."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        write(tmp)
-        _publish(tmp, final)
-    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-        problem = _write_failed(tmp, final, error)
-        try:
-            final.parent.rmdir()  # the step's folder, when this was its first file
-        except OSError:
-            pass
-        raise problem from None
+# safetensors reports a full disk as an error of its own
+WRITE_ERRORS = (OSError, SafetensorError)
 
 
 def save_adapters(models: dict, layout: RunLayout, step: int, state_dicts=None) -> list[Path]:
@@ -105,16 +71,20 @@ def save_adapters(models: dict, layout: RunLayout, step: int, state_dicts=None) 
     written, adapter_name = [], layout.run
     for model_name, peft_model in models.items():
         final = layout.adapter(model_name, step)  # other subjects' adapters stay untouched
-
-        def write(tmp: Path, model=peft_model, model_name=model_name):
-            staging = tmp / ".staging"
-            state_dict = (state_dicts or {}).get(model_name)
-            model.save_pretrained(staging, selected_adapters=[adapter_name], state_dict=state_dict)
-            for file in (staging / adapter_name).iterdir():
-                file.rename(tmp / file.name)
-            shutil.rmtree(staging)
-
-        atomic_folder(final, write)
+        try:
+            with atomic_folder(final) as partial:
+                staging = partial / ".staging"
+                peft_model.save_pretrained(staging, selected_adapters=[adapter_name],
+                                           state_dict=(state_dicts or {}).get(model_name))
+                for file in (staging / adapter_name).iterdir():
+                    file.rename(partial / file.name)
+                shutil.rmtree(staging)
+        except WRITE_ERRORS as error:
+            try:
+                final.parent.rmdir()  # the step's folder, when this was its first part
+            except OSError:
+                pass
+            raise _write_failed(final, error) from None
         written.append(final)
     return written
 
@@ -137,20 +107,16 @@ def save_checkpoint(accelerator, layout: RunLayout, state: TrainState, settings:
     All processes write into one temporary folder; the main process renames it once everything is there.
     """
     final = layout.checkpoint(state.global_step)
-    partial = final.with_name(f".{final.name}.partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            record = {"train_state": asdict(state), "settings": settings, "files": _file_sizes(partial)}
-            (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
-            _publish(partial, final)
-    except (OSError, SafetensorError) as error:
-        raise _write_failed(partial, final, error) from None
+        with atomic_folder(final, shared=True, owner=accelerator.is_main_process) as partial:
+            accelerator.wait_for_everyone()  # the main process made the folder
+            accelerator.save_state(str(partial))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                record = {"train_state": asdict(state), "settings": settings, "files": _file_sizes(partial)}
+                (partial / STATE_FILE).write_text(json.dumps(record, indent=2))
+    except WRITE_ERRORS as error:
+        raise _write_failed(final, error) from None
     accelerator.wait_for_everyone()
     if total_limit and accelerator.is_main_process:
         for old in complete_checkpoints(layout)[:-total_limit]:

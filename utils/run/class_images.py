@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from utils.atomic import atomic_file
-from utils.run.flags import unwritable_ancestor
+from utils.atomic import atomic_file, remove_partials
+from utils.checks import unwritable_ancestor
 from utils.images import list_images
 from utils.errors import UserError
 from utils.run.lock import FileLock
@@ -65,10 +65,12 @@ def generate_class_images(config, family, accelerator) -> int:
         raise UserError(f"--class_data_dir {class_dir} needs {shortfall} more class image(s) but {blocked} cannot be "
                         f"written (read-only or not yours). Give a writable folder, or put {config.num_class_images} "
                         "images of the class there")
-    lock = FileLock(class_dir / LOCK_NAME)
+    lock = FileLock(class_dir / LOCK_NAME, remove_on_release=True)  # the folder keeps the images alone
     if accelerator.is_main_process:
         class_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(f"Waiting for another run that is generating class images in {class_dir}")
+        if removed := remove_partials(class_dir):  # the lock's holder is the folder's only writer
+            logger.info("Removed %d partial class image(s) a killed run left in %s", removed, class_dir)
     try:
         accelerator.wait_for_everyone()
         todo = missing_class_indices(class_dir, config.num_class_images)
