@@ -89,6 +89,19 @@ def group_ends(pgid, timeout=120) -> bool:
     return False
 
 
+def processes_in_group(pgid) -> list[int]:
+    """The live processes of a process group (read from /proc: they may have been reparented)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def adapter_weights(out, step, run="dreambooth_boft", models=("unet",)):
     from safetensors.torch import load_file
 
@@ -129,7 +142,7 @@ def run_in_process(argv) -> subprocess.CompletedProcess:
     handler = logging.StreamHandler(err)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root, level = logging.getLogger(), logging.getLogger().level
-    signals, saved_argv = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, sys.argv[:]
+    signals, saved_argv = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}, sys.argv[:]
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     keep_freed_memory = train_dreambooth.keep_freed_memory

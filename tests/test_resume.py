@@ -1,5 +1,6 @@
 """Kill a real training process, resume it, and get exactly the weights of an uninterrupted run."""
 
+import os
 import re
 import signal
 import sys
@@ -12,6 +13,7 @@ from tests.helpers import (
     adapter_weights,
     assert_clean_error,
     base_args,
+    processes_in_group,
     run_in_process,
     run_trainer,
     start_in_session,
@@ -51,12 +53,22 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(config, request, subjec
     killed = start_trainer(base_args(tiny_model, subject, tmp_path / "run", max_train_steps=1000,
                                      checkpointing_steps=2, **flags))
     wait_for(tmp_path / "run" / "checkpoints" / "dreambooth_boft" / "checkpoint-2", killed)
+    # The OOM killer's way: the main process alone. Its loader workers outlive it (torch's notice their parent is
+    # gone within 5 s); frozen here, they live on for the whole resume, which must still take the lock at once.
+    workers = [pid for pid in processes_in_group(killed.pid) if pid != killed.pid]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-
-    resumed = run_trainer(base_args(tiny_model, subject, tmp_path / "run", max_train_steps=STEPS,
-                                    checkpointing_steps=2, resume_from_checkpoint="latest", **flags))
+    try:
+        resumed = run_trainer(base_args(tiny_model, subject, tmp_path / "run", max_train_steps=STEPS,
+                                        checkpointing_steps=2, resume_from_checkpoint="latest", **flags))
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+    assert len(workers) == flags.get("num_dataloader_workers", 0)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Taking over the lock of run 'dreambooth_boft' left by process" in resumed.stderr
     resumed_at = int(re.search(r"Resumed from \S+ at step (\d+)", resumed.stdout + resumed.stderr).group(1))
     assert 2 <= resumed_at < STEPS  # the kill came before the end, so the last steps were really redone
     expected = adapter_weights(tmp_path / "ref", STEPS, models=models)

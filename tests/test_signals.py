@@ -1,16 +1,18 @@
 """Stops as the world delivers them: SIGTERM/SIGINT to a whole process group started with setsid, or to the
 launcher alone, through accelerate launch, utils.launch and train_dreambooth.sh; usage errors through launchers."""
 
+import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO, adapter_weights, base_args, group_ends, start_in_session, wait_for
+from tests.helpers import REPO, adapter_weights, base_args, cli_env, group_ends, start_in_session, wait_for
 from utils.layout import RunLayout
 from utils.run import checkpoints
 
@@ -47,6 +49,41 @@ def test_sigterm_through_accelerate_launch_saves_with_two_workers(target, tiny_m
     assert (layout.checkpoint(step) / checkpoints.STATE_FILE).is_file()  # complete: resumable
 
 
+def large_photos(folder, count=3, side=7000) -> Path:
+    """Photos that take a loader worker about a second each to decode and resize (7000 x 7000 PNG, 0.7 MB)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    for i in range(count):
+        channels = [np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side)), np.full((side, side), 60 * i, np.uint8)]
+        Image.fromarray(np.stack(channels, -1)).save(folder / f"{i:02d}.png", compress_level=1)
+    return folder
+
+
+@pytest.mark.parametrize("photos", ["small", "large"])
+def test_a_trainer_whose_launcher_is_killed_alone_saves_ends_its_workers_and_exits(photos, tiny_model, subject,
+                                                                                   tmp_path):
+    """SIGKILL to accelerate launch alone (a crashed terminal multiplexer, an agent): the kernel sends the trainer
+    SIGTERM, the stderr it wrote through accelerate's pipe has no reader any more, and its two persistent workers are
+    idle (small photos) or busy decoding (large ones). It saves, ends its workers and exits 143 within 30 s."""
+    photos_dir = subject if photos == "small" else large_photos(tmp_path / "large")
+    out = tmp_path / "out"
+    argv = base_args(tiny_model, photos_dir, out, max_train_steps=1000, checkpointing_steps=2,
+                     num_dataloader_workers=2, no_cache_latents=True)
+    layout = RunLayout(out, "dreambooth_boft")
+    supervisor = subprocess.run(
+        [sys.executable, "-m", "tests.supervise", str(layout.checkpoint(2)), *ACCELERATE, *ONE_PROCESS,
+         str(REPO / "train_dreambooth.py"), *argv], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    report = json.loads(supervisor.stdout.strip().splitlines()[-1])
+    assert report.get("trainer_status") == 143, report
+    assert not report["left"] and report["seconds"] < 30, report
+    saved = checkpoints.complete_checkpoints(layout)[-1]
+    step = int(saved.name.split("-")[1])
+    assert step >= 2 and (saved / checkpoints.STATE_FILE).is_file() and layout.adapter("unet", step).is_dir()
+
+
 STEPS, RUN = 10, "teapot_boft_801"
 
 
@@ -73,20 +110,20 @@ def launcher_reference(tiny_model, subject, tmp_path_factory):
     return root, adapter_weights(root / "reference", STEPS, RUN)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_through_the_launcher_script_resumes_exactly(signum, launcher_reference, tiny_model, subject):
     root, expected = launcher_reference
     out = root / signal.Signals(signum).name
     stopped = launcher_run(root, tiny_model, subject, out, "--max_train_steps=1000")
     wait_for(RunLayout(out, RUN).checkpoint(2), stopped)
-    os.killpg(stopped.pid, signum)  # Ctrl-C in a terminal, or a scheduler's stop: the whole process group
+    os.killpg(stopped.pid, signum)  # Ctrl-C, a scheduler's stop, a closed terminal: the whole process group
     output = stopped.communicate(timeout=300)[0]
-    assert stopped.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], output[-3000:]
+    assert stopped.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGHUP: 129}[signum], output[-3000:]
     assert group_ends(stopped.pid) and "Traceback" not in output, output[-3000:]
     assert output.strip().splitlines()[-1].startswith("Interrupted at step"), output[-1000:]
     step = stopped_at(output)
     assert step < STEPS and RunLayout(out, RUN).checkpoint(step).is_dir()
-    if signum == signal.SIGINT:  # the same deferred stop as SIGTERM: its resume is checked once, below, for SIGTERM
+    if signum != signal.SIGTERM:  # the same deferred stop as SIGTERM: its resume is checked once, below, for SIGTERM
         return
     resumed = launcher_run(root, tiny_model, subject, out, f"--max_train_steps={STEPS}", "--resume_from_checkpoint=latest")
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()[-3000:]

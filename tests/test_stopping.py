@@ -8,15 +8,17 @@ import sys
 import pytest
 
 from utils.launch import exit_status
-from utils.run.stopping import StopRequests, Stopped
+from utils.run.stopping import STOP_SIGNALS, OutputThatMayClose, StopRequests, Stopped
 
 
 @pytest.fixture
 def stops():
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    streams = sys.stdout, sys.stderr
     yield StopRequests().install()
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+    sys.stdout, sys.stderr = streams
 
 
 def test_before_training_a_signal_stops_at_once(stops):
@@ -33,12 +35,38 @@ def test_during_training_signals_are_recorded_once(stops):
     assert stops.requested and stops.exit_code == 130
 
 
+def test_a_closed_terminal_is_a_stop_like_sigterm(stops):
+    stops.defer()
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert stops.requested and stops.exit_code == 129
+
+
+def test_under_nohup_sighup_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        StopRequests().install()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_output_whose_reader_is_gone_is_dropped_instead_of_raising():
+    read, write = os.pipe()
+    os.close(read)  # the launcher that read it was killed
+    stream = OutputThatMayClose(open(write, "w", buffering=1))
+    stream.write("Saved training state\n")  # EPIPE (SIGPIPE is ignored by Python)
+    stream.write("Interrupted at step 3\n")
+    stream.flush()
+    assert stream.writable()
+
+
 def test_a_signal_between_the_last_check_and_defer_is_not_lost(stops):
     stops.signum = signal.SIGTERM
     with pytest.raises(Stopped):
         stops.defer()
 
 
+@pytest.mark.e2e
 def test_dataloader_workers_survive_a_signal_to_the_whole_group():
     code = """
 import os, signal, time, torch
@@ -62,3 +90,28 @@ print("batches", [int(first)] + [int(b) for b in batches], flush=True)
 
 def test_exit_status_of_a_killed_child_is_128_plus_the_signal():
     assert exit_status(2) == 2 and exit_status(-15) == 143 and exit_status(-2) == 130 and exit_status(0) == 0
+
+
+@pytest.mark.e2e
+def test_a_worker_busy_past_its_grace_is_killed_and_every_worker_ends():
+    code = """
+import multiprocessing, time, torch
+from utils.run.data import stop_workers
+from utils.run.stopping import ignore_stop_signals
+class Busy(torch.utils.data.Dataset):  # item 0 at once, then a photo that takes a minute to decode
+    def __len__(self): return 8
+    def __getitem__(self, i):
+        if i: time.sleep(60)
+        return i
+loader = torch.utils.data.DataLoader(Busy(), num_workers=2, persistent_workers=True, worker_init_fn=ignore_stop_signals)
+batches = iter(loader)
+next(batches)
+time.sleep(0.5)  # both workers are in the middle of an item now
+started = time.monotonic()
+stop_workers(loader)
+print("ended in", round(time.monotonic() - started, 1), "s;", len(multiprocessing.active_children()), "left", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds = float(result.stdout.split()[2])
+    assert seconds < 30 and result.stdout.strip().endswith("0 left"), result.stdout  # 10 s a worker at most

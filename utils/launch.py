@@ -6,10 +6,11 @@ accelerate's own launcher (1.x) ends every failure of the trainer with exit stat
 traceback (`--quiet` drops the traceback, not the 1), prints a KeyboardInterrupt traceback on Ctrl-C, and with one
 process does not pass on a SIGTERM sent to it alone; with several processes (torchrun) a failure or a signal ends
 in a ChildFailedError or SignalException traceback. This front-end runs accelerate's launch with:
-- one process: the trainer as a child that receives every SIGTERM/SIGINT the launcher receives;
+- one process: the trainer as a child that receives every SIGTERM/SIGINT/SIGHUP the launcher receives (a
+  SIGHUP the launcher ignores, under nohup, is not passed on);
 - several processes: torchrun as accelerate starts it (it forwards signals to every process and gives them 30 s
   to save before it kills them), with its failure reports left out when a process ends with a message of its own;
-and then exits with the trainer's status (2 for a usage error, 143/130 for a stop, 128 + N for a process killed by
+and then exits with the trainer's status (2 for a usage error, 143/130/129 for a stop, 128 + N for a process killed by
 signal N), the trainer's message last. train_dreambooth.sh launches through it.
 """
 
@@ -18,9 +19,9 @@ import signal
 import subprocess
 import sys
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Statuses with which the trainer ends after printing why (usage error, stopped by SIGINT or SIGTERM).
-EXPLAINED_STATUSES = (2, 130, 143)
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Statuses with which the trainer ends after printing why (usage error, stopped by SIGINT, SIGTERM or SIGHUP).
+EXPLAINED_STATUSES = (2, 129, 130, 143)
 
 
 def exit_status(returncode: int) -> int:
@@ -39,7 +40,8 @@ def run_one_process(args) -> None:
         process.send_signal(signum)
 
     for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, forward)
+        if signal.getsignal(signum) != signal.SIG_IGN:  # nohup's SIGHUP stays ignored, here as in the trainer
+            signal.signal(signum, forward)
     raise SystemExit(exit_status(process.wait()))
 
 

@@ -1,8 +1,10 @@
 """The training data loader: instance (and class) images, as cached latents where that is exact, else pixels."""
 
+import atexit
 import logging
 import math
 import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so that ours below runs before it
 
 import torch
 
@@ -33,7 +35,7 @@ def make_dataloader(config, accelerator, components, images, prompt_ids: dict, c
     workers = config.num_dataloader_workers
     if workers and len(cache_keys) == len(set(images + class_images)):
         logger.info("Every image's latents are cached: the loader reads them in this process (--num_dataloader_workers "
-                    "%d would start workers every epoch, ~0.1 s each time, with nothing to decode)", workers)
+                    "%d would start %d process(es) with nothing to decode)", workers, workers)
         workers = 0
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -58,19 +60,31 @@ def per_process_batch(train_batch_size: int, examples: int, num_processes: int) 
 
 
 def stop_workers(loader) -> None:
-    """End the loader's persistent workers now. They ignore stop signals (the main process saves first), so they
-    cannot be left to the interpreter's exit, which ends daemonic children with SIGTERM and then waits for them.
+    """End the loader's persistent workers now, in at most 10 s each. They ignore stop signals (the main process
+    saves first), so they cannot be left to the interpreter's exit, which ends daemonic children with SIGTERM and
+    then waits for them forever.
 
-    torch has no public way to end them early: its iterator's own shutdown is used where it exists. On a torch
-    without it the workers are killed instead (they hold nothing to save): the daemonic children of this process,
-    which nothing else in the trainer starts."""
+    torch has no public way to end them early: its iterator's own shutdown is used where it exists (it asks each
+    worker to finish the item it is on, waits 5 s, sends SIGTERM, which they ignore, and waits 5 s more). A worker
+    still alive after that (busy with a huge photo), or every worker on a torch without that shutdown, is killed:
+    workers hold nothing to save."""
     iterator = getattr(loader, "_iterator", None)
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if callable(shutdown):
         shutdown()
         loader._iterator = None
-    elif loader.num_workers > 0:
-        for child in multiprocessing.active_children():
-            if child.daemon:
-                child.kill()
-                child.join()
+    if loader.num_workers > 0:
+        kill_leftover_workers()
+
+
+def kill_leftover_workers() -> None:
+    """Kill this process's daemonic children (the loader workers: nothing else in the trainer starts any)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+# Whatever ends the trainer (an exception, a broken pipe, SystemExit from a library), its workers end with it:
+# this runs before multiprocessing's own exit handler (registered earlier, at its import), which would wait on them.
+atexit.register(kill_leftover_workers)

@@ -1,16 +1,19 @@
-"""Stopping a run on SIGTERM or SIGINT, however the signal is delivered.
+"""Stopping a run on SIGTERM, SIGINT or SIGHUP, however the signal is delivered.
 
 Schedulers and terminals stop a job by signalling every process of it (Slurm, systemd, a terminal's Ctrl-C, a
-process group kill), only its first process (Kubernetes, spot-instance agents) or only the launcher. Whichever
-way it comes:
+process group kill, a closed terminal or SSH session: SIGHUP), only its first process (Kubernetes, spot-instance
+agents) or only the launcher. Whichever way it comes:
 - before training starts the run ends at once (nothing is half-written: every file is written under a temporary
   name and renamed);
 - during training the signal is only recorded; the loop saves a checkpoint at the step it is at, on every
-  process, and ends with 128 + the signal number (143, 130);
-- DataLoader workers ignore both signals (torch's own handler would kill them first, and the main process would
-  die of "DataLoader worker killed by signal" without saving); the main process shuts them down;
+  process, and ends with 128 + the signal number (143, 130, 129);
+- DataLoader workers ignore these signals (torch's own handler would kill them first, and the main process would
+  die of "DataLoader worker killed by signal" without saving); the main process ends them (utils/run/data.py);
 - a trainer started by a launcher (accelerate launch, torchrun, utils.launch) is sent SIGTERM by the kernel when
-  the launcher dies, so a signal sent to the launcher alone still ends in a checkpoint rather than an orphan.
+  the launcher dies, so a signal sent to the launcher alone still ends in a checkpoint rather than an orphan;
+- the output may have no reader by then (accelerate launch pipes the trainer's stderr through itself; a closed
+  terminal): a write that fails is dropped, so the save and the exit go on;
+- a run started under nohup keeps ignoring SIGHUP, as nohup asks.
 """
 
 import ctypes
@@ -18,7 +21,7 @@ import os
 import signal
 import sys
 
-STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 _PR_SET_PDEATHSIG = 1
 _PARENT_AT_START = os.getppid()
 
@@ -42,8 +45,13 @@ class StopRequests:
 
     def install(self) -> "StopRequests":
         for signum in STOP_SIGNALS:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup: the run is meant to outlive its terminal
             signal.signal(signum, self._handle)
         follow_launcher()
+        for name in ("stdout", "stderr"):
+            if not isinstance(getattr(sys, name), OutputThatMayClose):
+                setattr(sys, name, OutputThatMayClose(getattr(sys, name)))
         return self
 
     def defer(self) -> None:
@@ -91,3 +99,30 @@ def follow_launcher() -> None:
         return
     if os.getppid() != _PARENT_AT_START:  # the launcher died before the request was made
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class OutputThatMayClose:
+    """A standard stream whose reader may be gone (a launcher that was killed, a closed terminal): once a write or
+    flush fails, the rest goes to os.devnull instead of raising in the middle of a checkpoint or the exit."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _lost(self):
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError:  # EPIPE: no reader; EIO: the terminal is gone
+            self._lost()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError:
+            self._lost()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
