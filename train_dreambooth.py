@@ -18,9 +18,16 @@ data), resume, train (validating and checkpointing on schedule; a stop signal sa
 final adapters, the reports).
 """
 
+import sys
+
+from utils.run.flags import parse_args
+
+if __name__ == "__main__":  # --help and usage errors answer before torch, peft and diffusers load (seconds)
+    FLAGS = parse_args()
+
+# The rest is imported once the flags are good.
 import logging
 import os
-import sys
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +51,6 @@ from utils.run.config import RunConfig, class_images_used, training_resolution
 from utils.run.cpu_allocator import keep_freed_memory
 from utils.run.data import make_dataloader, per_process_batch, stop_workers
 from utils.run.dataset import fetch_dreambooth_dataset, is_dreambooth_dataset_folder
-from utils.run.flags import parse_args, run_name
 from utils.run.lock import lock_run
 from utils.run.loss import diffusion_loss, latent_posterior, make_lr_scheduler, make_optimizer
 from utils.run.plan import plan_lines
@@ -362,7 +368,7 @@ class DreamBoothRun:
 def train(flags, stops):
     family = family_of(flags.pretrained_model_name_or_path, flags.revision)
     trackers = tracking.resolve_trackers(flags.report_to)
-    layout = RunLayout(flags.output_dir, run_name(flags))
+    layout = RunLayout(flags.output_dir, flags.wandb_run_name)
     accelerator = make_accelerator(flags, trackers, layout)
     config, images, unreadable = configure(flags, family, accelerator)
     hub_target, meta_models = preflight(config, family)
@@ -380,8 +386,8 @@ def train(flags, stops):
         run.finish(memory, hub_target)
 
 
-def main(argv=None):
-    flags = parse_args(argv)
+def main(argv=None, flags=None):
+    flags = flags or parse_args(argv)
     stops = StopRequests().install()
     peft_seam.install()
     try:
@@ -396,4 +402,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(flags=FLAGS)

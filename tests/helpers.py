@@ -62,6 +62,17 @@ def assert_clean_error(result, *phrases):
         assert phrase in output, f"{phrase!r} not in:\n{output[-3000:]}"
 
 
+# What the dependencies print on their own: any warning or traceback raised in their code (its path is printed), and
+# the log lines seen from them so far. None of it may reach a user of the project (utils/quiet.py).
+DEPENDENCY_NOISE = ("site-packages", "gemm_4bit", "requires torchvision", "should be kept in float32",
+                    "were not passed to `accelerate launch`", "to instantiate a model of type")
+
+
+def assert_quiet(output: str) -> None:
+    noise = [line for line in output.splitlines() if any(marker in line for marker in DEPENDENCY_NOISE)]
+    assert not noise, "\n".join(noise[:10])
+
+
 def start_in_session(command, **env) -> subprocess.Popen:
     """Start a command as a terminal or a scheduler does: in a session (process group) of its own."""
     return subprocess.Popen([str(c) for c in command], cwd=REPO, env=cli_env(**env), stdout=subprocess.PIPE,

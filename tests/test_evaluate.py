@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, cli_env
+from tests.helpers import REPO, assert_quiet, cli_env
 from utils.evaluate import Embedder, mean_cosine, score_folder, score_images
 
 
@@ -102,6 +102,7 @@ def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_mod
               "--num_images", 2, "--num_inference_steps", 2, "--resolution", 64]
     generated = evaluate("generate", *common, "--prompts_file", prompts, "--class_prompt", "a photo of toy")
     assert generated.returncode == 0, generated.stderr[-3000:]
+    assert_quiet(generated.stdout + generated.stderr)
     folder = trained / "eval" / "toy" / "3"  # the latest step
     assert (folder / "prompts.txt").read_text().splitlines() == ["a qwe toy in the snow", "a red qwe toy"]
     assert sorted(p.name for p in (folder / "001").iterdir()) == ["00.png", "01.png"]

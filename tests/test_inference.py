@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, cli_env
+from tests.helpers import REPO, assert_quiet, cli_env
 from utils.errors import UserError
 from utils.inference import BoftPipeline, choose_device_and_dtype, resolve_adapter
 
@@ -119,6 +119,7 @@ def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, t
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already merged" not in result.stdout + result.stderr
+    assert_quiet(result.stdout + result.stderr)
     assert Image.open(out).size == (3 * 64, 64)
     assert (tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import (REPO, SHARED_DREAMBOOTH, assert_clean_error, base_args, cli_env, counting_inverses,
+from tests.helpers import (REPO, SHARED_DREAMBOOTH, assert_clean_error, assert_quiet, base_args, cli_env, counting_inverses,
                            run_in_process, run_trainer)
 from utils.images import list_images
 
@@ -114,8 +114,7 @@ def test_v_prediction_model_trains_without_prior_preservation(tiny_v_model, subj
     assert "scaled-dot-product attention" in output
     assert "--train_batch_size 8 is more than the 3 example(s)" in output and "3 examples, batch 3 per device" in output
     assert "Mixed precision type: bf16" in output
-    for noise in ("gemm_4bit", "to instantiate a model of type"):  # log noise of dependencies, kept out
-        assert noise not in output
+    assert_quiet(output)  # bitsandbytes is imported here (8-bit Adam), quietly
     weights = load_file(tmp_path / "out" / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors")
     assert all(w.dtype == torch.float32 for w in weights.values())  # adapters stay fp32 under bf16
 

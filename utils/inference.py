@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from utils.atomic import atomic_folder
 from utils.boft import peft_seam
+from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import check_vae, family_of
 from utils.layout import RunLayout
@@ -219,7 +221,8 @@ class BoftPipeline:
         components = dict(self.pipeline.components)
         for part, peft_model in self.peft_models.items():
             components[part] = _plain_copy(peft_model)
-        type(self.pipeline)(**components).save_pretrained(folder, safe_serialization=True)
+        with atomic_folder(Path(folder)) as partial:  # whole or not at all, readable as the umask says
+            type(self.pipeline)(**components).save_pretrained(partial, safe_serialization=True)
         return Path(folder)
 
     @torch.no_grad()
@@ -280,8 +283,6 @@ def check_arguments(args) -> None:
     """Every mistake in the command line that can be found without loading a weight, as a UserError."""
     from PIL import Image
 
-    from utils.run.flags import unwritable_ancestor
-
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be positive")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -298,8 +299,6 @@ def check_arguments(args) -> None:
 def check_model_and_adapter(args) -> None:
     """The base model can be loaded (no removed hub id, a family this project knows) and the run saved the adapter
     at that step: the checks every tool that loads adapters makes before any weight loads."""
-    from utils.run.flags import removed_model_problem
-
     if problem := removed_model_problem(args.pretrained_model_name_or_path):
         raise UserError(problem)
     family_of(args.pretrained_model_name_or_path, args.revision)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.run.dataset import example_noise
+from utils import quiet
 from utils.errors import UserError
 from utils.run.latents import encode_one
 
@@ -62,9 +63,7 @@ def make_optimizer(config, params):
     settings = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                     weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     if config.use_8bit_adam:
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(params, **settings)
+        return quiet.import_bitsandbytes().optim.AdamW8bit(params, **settings)
     # One pass over the adapter weights instead of one per update term: 3x faster steps on a CPU.
     fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **settings)
