@@ -53,20 +53,31 @@ def metric_models(tmp_path_factory):
     return save_tiny_metric_models(tmp_path_factory.mktemp("metrics"))
 
 
-# The end-to-end layer: tests that run a command in a subprocess, or use a fixture that trains. `make test-fast`
-# runs the rest (pytest -m "not e2e").
-E2E_CALLS = ("run_trainer(", "run_in_process(", "start_in_session(", "subprocess.", "launch(", "dry_run(", "evaluate(", "launcher_run(")
-E2E_FIXTURES = {"trained", "full_run", "two_process_run", "launcher_reference", "xl_run"}
+# The layers: a test (or a whole module, with pytestmark) marked e2e runs a command of the project in a subprocess or
+# uses a fixture that trains; `make test-fast` runs the rest (pytest -m "not e2e"), the unit layer. A unit test that
+# starts a process or asks for a trained fixture fails, saying to mark it: the split is declared, and checked.
+TRAINED_FIXTURES = {"trained", "full_run", "two_process_run", "launcher_reference", "xl_run"}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: runs a command of the project in a subprocess (not in make test-fast)")
+    config.addinivalue_line("markers", "e2e: runs a command of the project in a subprocess or uses a trained fixture "
+                                       "(not in make test-fast)")
 
 
 def pytest_collection_modifyitems(items):
-    import inspect
+    unmarked = [f"{item.nodeid} ({', '.join(sorted(TRAINED_FIXTURES & set(item.fixturenames)))})" for item in items
+                if "e2e" not in item.keywords and TRAINED_FIXTURES & set(item.fixturenames)]
+    if unmarked:
+        raise pytest.UsageError("unit tests that use a trained fixture; mark them e2e:\n  " + "\n  ".join(unmarked))
 
-    for item in items:
-        source = inspect.getsource(item.function)
-        if any(call in source for call in E2E_CALLS) or E2E_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.e2e)
+
+@pytest.fixture(autouse=True)
+def unit_tests_start_no_process(request, monkeypatch):
+    if "e2e" in request.keywords:
+        return
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} is a unit test and started a process: mark it e2e")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -95,6 +95,7 @@ def evaluate_here(capsys, *argv):
     return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
 
 
+@pytest.mark.e2e
 def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_models, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a qwe toy in the snow\na red qwe toy\n")
@@ -118,6 +119,7 @@ def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_mod
     assert Image.open(folder / "grid.png").size == (3 * 128, 3 * 128)  # real row + two prompt rows
 
 
+@pytest.mark.e2e
 def test_every_checkpoint_scores_each_step_and_plots(trained, tiny_model, subject, metric_models, tmp_path, capsys):
     shutil.rmtree(trained / "eval", ignore_errors=True)
     result = evaluate_here(capsys, "score", "--every_checkpoint", "--pretrained_model_name_or_path", tiny_model,
@@ -140,6 +142,7 @@ def test_missing_inputs_are_clear_errors(tmp_path, subject, metric_models, capsy
         assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_generate_refuses_a_missing_step_before_any_weight_loads(trained, tiny_model, monkeypatch, capsys):
     from utils.inference import BoftPipeline
 

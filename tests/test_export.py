@@ -52,6 +52,7 @@ def test_the_key_mapping_is_one_to_one_and_keeps_shapes(tiny_model):
     assert "model.diffusion_model.middle_block.1.proj_in.weight" in names and "model.diffusion_model.out.2.bias" in names
 
 
+@pytest.mark.e2e
 def test_checkpoint_loads_with_from_single_file_and_gives_the_merged_image(trained, tiny_model, tmp_path):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -72,6 +73,7 @@ def test_checkpoint_loads_with_from_single_file_and_gives_the_merged_image(train
     assert np.abs(expected - image).max() <= 2 / 255
 
 
+@pytest.mark.e2e
 def test_an_sd2_text_encoder_is_written_in_open_clip_names(trained, tiny_model, tmp_path):
     """SD 2.x's text encoder is OpenCLIP's: fused query-key-value projections under cond_stage_model.model."""
     from diffusers import StableDiffusionPipeline
@@ -89,6 +91,7 @@ def test_an_sd2_text_encoder_is_written_in_open_clip_names(trained, tiny_model, 
     assert_same_weights(merged_pipeline(sd2, trained, "toy"), loaded, ("unet", "text_encoder"))
 
 
+@pytest.mark.e2e
 def test_comfyui_differences_reproduce_the_merged_weights_under_kohya_names(trained, tiny_model, tmp_path):
     out = run_export(tiny_model, trained, "toy", "comfyui", tmp_path / "toy.safetensors", "--dtype", "fp32")
     tensors = load_file(out)
@@ -110,6 +113,7 @@ def test_comfyui_differences_reproduce_the_merged_weights_under_kohya_names(trai
         assert (getattr(base, part).state_dict()[parameter] + difference - expected).abs().max() <= 1e-6
 
 
+@pytest.mark.e2e
 def test_lora_loads_in_diffusers_and_its_reported_error_is_what_it_gives(trained, tiny_model, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
@@ -139,6 +143,7 @@ def test_lora_loads_in_diffusers_and_its_reported_error_is_what_it_gives(trained
         assert reported > 0.01 if rank == 2 else reported < 1e-5
 
 
+@pytest.mark.e2e
 def test_mistakes_are_refused_before_anything_loads(trained, tiny_model, tmp_path, capsys):
     common = ["--pretrained_model_name_or_path", str(tiny_model), "--output_dir", str(trained)]
     existing = tmp_path / "there.safetensors"

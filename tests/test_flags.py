@@ -1,6 +1,6 @@
 import pytest
 
-from utils.run.flags import build_parser, parse_args, run_name, split_validation_prompts
+from utils.run.flags import build_parser, parse_args, split_validation_prompts
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", "--use_boft"]
 
@@ -11,7 +11,7 @@ def test_defaults_are_the_guides():
     assert (args.boft_dropout, args.boft_bias, args.train_batch_size, args.learning_rate) == (0.1, "none", 4, 5e-6)
     assert (args.checkpointing_steps, args.validation_steps, args.num_class_images) == (500, 500, 100)
     assert (args.report_to, args.lr_scheduler, args.lr_warmup_steps) == ("wandb", "constant", 500)
-    assert args.resolution is None and run_name(args) == "dreambooth_boft"  # the model family's resolution: 512 for SD
+    assert args.resolution is None and args.wandb_run_name == "dreambooth_boft"  # the model family's resolution: 512 for SD
 
 
 def test_every_flag_of_the_guide_exists():

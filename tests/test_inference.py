@@ -24,6 +24,7 @@ def test_device_and_dtype_choice():
         choose_device_and_dtype("cpu", "fp16")
 
 
+@pytest.mark.e2e
 def test_missing_step_adapter_or_folder_lists_what_exists(trained, tmp_path):
     assert resolve_adapter(trained, "toy")[0] == 3
     assert set(resolve_adapter(trained, "toy", 2)[1]) == {"unet", "text_encoder"}
@@ -36,6 +37,7 @@ def test_missing_step_adapter_or_folder_lists_what_exists(trained, tmp_path):
         resolve_adapter(tmp_path, "toy")
 
 
+@pytest.mark.e2e
 def test_unmerged_merged_and_exported_pipelines_give_the_same_image(trained, tiny_model, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -57,6 +59,7 @@ def test_unmerged_merged_and_exported_pipelines_give_the_same_image(trained, tin
     assert not pipe.peft_models and np.abs(pipe.generate("a qwe toy", **GENERATION)[0] - unmerged).max() <= 1e-3
 
 
+@pytest.mark.e2e
 def test_switching_between_subjects_and_the_base_model(trained, tiny_model):
     pipe = BoftPipeline.from_pretrained(tiny_model, device="cpu")
     pipe.load_adapter(trained, "toy")
@@ -75,6 +78,7 @@ def test_switching_between_subjects_and_the_base_model(trained, tiny_model):
         pipe.set_adapter("dog")
 
 
+@pytest.mark.e2e
 def test_subjects_with_trained_biases_share_a_pipeline_and_each_gives_its_own_image(trained, tiny_model, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -108,6 +112,7 @@ def test_subjects_with_trained_biases_share_a_pipeline_and_each_gives_its_own_im
     assert np.abs(shared.generate("a qwe toy", **GENERATION)[0] - alone["toy"]).max() <= 1e-3
 
 
+@pytest.mark.e2e
 def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, tmp_path):
     out = tmp_path / "new" / "folder" / "grid.png"  # folders are created
     result = subprocess.run(
@@ -136,6 +141,7 @@ def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, t
     (["--pretrained_vae_model_name_or_path", "./no/vae"], "the VAE folder ./no/vae does not exist"),
     (["--pretrained_vae_model_name_or_path", "{model}/unet"], "holds a UNet2DConditionModel, not an AutoencoderKL"),
 ])
+@pytest.mark.e2e
 def test_command_line_mistakes_end_in_one_message_before_any_weight_loads(flags, phrase, trained, tiny_model,
                                                                           monkeypatch, capsys):
     from utils import inference
@@ -150,6 +156,7 @@ def test_command_line_mistakes_end_in_one_message_before_any_weight_loads(flags,
     assert exit_info.value.code == 2 and phrase in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_the_tools_load_the_pipeline_with_the_runs_vae(trained, tiny_model, tmp_path, monkeypatch, capsys):
     from utils import evaluate, export, inference
     from utils.errors import UserError
@@ -173,12 +180,14 @@ def test_the_tools_load_the_pipeline_with_the_runs_vae(trained, tiny_model, tmp_
     assert asked == [vae] * 3, capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_what_the_tools_write_by_default_stays_out_of_git():
     ignored = subprocess.run(["git", "check-ignore", "generated.png", "dreambooth_inference.nbconvert.ipynb"],
                              cwd=REPO, capture_output=True, text=True)
     assert ignored.stdout.split() == ["generated.png", "dreambooth_inference.nbconvert.ipynb"]
 
 
+@pytest.mark.e2e
 def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
     import nbformat
 

@@ -22,6 +22,7 @@ def dry_run(tiny_model, folder, tmp_path, **flags):
     return run_in_process(base_args(tiny_model, folder, tmp_path / "out", dry_run=True, **flags))
 
 
+@pytest.mark.e2e
 def test_files_that_are_not_images_are_skipped_with_one_warning(tiny_model, tmp_path):
     folder = photo_folder(tmp_path)
     for name in (".DS_Store", "caption.txt", "Thumbs.db"):
@@ -39,6 +40,7 @@ def test_files_that_are_not_images_are_skipped_with_one_warning(tiny_model, tmp_
     ("notes.png", b"this is a text file with a png name"),
     ("garbage.webp", b"RIFF\x00\x00\x00\x00WEBPVP8 garbage"),
 ])
+@pytest.mark.e2e
 def test_an_unreadable_image_is_named_or_skipped(tiny_model, tmp_path, name, content):
     folder = photo_folder(tmp_path)
     if content is None:
@@ -81,10 +83,12 @@ def test_a_huge_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
     assert 512 <= min(image.size) < 1100  # an eighth-scale decode, not 64 million pixels
 
 
-def test_the_decompression_bomb_limit_stays_on(tmp_path):
-    assert Image.MAX_IMAGE_PIXELS is not None
-    Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")
-    with pytest.raises(UserError, match="DecompressionBombError"):
+def test_a_108_megapixel_photo_is_read_without_a_warning_and_a_bomb_is_refused_by_name(tmp_path, recwarn):
+    Image.new("1", (12000, 9000)).save(tmp_path / "phone.png")  # a 108 MP phone camera's size
+    assert check_images([tmp_path / "phone.png"], 64, False, "--instance_data_dir") == [tmp_path / "phone.png"]
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")  # 196 MP: over Pillow's limit, a decompression bomb
+    with pytest.raises(UserError, match=r"bomb.png \(Image size \(196000000 pixels\) exceeds .*resize it below 178 megapixels"):
         check_images([tmp_path / "bomb.png"], 64, False, "--instance_data_dir")
 
 
@@ -94,6 +98,7 @@ def test_validation_filenames_cannot_leave_their_folder():
         assert "/" not in name and "\\" not in name and not name.startswith(".")
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model, subject, tmp_path):
     result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", dry_run=True, with_prior_preservation=True,
                                    class_data_dir=tmp_path / "class", class_prompt="a photo of toy", num_class_images=5,
@@ -105,6 +110,7 @@ def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model, subject, tmp_p
     assert "Loading pipeline components" not in result.stderr and not (tmp_path / "class").exists()
 
 
+@pytest.mark.e2e
 def test_an_output_folder_that_cannot_be_written(tiny_model, subject, tmp_path):
     (tmp_path / "file").write_text("")
     result = run_in_process(base_args(tiny_model, subject, tmp_path / "file" / "out"))

@@ -33,12 +33,39 @@ def batch_of(keys):
 
 
 def expected_terms(prediction_type, keys, mean, std, scaling=0.5, seed=3):
+    """The noisy latents and the target written out from DDPM's definitions, not through the scheduler's methods:
+    x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x, abar_t = prod(1 - beta)."""
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
     eps, noise, timesteps = example_noise(seed, keys, SHAPE, 100)
     latents = (mean + std * eps) * scaling
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    betas = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)  # DDPMScheduler's default linear schedule
+    abar = torch.cumprod(1 - betas, 0)[timesteps].view(-1, 1, 1, 1).float()
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
     return scheduler, noisy, target, timesteps
+
+
+class ZeroUNet(torch.nn.Module):
+    def forward(self, noisy, timesteps, encoder_hidden_states):
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+
+@pytest.mark.parametrize("prediction_type, expected", [("epsilon", 4.0), ("v_prediction", 0.45 * 4 + 0.55 * 1)])
+def test_a_hand_computed_loss(prediction_type, expected, monkeypatch):
+    """Two timesteps, beta = 0.1 then 0.5 (abar_1 = 0.9 * 0.5 = 0.45); latent 1, noise 2 everywhere, timestep 1,
+    a UNet that predicts 0: the loss is the target squared, 2^2 = 4 for epsilon and
+    (sqrt(0.45) 2 - sqrt(0.55) 1)^2 = 0.45 4 + 0.55 - 2 sqrt(0.45 0.55) 2 for v."""
+    import utils.run.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "example_noise", lambda seed, keys, shape, steps: (
+        torch.zeros(len(keys), *shape), torch.full((len(keys), *shape), 2.0), torch.ones(len(keys), dtype=torch.long)))
+    scheduler = DDPMScheduler(num_train_timesteps=2, beta_schedule="linear", beta_start=0.1, beta_end=0.5,
+                              prediction_type=prediction_type)
+    loss = diffusion_loss(batch_of([(0, 0, 0)]), torch.ones(1, *SHAPE), torch.ones(1, *SHAPE),
+                          {"encoder_hidden_states": torch.zeros(1, 3, 5)}, ZeroUNet(), scheduler, 1.0, 0)
+    if prediction_type == "v_prediction":
+        expected -= 2 * (0.45 * 0.55) ** 0.5 * 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

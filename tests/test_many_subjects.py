@@ -14,6 +14,8 @@ from utils.layout import RunLayout
 from utils.run.lock import FileLock
 from utils.testing.tiny_model import make_synthetic_subject
 
+pytestmark = pytest.mark.e2e  # every test here runs a command of the project or a trained fixture
+
 SCHEDULE = dict(checkpointing_steps=2, validation_steps=2, validation_prompt="a qwe toy", num_validation_images=1,
                 validation_inference_steps=2)
 

@@ -14,6 +14,8 @@ from tests.helpers import REPO, assert_clean_error, base_args, cli_env, run_in_p
 from utils.images import list_images
 from utils.testing.tiny_model import make_synthetic_subject
 
+pytestmark = pytest.mark.e2e  # every test here runs a command of the project or a trained fixture
+
 
 def free_port() -> int:
     with socket.socket() as sock:

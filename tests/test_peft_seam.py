@@ -71,6 +71,7 @@ def test_a_moved_peft_module_warns_instead_of_raising(unrecognised_peft, monkeyp
         assert peft_seam.install() is False
 
 
+@pytest.mark.e2e
 def test_importing_the_package_patches_nothing():
     import subprocess
     import sys

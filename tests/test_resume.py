@@ -20,6 +20,8 @@ from tests.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.e2e  # every test here runs a command of the project or a trained fixture
+
 STEPS = 8
 
 

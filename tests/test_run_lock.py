@@ -32,6 +32,7 @@ def test_a_second_holder_is_refused_with_the_holders_pid_and_nothing_written(tmp
         pass
 
 
+@pytest.mark.e2e
 def test_the_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
     layout = RunLayout(tmp_path, "dog")
     holder = subprocess.Popen([sys.executable, "-c", f"""

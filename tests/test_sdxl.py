@@ -100,6 +100,7 @@ def test_the_sdxl_vae_stays_fp32_under_mixed_precision_unless_another_is_given(t
         assert next(components.text_encoders["text_encoder_2"].parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.e2e
 def test_a_vae_flag_that_names_no_vae_is_refused_before_any_weight_loads(tiny_xl_model, subject, tmp_path):
     for vae, phrase in ((tmp_path / "missing", "the VAE folder"),
                         (tiny_xl_model / "unet", "holds a UNet2DConditionModel, not an AutoencoderKL")):
@@ -123,12 +124,14 @@ def test_a_pipeline_for_generating_takes_the_runs_vae(tiny_xl_model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(pipe.pipeline.vae.state_dict().values(), vae.state_dict().values()))
 
 
+@pytest.mark.e2e
 def test_tokenizer_name_is_refused_for_sdxl(tiny_xl_model, subject, tmp_path):
     result = run_in_process(base_args(tiny_xl_model, subject, tmp_path / "out", tokenizer_name=tiny_xl_model,
                                       dry_run=True))
     assert result.returncode == 2 and "--tokenizer_name applies to Stable Diffusion 1.x/2.x" in result.stderr
 
 
+@pytest.mark.e2e
 def test_dry_run_plans_both_text_encoders(tiny_xl_model, subject, tmp_path):
     result = run_in_process(base_args(tiny_xl_model, subject, tmp_path / "out", train_text_encoder=True,
                                       resolution=None, dry_run=True))
@@ -157,6 +160,7 @@ def xl_run(tiny_xl_model, subject, tmp_path_factory):
     return root
 
 
+@pytest.mark.e2e
 def test_sdxl_trains_with_prior_preservation_and_both_text_encoders(xl_run):
     out = xl_run / "out"
     assert sorted(p.name for p in (xl_run / "class").glob("class_*.jpg")) == ["class_00000.jpg", "class_00001.jpg"]
@@ -169,6 +173,7 @@ def test_sdxl_trains_with_prior_preservation_and_both_text_encoders(xl_run):
     assert sorted(tuple(c["time_ids"].tolist()) for c in caches)[0] == (64, 64, 0, 0, 64, 64)
 
 
+@pytest.mark.e2e
 def test_sdxl_adapters_reproduce_the_validation_image_with_stock_peft(xl_run, tiny_xl_model):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
     from peft import PeftModel
@@ -188,6 +193,7 @@ def test_sdxl_adapters_reproduce_the_validation_image_with_stock_peft(xl_run, ti
     assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
 
 
+@pytest.mark.e2e
 def test_sdxl_unmerged_merged_and_exported_give_the_same_image(xl_run, tiny_xl_model, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -209,6 +215,7 @@ def test_sdxl_unmerged_merged_and_exported_give_the_same_image(xl_run, tiny_xl_m
     assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3
 
 
+@pytest.mark.e2e
 def test_sdxl_evaluate_generates_from_the_adapters(xl_run, tiny_xl_model, tmp_path):
     from utils import evaluate
 
@@ -220,6 +227,7 @@ def test_sdxl_evaluate_generates_from_the_adapters(xl_run, tiny_xl_model, tmp_pa
     assert Image.open(xl_run / "out" / "eval" / RUN / "3" / "000" / "00.png").size == (64, 64)
 
 
+@pytest.mark.e2e
 def test_the_notebooks_code_generates_merges_and_exports_sdxl_adapters(xl_run, tiny_xl_model, tmp_path, monkeypatch,
                                                                        capsys):
     """The notebook's cells with MODEL_NAME an SDXL pipeline, run in this process (test_inference.py runs the whole
@@ -250,6 +258,7 @@ def sdxl_configs(tmp_path_factory):
     return save_sdxl_configs(tmp_path_factory.mktemp("sdxl-configs") / "sdxl")
 
 
+@pytest.mark.e2e
 def test_real_sdxl_widths_pass_the_block_shape_check_and_are_planned(sdxl_configs, subject, tmp_path):
     args = base_args(sdxl_configs, subject, tmp_path / "out", resolution=None, train_text_encoder=True, dry_run=True,
                      boft_n_butterfly_factor=1, mixed_precision="bf16")
@@ -263,6 +272,7 @@ def test_real_sdxl_widths_pass_the_block_shape_check_and_are_planned(sdxl_config
     assert "[640, 1280, 2048]" in refused.stderr  # the UNet's targeted widths, cross-attention keys included
 
 
+@pytest.mark.e2e
 def test_sdxl_exports_a_single_file_checkpoint_and_kohya_files(xl_run, tiny_xl_model, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file as load_tensors

@@ -16,6 +16,8 @@ from tests.helpers import REPO, adapter_weights, base_args, cli_env, group_ends,
 from utils.layout import RunLayout
 from utils.run import checkpoints
 
+pytestmark = pytest.mark.e2e  # every test here runs a command of the project or a trained fixture
+
 ONE_PROCESS = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 LAUNCH = [sys.executable, "-m", "utils.launch"]

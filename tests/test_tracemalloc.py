@@ -6,8 +6,8 @@ BLOCK = 300 * 2**20
 
 
 def touched_block():
-    """300 MB of fresh pages, each written once. An anonymous mapping, not malloc: another test in this process
-    (test_cpu_allocator) sets malloc to keep freed heap, which a malloc'd block could reuse without a new page."""
+    """300 MB of fresh pages, each written once. An anonymous mapping, not malloc: a malloc'd block could reuse heap
+    that earlier tests in this process freed, without a new page."""
     block = mmap.mmap(-1, BLOCK)
     for offset in range(0, BLOCK, mmap.PAGESIZE):
         block[offset] = 1

@@ -16,6 +16,8 @@ from tests.helpers import (REPO, SHARED_DREAMBOOTH, assert_clean_error, assert_q
                            run_in_process, run_trainer)
 from utils.images import list_images
 
+pytestmark = pytest.mark.e2e  # every test here runs a command of the project or a trained fixture
+
 VALIDATION = "a qwe toy on the beach. a red qwe toy."
 HUB_TOKEN, WANDB_KEY = "hf_NOTAREALTOKEN0123456789abcdef", "wandbkey0123456789abcdef0123456789abcdef"
 

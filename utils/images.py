@@ -2,6 +2,8 @@
 16-bit), and checking a folder of them before any model loads. Shared by the trainer and the tools."""
 
 import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +65,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@contextmanager
+def _open(path):
+    """Image.open without Pillow's DecompressionBombWarning: between its 89 and 179 megapixel limits are real photos
+    (108 MP phone cameras), read here at a reduced scale; above 179 MP Pillow's error still stops the read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            yield image
+
+
 def load_rgb(path, resolution=None) -> Image.Image:
     """Read an image upright (EXIF orientation applied), in RGB; transparency is composited on white, 16-bit
     levels are scaled, animations give their first frame. With `resolution`, a large JPEG is decoded at the
     smallest DCT scale that keeps both sides at least that large (Pillow's draft), so 8000 px photos stay cheap."""
-    with Image.open(path) as image:
+    with _open(path) as image:
         if resolution and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (resolution, resolution))
         image.seek(0)
@@ -80,7 +92,7 @@ TURNED_ORIENTATIONS = (5, 6, 7, 8)  # stored turned by 90 degrees: width and hei
 
 def upright_size(path) -> tuple[int, int]:
     """(width, height) of a photo as load_rgb shows it, at full size, from its header alone."""
-    with Image.open(path) as image:
+    with _open(path) as image:
         width, height = image.size
         if image.getexif().get(EXIF_ORIENTATION) in TURNED_ORIENTATIONS:
             return height, width
@@ -94,7 +106,10 @@ def check_images(paths, resolution: int, skip_bad: bool, what: str) -> list[Path
     for path in paths:
         try:
             image = load_rgb(path, resolution)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except Image.DecompressionBombError as error:
+            bad.append(f"{path} ({error}; resize it below {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels)")
+            continue
+        except (OSError, ValueError, SyntaxError) as error:
             bad.append(f"{path} ({type(error).__name__}: {error})" if str(error) else f"{path} ({type(error).__name__})")
             continue
         good.append(path)
