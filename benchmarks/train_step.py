@@ -73,7 +73,7 @@ def set_up_trainer(argv):
     import train_dreambooth as trainer
     from utils.families import family_of
     from utils.layout import RunLayout
-    from utils.run.flags import parse_args, run_name
+    from utils.run.flags import parse_args
     from utils.run.stopping import StopRequests
 
     from utils.boft import peft_seam
@@ -81,7 +81,7 @@ def set_up_trainer(argv):
     peft_seam.install()
     flags = parse_args(argv)
     family = family_of(flags.pretrained_model_name_or_path, flags.revision)
-    layout = RunLayout(flags.output_dir, run_name(flags))
+    layout = RunLayout(flags.output_dir, flags.wandb_run_name)
     accelerator = trainer.make_accelerator(flags, [], layout)  # keeps freed memory on a CPU, as the trainer does
     config, images, unreadable = trainer.configure(flags, family, accelerator)
     run = trainer.DreamBoothRun(config, family, accelerator, layout, StopRequests(), [])

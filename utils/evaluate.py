@@ -308,9 +308,9 @@ def _pipeline(args):
     missing = [f"--{n}" for n in ("pretrained_model_name_or_path", "output_dir", "adapter_name") if not getattr(args, n)]
     if missing or (args.subject_index is None and not args.prompts_file):
         raise UserError(f"generating needs {', '.join(missing or ['--subject_index or --prompts_file'])}")
-    check_model_and_adapter(args)
+    family = check_model_and_adapter(args)
     return BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype,
-                                        vae_name=args.pretrained_vae_model_name_or_path)
+                                        vae_name=args.pretrained_vae_model_name_or_path, family=family)
 
 
 def every_checkpoint(args, embedder):

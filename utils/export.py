@@ -24,8 +24,8 @@ import torch
 
 from utils.atomic import atomic_file
 from utils.boft import peft_seam
+from utils.checks import unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.families import family_of
 from utils.inference import VAE_HELP, BoftPipeline, check_model_and_adapter
 from utils.original_layout import (
     TEXT_ENCODER_CONVERTERS,
@@ -56,10 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_arguments(args) -> None:
-    """Every mistake that can be found without loading a weight, as a UserError."""
-    from utils.run.flags import unwritable_ancestor
-
+def check_arguments(args):
+    """Every mistake that can be found without loading a weight, as a UserError; returns the model's family."""
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: give a file name ending in .safetensors")
@@ -71,7 +69,7 @@ def check_arguments(args) -> None:
         raise UserError("--format lora needs --rank R, a positive number (for example 32)")
     if args.format != "lora" and args.rank is not None:
         raise UserError(f"--rank applies to --format lora only, not to --format {args.format}")
-    check_model_and_adapter(args)
+    return check_model_and_adapter(args)
 
 
 def checkpoint_tensors(pipe: BoftPipeline, family) -> dict:
@@ -158,10 +156,10 @@ def metadata_for(args, family, pipeline, step: int, rank=None) -> dict:
     return {"format": "pt", "base_model": args.pretrained_model_name_or_path}
 
 
-def export(args) -> Path:
+def export(args, family) -> Path:
     pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, device="cpu", dtype="fp32",
-                                        scheduler="pipeline", vae_name=args.pretrained_vae_model_name_or_path)
-    family = family_of(args.pretrained_model_name_or_path, args.revision)
+                                        scheduler="pipeline", vae_name=args.pretrained_vae_model_name_or_path,
+                                        family=family)
     step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
     rank = None
     if args.format == "checkpoint":
@@ -188,8 +186,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     peft_seam.install()
     try:
-        check_arguments(args)  # before any weight loads
-        export(args)
+        export(args, check_arguments(args))  # the checks come before any weight loads
     except UserError as error:
         print(f"utils.export: error: {error}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None

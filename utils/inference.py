@@ -87,13 +87,15 @@ class BoftPipeline:
         self.base_biases = {}  # part -> {parameter name: the base model's bias}
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm", vae_name=None):
-        """The base model's pipeline (of its family: utils/families), on the best device unless told; `vae_name`:
-        a VAE in place of the model's (the run's --pretrained_vae_model_name_or_path)."""
+    def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm", vae_name=None,
+                        family=None):
+        """The base model's pipeline (of its family: utils/families, read from the model unless given), on the best
+        device unless told; `vae_name`: a VAE in place of the model's (the run's --pretrained_vae_model_name_or_path)."""
         from diffusers import DPMSolverMultistepScheduler
 
         device, torch_dtype = choose_device_and_dtype(device, dtype)
-        pipeline = family_of(name_or_path, revision).load_pipeline(name_or_path, revision, torch_dtype, vae_name)
+        pipeline = (family or family_of(name_or_path, revision)).load_pipeline(name_or_path, revision, torch_dtype,
+                                                                                vae_name)
         if scheduler == "dpm":
             pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
@@ -279,8 +281,9 @@ def build_parser():
     return parser
 
 
-def check_arguments(args) -> None:
-    """Every mistake in the command line that can be found without loading a weight, as a UserError."""
+def check_arguments(args):
+    """Every mistake in the command line that can be found without loading a weight, as a UserError; returns the
+    model's family."""
     from PIL import Image
 
     if args.num_images < 1 or args.num_inference_steps < 1:
@@ -293,26 +296,27 @@ def check_arguments(args) -> None:
     for flag, path in (("--out", out.parent), ("--save_merged", Path(args.save_merged or ".").parent)):
         if (blocked := unwritable_ancestor(path)) is not None:
             raise UserError(f"{flag} {path}: {blocked} is not a folder you can write to")
-    check_model_and_adapter(args)
+    return check_model_and_adapter(args)
 
 
-def check_model_and_adapter(args) -> None:
+def check_model_and_adapter(args):
     """The base model can be loaded (no removed hub id, a family this project knows) and the run saved the adapter
-    at that step: the checks every tool that loads adapters makes before any weight loads."""
+    at that step: the checks every tool that loads adapters makes before any weight loads. Returns the family."""
     if problem := removed_model_problem(args.pretrained_model_name_or_path):
         raise UserError(problem)
-    family_of(args.pretrained_model_name_or_path, args.revision)
+    family = family_of(args.pretrained_model_name_or_path, args.revision)
     check_vae(args.pretrained_vae_model_name_or_path)
     resolve_adapter(args.output_dir, args.adapter_name, args.step)
+    return family
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     peft_seam.install()
     try:
-        check_arguments(args)  # before any weight loads
+        family = check_arguments(args)  # before any weight loads
         pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype,
-                                            vae_name=args.pretrained_vae_model_name_or_path)
+                                            vae_name=args.pretrained_vae_model_name_or_path, family=family)
         step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
         if args.merge:
             pipe.merge()

@@ -32,10 +32,6 @@ OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp
                    "self_attn.out_proj": "attn.out_proj"}
 
 
-def _blocks(prefix: str, modules, original) -> dict:
-    return {f"{prefix}.{j}": original(j) for j in range(len(modules or []))}
-
-
 def unet_modules(unet) -> dict[str, tuple[str, dict]]:
     """diffusers module path -> (original module path, renames inside it) for every UNet module with weights."""
     modules = {name: (original, {}) for name, original in UNET_TOP_LEVEL.items()}

