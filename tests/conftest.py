@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import base_args, run_trainer
+from tests.helpers import REPO, base_args, readme_gpu_setup_installs, run_trainer
 from utils.testing.tiny_model import make_synthetic_subject, save_tiny_metric_models, save_tiny_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,6 +45,24 @@ def trained(tiny_model, subject, tmp_path_factory):
         result = run_trainer(base_args(tiny_model, subject, out, wandb_run_name=name, learning_rate=1e-2, **extra))
         assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def gpu_setup_venv(tmp_path_factory) -> Path:
+    """A fresh venv made with the pip commands of the README's GPU set-up, the torch the suite runs with standing
+    for the CUDA build (here pip finds the same CPU wheel)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    venv = tmp_path_factory.mktemp("gpu-setup") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for command in readme_gpu_setup_installs():
+        command = [f"torch=={torch.__version__.split('+')[0]}" if word == "torch" else word for word in command]
+        subprocess.run([str(venv / "bin" / command[0]), *command[1:]], cwd=REPO, check=True, timeout=900,
+                       stdout=subprocess.DEVNULL)
+    return venv
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DREAMBOOTH = REPO.parent / "shared" / "dreambooth"
 
 
+def readme_gpu_setup_installs() -> list[list[str]]:
+    """The `pip install` commands of the README's GPU set-up, in order, but xformers (optional, CUDA only)."""
+    section = (REPO / "README.md").read_text().split("### Set-up on a GPU machine", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].split() for line in block.splitlines() if line.startswith("pip install")]
+    return [command for command in commands if "xformers" not in command]
+
+
 def cli_env(**extra) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
     env.pop("WANDB_API_KEY", None)

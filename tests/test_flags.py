@@ -103,3 +103,13 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "(default: 5e-06)" in capsys.readouterr().out
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_usage_error(monkeypatch, capsys):
+    from utils import quiet
+
+    monkeypatch.setattr(quiet, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--pretrained_model_name_or_path=m", "--instance_data_dir=.", "--instance_prompt=x", "--use_boft",
+                    "--use_8bit_adam"])
+    assert stop.value.code == 2 and "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes" in capsys.readouterr().err

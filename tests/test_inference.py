@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import REPO, assert_quiet, cli_env
+from tests.helpers import REPO, assert_quiet, cli_env, readme_gpu_setup_installs
 from utils.errors import UserError
 from utils.inference import BoftPipeline, choose_device_and_dtype, resolve_adapter
 
@@ -188,16 +188,18 @@ def test_what_the_tools_write_by_default_stays_out_of_git():
 
 
 @pytest.mark.e2e
-def test_the_notebook_runs_top_to_bottom(trained, tiny_model, tmp_path):
+def test_the_notebook_runs_top_to_bottom_in_the_readmes_gpu_setup(trained, tiny_model, gpu_setup_venv, tmp_path):
     import nbformat
 
     notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed cleared
+    assert all("id" in cell for cell in notebook.cells)  # else nbformat warns at every read (MissingIDFieldWarning)
     env = dict(MODEL_NAME=str(tiny_model), OUTPUT_DIR=str(trained), RUN_NAME="toy", PROMPT="a qwe toy",
                SECOND_RUN_NAME="teapot", MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64",
                EXPORT_FILE=str(tmp_path / "export.safetensors"))
-    # The README's unattended command, from the project's environment.
-    result = subprocess.run([str(Path(sys.executable).parent / "jupyter"), "nbconvert", "--execute", "--to",
+    # The README's unattended command, in a venv made as the README's GPU set-up says.
+    assert readme_gpu_setup_installs()[-1][-2:] == ["-r", "requirements.lock"]
+    result = subprocess.run([str(gpu_setup_venv / "bin" / "jupyter"), "nbconvert", "--execute", "--to",
                              "notebook", "--output-dir", str(tmp_path), str(REPO / "dreambooth_inference.ipynb")],
                             cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

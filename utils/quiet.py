@@ -37,6 +37,17 @@ def install() -> None:
         sys.modules[DEFERRED_MODULE] = None  # `import bitsandbytes` fails as if absent; peft and transformers skip it
 
 
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes can be imported, asked without importing it (its metadata)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(DEFERRED_MODULE)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 def import_bitsandbytes():
     """bitsandbytes, imported now (quietly): the one way this project loads it."""
     if sys.modules.get(DEFERRED_MODULE, False) is None:

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from utils.errors import USAGE_EXIT_CODE
+from utils import quiet
 from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.layout import RunLayout, check_run_name
 
@@ -348,6 +349,8 @@ def _check_values(args, problems):
             "give exactly one of --boft_block_num and --boft_block_size a nonzero value (the other 0), got "
             f"--boft_block_num={args.boft_block_num} --boft_block_size={args.boft_block_size}"
         )
+    if args.use_8bit_adam and not quiet.bitsandbytes_installed():
+        problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
     if not 0 <= args.boft_dropout < 1:
         problems.append(f"--boft_dropout must be in [0, 1), got {args.boft_dropout}")
     if args.with_prior_preservation:
