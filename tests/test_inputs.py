@@ -177,3 +177,16 @@ def test_a_read_only_class_folder_is_a_clear_error(tmp_path, monkeypatch):
     Image.new("RGB", (8, 8)).save(class_dir / "a.jpg")
     Image.new("RGB", (8, 8)).save(class_dir / "b.jpg")
     assert class_images.generate_class_images(args, family=None, accelerator=None) == 0  # complete: never written to
+
+
+def test_a_photo_folder_that_cannot_be_read_is_a_clear_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from utils.images import require_images
+
+    (tmp_path / "photos").mkdir()
+    real_iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self.name == "photos" else real_iterdir(self))  # chmod 000 (root reads it all the same)
+    with pytest.raises(UserError, match=r"--instance_data_dir folder .*photos cannot be read \(permission denied\)"):
+        require_images(tmp_path / "photos", "--instance_data_dir")

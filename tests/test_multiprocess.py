@@ -120,3 +120,23 @@ def test_the_launcher_and_plain_accelerate_cpu_flags(tiny_model, four_photos, tm
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, plain.stderr[-4000:]
     assert "started one process" in plain.stderr and "ACCELERATE_USE_CPU=1" in plain.stderr
+
+
+def test_two_processes_stopped_mid_epoch_resume_exactly(tiny_model, four_photos, tmp_path):
+    """Four photos over two processes: two batches per process and epoch, so step 3 is the middle of the second
+    epoch, where resuming skips a batch of an epoch that is not the first."""
+    import shutil
+
+    argv = dict(max_train_steps=6, checkpointing_steps=3, validation_prompt=None)
+    reference = launch(base_args(tiny_model, four_photos, tmp_path / "ref", **argv))
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    shutil.copytree(tmp_path / "ref", tmp_path / "run")  # as if stopped right after step 3's checkpoint
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "dreambooth_boft" / "checkpoint-6")
+    shutil.rmtree(tmp_path / "run" / "unet" / "6")
+    resumed = launch(base_args(tiny_model, four_photos, tmp_path / "run", resume_from_checkpoint="latest", **argv))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "at step 3 (epoch 1, batch 1)" in resumed.stderr, resumed.stderr[-3000:]
+    expected, got = (load_file(tmp_path / out / "unet" / "6" / "dreambooth_boft" / "adapter_model.safetensors")
+                     for out in ("ref", "run"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

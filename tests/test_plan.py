@@ -22,6 +22,10 @@ def test_the_plan_names_images_adapters_steps_and_memory(tiny_model, subject, tm
     for phrase in ("Dry run: every check passed", "3 image(s)", "0 image(s) in", "5 to generate", "UNet: BOFT on",
                    "text encoder: BOFT on", "optimizer steps: 10 (5 examples per epoch", "(bf16)", "optimizer state"):
         assert phrase in lines, (phrase, lines)
+    big_batch = make_config(num_examples=3, num_processes=2, pretrained_model_name_or_path=tiny_model,
+                            instance_data_dir=subject, train_batch_size=4)
+    lines = "\n".join(plan_lines(big_batch, StableDiffusion(), "no", 3, *meta_models))
+    assert "batch 2 x 2 process(es)" in lines  # what each process gets of 3 examples, not --train_batch_size 4
 
 
 @pytest.mark.parametrize("settings", [BoftSettings(8, 0, 2), BoftSettings(0, 16, 1, bias="boft_only")])

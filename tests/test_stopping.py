@@ -115,3 +115,20 @@ print("ended in", round(time.monotonic() - started, 1), "s;", len(multiprocessin
     assert result.returncode == 0, result.stderr[-2000:]
     seconds = float(result.stdout.split()[2])
     assert seconds < 30 and result.stdout.strip().endswith("0 left"), result.stdout  # 10 s a worker at most
+
+
+def test_several_processes_without_the_gpus_for_them_are_refused_unless_on_the_cpu(monkeypatch):
+    import argparse
+
+    import torch
+
+    from utils.launch import missing_gpus_problem
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    asked = argparse.Namespace(num_processes=2, cpu=False)
+    assert "--num_processes 2 needs 2 GPUs; this machine has 0. On a CPU add --cpu" in missing_gpus_problem(asked)
+    assert missing_gpus_problem(argparse.Namespace(num_processes=2, cpu=True)) is None
+    assert missing_gpus_problem(argparse.Namespace(num_processes=1, cpu=False)) is None
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # train_dreambooth.sh's way to several CPU processes
+    assert missing_gpus_problem(asked) is None

@@ -44,6 +44,7 @@ def test_class_images_are_generated(full_run):
     root, _ = full_run
     assert [p.name for p in list_images(root / "class")] == ["class_00000.jpg", "class_00001.jpg"]
     assert not list((root / "class").glob("*.partial"))
+    assert sorted(p.name for p in (root / "class").iterdir()) == ["class_00000.jpg", "class_00001.jpg"]  # no lock left
 
 
 def test_adapters_are_saved_where_the_notebook_looks(full_run):
@@ -294,3 +295,22 @@ def test_workers_are_not_started_when_every_latent_is_cached(tiny_model, subject
     result = run_in_process(base_args(tiny_model, subject, tmp_path / "out2", num_dataloader_workers=2,
                                       max_train_steps=1, no_cache_latents=True))  # photos to decode: workers start
     assert result.returncode == 0 and "Every image's latents are cached" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_rerun_is_refused_until_it_resumes_or_overwrites(tiny_model, subject, tmp_path):
+    out = tmp_path / "out"
+    first = run_trainer(base_args(tiny_model, subject, out, max_train_steps=2, checkpointing_steps=1))
+    assert first.returncode == 0, first.stderr[-3000:]
+    adapter = out / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    for extra in ({}, {"dry_run": True}):  # the same command again, and its dry run, are refused
+        again = run_in_process(base_args(tiny_model, subject, out, max_train_steps=2, checkpointing_steps=1, **extra))
+        assert_clean_error(again, "the run 'dreambooth_boft' already has files in", "adapters at steps 1, 2",
+                           "--resume_from_checkpoint latest", "--overwrite_run")
+    assert adapter.read_bytes() == before
+    both = run_in_process(base_args(tiny_model, subject, out, overwrite_run=True, resume_from_checkpoint="latest"))
+    assert_clean_error(both, "give one")
+    anew = run_trainer(base_args(tiny_model, subject, out, max_train_steps=1, checkpointing_steps=1, overwrite_run=True))
+    assert anew.returncode == 0, anew.stderr[-3000:]
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["1"]  # the earlier run's step 2 is gone with it
+    assert [p.name for p in (out / "checkpoints" / "dreambooth_boft").glob("checkpoint-*")] == ["checkpoint-1"]

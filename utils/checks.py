@@ -2,6 +2,7 @@
 cannot be written. Light (no torch), so that flags are checked before anything heavy loads."""
 
 import os
+import tempfile
 from pathlib import Path
 
 # The guide's hub ids were deleted; the community keeps the same weights under these names.
@@ -24,4 +25,11 @@ def unwritable_ancestor(folder) -> Path | None:
     way that cannot be written into (a read-only or foreign folder, or a file)."""
     path = Path(folder).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
-    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        return existing
+    if existing != path:  # permissions say yes; some file systems still refuse (/proc, read-only mounts): try
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-test-"))
+        except OSError:
+            return existing
+    return None

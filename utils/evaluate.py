@@ -7,19 +7,26 @@
 
 A generated folder holds prompts.txt (one prompt a line) and one sub-folder per prompt named by its zero-based line
 number in three digits (000, 001, ...) with the images; `generate` writes it, `score` reads it, so images from any
-tool can be scored. `generate --class_prompt` also writes class/ (the adapter's images of the class prompt) and
-OUT/eval/base/class/ (the base model's, same seeds): CLIP-I between the two is the prior-drift score.
+tool can be scored. `generate --class_prompt` also writes class/ (the adapter's images of the class prompt) and the
+base model's images of the same prompt and seeds in OUT/eval/base/class/{key}/, one set per class prompt and
+settings (model, revision, VAE, scheduler, resolution, steps, guidance, seed, count): CLIP-I between the two is the
+prior-drift score. `generate` replaces a step's folder whole and records its settings in settings.json; `score`
+takes only images those settings made, and the base set they name (or one given with matching settings).
 `score` writes GEN/scores.csv (a row per prompt, then `overall`), GEN/scores.md and GEN/grid.png.
 """
 
 import argparse
 import csv
+import hashlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from utils.atomic import atomic_folder
 from utils.images import list_images, load_rgb
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
@@ -31,6 +38,11 @@ DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 METRICS = ("dino", "clip_i", "clip_t")
 THUMBNAIL = 128
+SETTINGS_FILE = "settings.json"
+GUIDANCE_SCALE = 7.5  # BoftPipeline.generate's, as the papers' evaluations use
+# What makes the base model's class images: a reference set is shared only by evaluations that agree on all of it.
+REFERENCE_SETTINGS = ("model", "revision", "vae", "scheduler", "resolution", "num_inference_steps", "guidance_scale",
+                      "seed", "num_images", "class_prompt")
 
 
 def subject_prompts(index: int) -> list[str]:
@@ -134,16 +146,58 @@ def score_validation(embedder, images, captions, args) -> dict:
     return {f"eval/{metric}": overall[metric] for metric in METRICS}
 
 
+def read_settings(folder) -> dict | None:
+    """The settings `generate` recorded in a folder; None for a folder made by another tool."""
+    path = Path(folder, SETTINGS_FILE)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def expected_names(record) -> set[str]:
+    return {f"{k:02d}.png" for k in range(record["num_images"])}
+
+
+def check_made_with(folder, record) -> None:
+    """Every image folder of a generated folder holds exactly the images its recorded settings made."""
+    for sub in [prompt_folder(folder, i) for i in range(len(record["prompts"]))] + (
+            [Path(folder, "class")] if record.get("class_prompt") else []):
+        names = {p.name for p in list_images(sub)}
+        if names != expected_names(record):
+            raise UserError(f"{sub} holds {', '.join(sorted(names)) or 'no images'}, not the {record['num_images']} "
+                            f"image(s) its {SETTINGS_FILE} records: files were added or removed after generating. "
+                            "Generate it again (utils.evaluate generate replaces the folder whole)")
+
+
+def reference_of(generated_dir, record, class_generated_dir=None) -> Path | None:
+    """The base model's class images to measure prior drift against: the given folder, after checking that its
+    settings are the generated folder's, else the one `generate` recorded; None when there is none."""
+    if class_generated_dir is None:
+        if not (record and record.get("reference")):
+            return None
+        return Path(generated_dir, record["reference"])
+    base = read_settings(class_generated_dir)
+    if record and base:
+        differing = [k for k in REFERENCE_SETTINGS if record.get(k) != base.get(k)]
+        if differing:
+            raise UserError(f"--class_generated_dir {class_generated_dir} was made with other settings than "
+                            f"{generated_dir} (" + "; ".join(f"{k}: {base.get(k)!r} there, {record.get(k)!r} here"
+                                                             for k in differing)
+                            + "). Leave the flag out to use the base images generate made for it")
+    return Path(class_generated_dir)
+
+
 def score_folder(embedder, real_dir, generated_dir, identifier="qwe", class_generated_dir=None) -> list[dict]:
     """score_images over a generated folder; with base class images, `prior_drift` joins the overall row."""
+    record = read_settings(generated_dir)
+    if record:
+        check_made_with(generated_dir, record)
     real = load_images(require(list_images(real_dir), real_dir))
     generated = {}
     for index, prompt in enumerate(read_prompts(generated_dir)):
         folder = prompt_folder(generated_dir, index)
         generated[prompt] = load_images(require(list_images(folder), folder))
     rows = score_images(embedder, real, generated, identifier)
-    if class_generated_dir:
-        rows[-1]["prior_drift"] = prior_drift(embedder, Path(generated_dir, "class"), class_generated_dir)
+    if (reference := reference_of(generated_dir, record, class_generated_dir)) is not None:
+        rows[-1]["prior_drift"] = prior_drift(embedder, Path(generated_dir, "class"), reference)
     return rows
 
 
@@ -241,27 +295,57 @@ def write_images(pipe, prompt, folder, num_images, seed, steps, resolution, batc
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
-        images = pipe.generate(prompt, num_images=count, num_inference_steps=steps, seed=seed + start,
-                               height=resolution, width=resolution)
+        images = pipe.generate(prompt, num_images=count, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
+                               seed=seed + start, height=resolution, width=resolution)
         for k, image in enumerate(images):
             image.save(folder / f"{start + k:02d}.png")
 
 
+def generation_settings(args, pipe) -> dict:
+    """What the images of an evaluation depend on (the batch size does not: image k is seeded with seed + k)."""
+    return {"model": args.pretrained_model_name_or_path, "revision": args.revision,
+            "vae": args.pretrained_vae_model_name_or_path, "scheduler": type(pipe.pipeline.scheduler).__name__,
+            "resolution": args.resolution, "num_inference_steps": args.num_inference_steps,
+            "guidance_scale": GUIDANCE_SCALE, "seed": args.seed, "num_images": args.num_images,
+            "class_prompt": args.class_prompt}
+
+
+def base_class_images(pipe, settings, layout, options) -> Path:
+    """The base model's images of the class prompt with these settings: found when an earlier evaluation of any
+    subject made them with the same settings, else generated (whole, or not at all)."""
+    reference = {k: settings[k] for k in REFERENCE_SETTINGS}
+    key = hashlib.sha256(json.dumps(reference, sort_keys=True).encode()).hexdigest()[:12]
+    folder = layout.base_class_images(key)
+    if read_settings(folder) == reference:
+        return folder
+    active = pipe.active
+    pipe.set_adapter(None)
+    try:
+        with atomic_folder(folder) as partial:
+            write_images(pipe, settings["class_prompt"], partial, *options)
+            (partial / SETTINGS_FILE).write_text(json.dumps(reference, indent=2))
+    finally:
+        pipe.set_adapter(active)
+    return folder
+
+
 def generate_for_step(args, pipe, step) -> Path:
+    """The step's evaluation folder, made anew and whole: images of every prompt (and of the class prompt, with
+    the base model's to compare with), and the settings that made them."""
     prompts = subject_prompts(args.subject_index) if args.subject_index is not None else \
         [p for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
     layout = RunLayout(args.output_dir, args.adapter_name)
     folder = layout.evaluation(step)
     options = (args.num_images, args.seed, args.num_inference_steps, args.resolution, args.batch_size)
-    generate(pipe, prompts, folder, *options)
-    if args.class_prompt:
-        write_images(pipe, args.class_prompt, folder / "class", *options)
-        base = layout.base_class_images
-        if not list_images(base):
-            active = pipe.active
-            pipe.set_adapter(None)
-            write_images(pipe, args.class_prompt, base, *options)
-            pipe.set_adapter(active)
+    settings = generation_settings(args, pipe)
+    reference = base_class_images(pipe, settings, layout, options) if args.class_prompt else None
+    with atomic_folder(folder) as partial:  # no image of an earlier generation stays beside these
+        generate(pipe, prompts, partial, *options)
+        if args.class_prompt:
+            write_images(pipe, args.class_prompt, partial / "class", *options)
+        record = {**settings, "adapter": args.adapter_name, "step": step, "prompts": prompts,
+                  "reference": os.path.relpath(reference, folder) if reference else None}
+        (partial / SETTINGS_FILE).write_text(json.dumps(record, indent=2))
     return folder
 
 

@@ -37,7 +37,11 @@ def require_images(folder, what: str) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} folder {folder} does not exist; put the photos there or pass another folder")
-    images = list_images(folder)
+    try:
+        images = list_images(folder)
+    except PermissionError:
+        raise UserError(f"{what} folder {folder} cannot be read (permission denied); make it readable "
+                        f"(chmod u+rx {folder}) or pass another folder") from None
     image_set = set(images)
     others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p not in image_set)
     unread_heif = [name for name in others if Path(name).suffix.lower() in {".heic", ".heif"}]

@@ -288,6 +288,13 @@ def check_arguments(args):
 
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UserError("--num_images and --num_inference_steps must be positive")
+    if not args.guidance_scale >= 0:
+        raise UserError(f"--guidance_scale must be 0 or more (1 or less turns classifier-free guidance off), got "
+                        f"{args.guidance_scale}")
+    if args.device and (problem := device_problem(args.device)):
+        raise UserError(problem)
+    if args.save_merged and Path(args.save_merged).exists() and not Path(args.save_merged).is_dir():
+        raise UserError(f"--save_merged {args.save_merged} is a file; give a folder for the merged pipeline")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     out = Path(args.out)
@@ -297,6 +304,20 @@ def check_arguments(args):
         if (blocked := unwritable_ancestor(path)) is not None:
             raise UserError(f"{flag} {path}: {blocked} is not a folder you can write to")
     return check_model_and_adapter(args)
+
+
+def device_problem(device: str) -> str | None:
+    """Why --device cannot be used on this machine, or None."""
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        return f"--device {device}: give cuda, cuda:N, mps or cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: this torch sees no CUDA GPU ({torch.__version__}); use --device cpu"
+    if kind == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: MPS (Apple GPUs) is not available here; use --device cpu"
+    return None
 
 
 def check_model_and_adapter(args):

@@ -15,6 +15,7 @@ signal N), the trainer's message last. train_dreambooth.sh launches through it.
 """
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -54,12 +55,30 @@ def quiet_torchrun_reports() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def missing_gpus_problem(args) -> str | None:
+    """Several processes asked for on a machine without the GPUs for them and without --cpu: accelerate would
+    quietly start one process on the CPU instead."""
+    import torch
+
+    wanted = args.num_processes or 1
+    on_cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if wanted < 2 or on_cpu or torch.cuda.device_count() >= wanted:
+        return None
+    if any(getattr(torch, kind, None) is not None and getattr(torch, kind).is_available() for kind in ("xpu", "npu")):
+        return None  # another accelerator: accelerate counts those
+    return (f"--num_processes {wanted} needs {wanted} GPUs; this machine has {torch.cuda.device_count()}. On a CPU add "
+            f"--cpu (./train_dreambooth.sh: ACCELERATE_ARGS=\"--cpu --num_processes {wanted}\"), or ask for fewer")
+
+
 def main(argv=None) -> None:
     import accelerate.commands.launch as accelerate_launch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = accelerate_launch.launch_command_parser().parse_args(argv)
+    if problem := missing_gpus_problem(args):
+        print(f"utils.launch: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     if hasattr(accelerate_launch, "simple_launcher"):
         accelerate_launch.simple_launcher = run_one_process  # the one launcher this module replaces
     else:  # an accelerate this was not written for: its own single-process launcher, with its exit statuses

@@ -10,7 +10,7 @@ never overwrites, resumes from or prunes another's files:
       checkpoints/{run}/run.lock             held while the run trains (utils/run/lock.py)
       validation/{run}/{step}/               validation images
       eval/{run}/{step}/                     utils.evaluate's generated images and scores
-      eval/base/class/                       the base model's class images (shared: they do not depend on a run)
+      eval/base/class/{key}/                 the base model's class images, one set per class prompt and settings
       logs/{run}/                            tensorboard events, wandb files
       hub/{run}/README.md                    the model card pushed with --push_to_hub
       latent_cache/                          VAE latents keyed by model and image content (shared, safe to share)
@@ -116,9 +116,9 @@ class RunLayout:
     def evaluation_plot(self) -> Path:
         return self.output_dir / "eval" / self.run / "scores_by_step.png"
 
-    @property
-    def base_class_images(self) -> Path:
-        return self.output_dir / "eval" / "base" / "class"
+    def base_class_images(self, key: str) -> Path:
+        """The base model's class-prompt images made with the settings `key` names (shared by runs that match)."""
+        return self.output_dir / "eval" / "base" / "class" / key
 
     def logs(self, logging_dir="logs") -> Path:
         """--logging_dir (relative to the output folder, or absolute) / run."""
@@ -135,6 +135,16 @@ class RunLayout:
     @property
     def latent_cache(self) -> Path:
         return self.output_dir / "latent_cache"
+
+    # a run's own files -------------------------------------------------------------------------------------------
+    def run_files(self, logging_dir="logs") -> list[Path]:
+        """Everything of this run in the output folder (not the shared cache, class images or the run lock): what a
+        rerun would overwrite or mix with."""
+        found = [self.adapter(part, step) for part in ADAPTER_PARTS for step in self.adapter_steps(part)]
+        found += self.checkpoint_folders()
+        found += [folder for folder in (self.output_dir / "validation" / self.run, self.output_dir / "eval" / self.run,
+                                        self.logs(logging_dir), self.model_card.parent) if folder.exists()]
+        return found
 
 
 def _listing(folder: Path) -> str:

@@ -89,6 +89,36 @@ def save_adapters(models: dict, layout: RunLayout, step: int, state_dicts=None) 
     return written
 
 
+def rerun_problem(layout: RunLayout, config) -> str | None:
+    """Why a run that neither resumes nor overwrites cannot start: its name already has files in the output folder
+    (a finished adapter would be replaced, a second run mixed into its logs). None when it can."""
+    if config.resume_from_checkpoint or config.overwrite_run:
+        return None
+    existing = layout.run_files(config.logging_dir)
+    if not existing:
+        return None
+    steps = layout.adapter_steps()
+    shown = f"adapters at steps {', '.join(map(str, steps))}" if steps else ", ".join(str(p) for p in existing[:3])
+    return (f"the run {layout.run!r} already has files in {layout.output_dir} ({shown}). Continue it with "
+            "--resume_from_checkpoint latest, start it anew with --overwrite_run (removes them), or train under "
+            "another --wandb_run_name")
+
+
+def remove_run_files(layout: RunLayout, config, accelerator) -> None:
+    """--overwrite_run: the main process removes the run's earlier files (under the run lock); the others wait."""
+    if accelerator.is_main_process:
+        removed = layout.run_files(config.logging_dir)
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                path.parent.rmdir()  # a step's folder that held this run's adapter alone
+            except OSError:
+                pass
+        if removed:
+            logger.info("--overwrite_run: removed %d folder(s) of the earlier run %r", len(removed), layout.run)
+    accelerator.wait_for_everyone()
+
+
 def compatibility_settings(config, family) -> dict:
     """The run's values of COMPATIBILITY_SETTINGS (the learning rate as the optimizer uses it)."""
     values = config.as_dict()

@@ -17,6 +17,7 @@ from utils import quiet
 from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.layout import RunLayout, check_run_name
 
+MIN_RESOLUTION = 32  # a latent of 4 x 4: anything smaller leaves the UNet's downsampling nothing to work on
 DEFAULT_ADAPTER_NAME = "dreambooth_boft"
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 REPORT_TO_CHOICES = ["wandb", "tensorboard", "all", "none"]
@@ -82,7 +83,8 @@ def _data_group(parser):
         help="Training resolution in pixels (multiple of 8). Default: the model family's (512 for SD 1.x/2.x, 1024 for SDXL).",
     )
     group.add_argument("--center_crop", action="store_true", help="Center-crop images instead of cropping randomly.")
-    group.add_argument(
+    caching = group.add_mutually_exclusive_group()
+    caching.add_argument(
         "--cache_latents",
         action="store_const",
         const=True,
@@ -90,7 +92,7 @@ def _data_group(parser):
         help="Encode each image with the VAE once and keep its latent distribution (on disk, in --output_dir). "
         "Default: on when exact (square images, or --center_crop).",
     )
-    group.add_argument(
+    caching.add_argument(
         "--no_cache_latents", dest="cache_latents", action="store_const", const=False, help="Encode every step."
     )
     group.add_argument(
@@ -135,7 +137,8 @@ def _boft_group(parser):
 
 def _training_group(parser):
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", default="text-inversion-model", help="Where adapters and checkpoints go.")
+    group.add_argument("--output_dir", default="data/output/boft",
+                       help="Where adapters and checkpoints go (shared by runs of other names).")
     group.add_argument(
         "--seed",
         type=int,
@@ -212,6 +215,13 @@ def _saving_group(parser):
         help='Resume from a checkpoint-{step} folder, or "latest" (starts fresh when there is none).',
     )
     group.add_argument(
+        "--overwrite_run",
+        action="store_true",
+        help="Start this run anew when --output_dir already holds its files: its adapters, checkpoints, validation "
+        "and evaluation images and logs are removed first. Without it (or --resume_from_checkpoint) a run that "
+        "already wrote something is refused, so that a finished adapter is never lost by accident.",
+    )
+    group.add_argument(
         "--validation_prompt",
         nargs="+",
         default=None,
@@ -271,7 +281,7 @@ class ShortUsageParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = ShortUsageParser(
         prog="train_dreambooth.py",
-        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x with BOFT adapters (launch with "
+        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x and SDXL with BOFT adapters (launch with "
         "`python -m utils.launch train_dreambooth.py ...` or `accelerate launch train_dreambooth.py ...`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -339,6 +349,11 @@ def _check_positive(args, problems):
 def _check_values(args, problems):
     if args.resolution and args.resolution > 0 and args.resolution % 8:
         problems.append(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    elif args.resolution and 0 < args.resolution < MIN_RESOLUTION:
+        problems.append(f"--resolution must be at least {MIN_RESOLUTION} (a latent of 4 x 4), got {args.resolution}")
+    for name in ("instance_prompt", "class_prompt"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            problems.append(f"--{name} is empty: give the prompt, e.g. \"a photo of qwe dog\"")
     if not args.use_boft:
         problems.append(
             "--use_boft is missing: this trainer trains BOFT adapters only (for full fine-tuning use diffusers' "
@@ -371,6 +386,8 @@ def _check_values(args, problems):
         problems.append("--validation_prompt is empty: give at least one prompt, or leave the flag out")
     if problem := removed_model_problem(args.pretrained_model_name_or_path):
         problems.append(problem)
+    if args.overwrite_run and args.resume_from_checkpoint:
+        problems.append("--overwrite_run starts the run anew and --resume_from_checkpoint continues it: give one")
     if os.path.isfile(args.output_dir):
         problems.append(f"--output_dir {args.output_dir} is a file; give a folder")
     elif unwritable_ancestor(args.output_dir) is not None:

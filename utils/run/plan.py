@@ -3,6 +3,7 @@
 from utils.boft.shapes import adapter_parameters, targeted_linears
 from utils.families import vae_dtype
 from utils.images import list_images
+from utils.run.data import per_process_batch
 
 GB = 2**30
 
@@ -37,7 +38,8 @@ def plan_lines(config, family, mixed_precision, num_images: int, unet, text_enco
         lines.append(f"  {name}: BOFT on {len(targeted_linears(model, targets))} layers, {trainable[name]:,} trainable parameters")
     lines += [
         f"  optimizer steps: {config.max_train_steps} ({config.num_examples} examples per epoch, batch "
-        f"{config.train_batch_size} x {config.num_processes} process(es) x {config.gradient_accumulation_steps} "
+        f"{per_process_batch(config.train_batch_size, config.num_examples, config.num_processes)} x "
+        f"{config.num_processes} process(es) x {config.gradient_accumulation_steps} "
         "accumulation)",
         f"  memory per process, before activations: weights {weights / GB:.2f} GB "
         f"({mixed_precision or 'fp32'}{', the VAE in fp32' if vae_bytes > weight_bytes else ''}), adapters and "

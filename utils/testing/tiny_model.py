@@ -211,14 +211,22 @@ def make_synthetic_subject(folder, num_images: int = 4, size: int = 96, seed: in
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", help="folder to write the pipeline to (save_pretrained layout)")
+    parser.add_argument("output", nargs="?", help="folder to write the pipeline to (save_pretrained layout)")
     parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--family", default="sd", choices=list(BUILDERS), help="sd: SD 1.x/2.x structure; sdxl")
     parser.add_argument("--subject", help="also write a synthetic subject's photos to this folder")
+    parser.add_argument("--metric_models", help="also write tiny random DINO and CLIP models to this folder (dino/, "
+                        "clip/), for utils.evaluate's --dino_model and --clip_model offline")
     args = parser.parse_args(argv)
-    print(f"tiny pipeline written to {save_tiny_pipeline(args.output, args.prediction_type, args.family)}")
+    if not (args.output or args.subject or args.metric_models):
+        parser.error("give a folder for the pipeline, --subject or --metric_models")
+    if args.output:
+        print(f"tiny pipeline written to {save_tiny_pipeline(args.output, args.prediction_type, args.family)}")
     if args.subject:
         print(f"synthetic subject written to {make_synthetic_subject(args.subject)}")
+    if args.metric_models:
+        dino, clip = save_tiny_metric_models(args.metric_models)
+        print(f"tiny metric models written to {dino} and {clip}")
 
 
 if __name__ == "__main__":
