@@ -1,4 +1,5 @@
-"""No dependency's own output reaches the user (utils/quiet.py): --help and usage errors answer before torch loads,
+"""No dependency's own output reaches the user (utils/quiet.py): --help and usage errors answer before torch loads
+(the trainer and the tools),
 a run, an export read by another user; the training run, inference and evaluate checks are in their modules
 (assert_quiet)."""
 
@@ -34,10 +35,12 @@ def test_help_and_usage_errors_answer_before_torch_peft_or_diffusers_load(argv):
 
 
 @pytest.mark.parametrize("tool", ["utils.inference", "utils.evaluate", "utils.export", "utils.launch"])
-def test_the_tools_help_is_quiet(tool):
-    result = run("-m", tool, "--help")
+def test_the_tools_help_is_quiet_and_light(tool):
+    result = run("-X", "importtime", "-m", tool, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
     assert_quiet(result.stdout + result.stderr)
+    if tool != "utils.launch":  # the launcher's flags are accelerate's own parser
+        assert not imported_modules(result.stderr) & {"torch", "peft", "diffusers", "transformers"}
 
 
 def test_an_export_is_quiet_and_readable_by_other_users_under_umask_022(trained, tiny_model, tmp_path):

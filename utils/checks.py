@@ -1,10 +1,11 @@
 """Checks of what a user names that the trainer and the tools share: a model id the Hub removed, a folder that
-cannot be written. Light (no torch), so that flags are checked before anything heavy loads."""
+cannot be written; and the help they share. Light (no torch), so that flags are checked before anything heavy loads."""
 
 import os
 import tempfile
 from pathlib import Path
 
+VAE_HELP = "A VAE in place of the model's, as the run's --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE)."
 # The guide's hub ids were deleted; the community keeps the same weights under these names.
 REMOVED_MODEL_IDS = {
     "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",

@@ -24,18 +24,58 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utils.checks import VAE_HELP
+
+DEFAULT_DINO = "facebook/dino-vits16"
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m utils.evaluate", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate the evaluation images of a trained adapter")
+    score = commands.add_parser("score", help="score a generated folder (or every checkpoint) against real photos")
+    for sub in (gen, score):
+        sub.add_argument("--pretrained_model_name_or_path")
+        sub.add_argument("--revision", default=None)
+        sub.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
+        sub.add_argument("--output_dir", help="the training run's --output_dir")
+        sub.add_argument("--adapter_name")
+        sub.add_argument("--step", default="latest")
+        prompts = sub.add_mutually_exclusive_group()
+        prompts.add_argument("--subject_index", type=int, help="the launcher's subject index: its 25 prompts")
+        prompts.add_argument("--prompts_file", help="one prompt a line")
+        sub.add_argument("--class_prompt", help='e.g. "a photo of dog": also generate for the prior-drift score')
+        sub.add_argument("--num_images", type=int, default=4, help="images per prompt (the papers use 4)")
+        sub.add_argument("--num_inference_steps", type=int, default=50)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--resolution", type=int, default=None)
+        sub.add_argument("--batch_size", type=int, default=4)
+        sub.add_argument("--device", default=None)
+        sub.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    score.add_argument("--instance_data_dir", required=True, help="the real photos of the subject")
+    score.add_argument("--generated_dir", help="a generated folder (prompts.txt, 000/, ...)")
+    score.add_argument("--class_generated_dir", help="the base model's class-prompt images, for prior drift")
+    score.add_argument("--every_checkpoint", action="store_true", help="generate and score every saved step")
+    score.add_argument("--identifier", default="qwe", help="dropped from prompts for CLIP-T")
+    score.add_argument("--dino_model", default=DEFAULT_DINO)
+    score.add_argument("--clip_model", default=DEFAULT_CLIP)
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage mistakes answer before torch and the models' libraries load
+    ARGS = build_parser().parse_args()
+
+# The rest is imported once the command line parses.
 import torch
 
 from utils.atomic import atomic_folder
 from utils.images import list_images, load_rgb
 from utils.boft import peft_seam
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.inference import VAE_HELP
 from utils.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 METRICS = ("dino", "clip_i", "clip_t")
 THUMBNAIL = 128
 SETTINGS_FILE = "settings.json"
@@ -352,39 +392,6 @@ def generate_for_step(args, pipe, step) -> Path:
 # --- command line ------------------------------------------------------------------------------------------------
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m utils.evaluate", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate the evaluation images of a trained adapter")
-    score = commands.add_parser("score", help="score a generated folder (or every checkpoint) against real photos")
-    for sub in (gen, score):
-        sub.add_argument("--pretrained_model_name_or_path")
-        sub.add_argument("--revision", default=None)
-        sub.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
-        sub.add_argument("--output_dir", help="the training run's --output_dir")
-        sub.add_argument("--adapter_name")
-        sub.add_argument("--step", default="latest")
-        prompts = sub.add_mutually_exclusive_group()
-        prompts.add_argument("--subject_index", type=int, help="the launcher's subject index: its 25 prompts")
-        prompts.add_argument("--prompts_file", help="one prompt a line")
-        sub.add_argument("--class_prompt", help='e.g. "a photo of dog": also generate for the prior-drift score')
-        sub.add_argument("--num_images", type=int, default=4, help="images per prompt (the papers use 4)")
-        sub.add_argument("--num_inference_steps", type=int, default=50)
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--resolution", type=int, default=None)
-        sub.add_argument("--batch_size", type=int, default=4)
-        sub.add_argument("--device", default=None)
-        sub.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    score.add_argument("--instance_data_dir", required=True, help="the real photos of the subject")
-    score.add_argument("--generated_dir", help="a generated folder (prompts.txt, 000/, ...)")
-    score.add_argument("--class_generated_dir", help="the base model's class-prompt images, for prior drift")
-    score.add_argument("--every_checkpoint", action="store_true", help="generate and score every saved step")
-    score.add_argument("--identifier", default="qwe", help="dropped from prompts for CLIP-T")
-    score.add_argument("--dino_model", default=DEFAULT_DINO)
-    score.add_argument("--clip_model", default=DEFAULT_CLIP)
-    return parser
-
-
 def _pipeline(args):
     """The pipeline to generate with, after the checks utils.inference makes before any weight loads."""
     from utils.inference import BoftPipeline, check_model_and_adapter
@@ -414,8 +421,8 @@ def every_checkpoint(args, embedder):
     print(f"plot: {plot_scores(points, layout.evaluation_plot)}")
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, args=None):
+    args = args or build_parser().parse_args(argv)
     peft_seam.install()
     try:
         if args.command == "generate":
@@ -437,4 +444,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

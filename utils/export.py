@@ -20,23 +20,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from utils.atomic import atomic_file
-from utils.boft import peft_seam
-from utils.checks import unwritable_ancestor
-from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.inference import VAE_HELP, BoftPipeline, check_model_and_adapter
-from utils.original_layout import (
-    TEXT_ENCODER_CONVERTERS,
-    kohya_name,
-    unet_to_original,
-    vae_to_original,
-)
+from utils.checks import VAE_HELP
 
 FORMATS = ("checkpoint", "comfyui", "lora")
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MB = 2**20
+EXPORT_DTYPE_NAMES = ("fp16", "bf16", "fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--rank", type=int, default=None, help="--format lora: the LoRA's rank.")
     parser.add_argument("--out", required=True, help="The .safetensors file to write.")
-    parser.add_argument("--dtype", default="fp16", choices=list(EXPORT_DTYPES), help="Precision of the file.")
+    parser.add_argument("--dtype", default="fp16", choices=EXPORT_DTYPE_NAMES, help="Precision of the file.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     return parser
+
+
+if __name__ == "__main__":  # --help and usage mistakes answer before torch and the models' libraries load
+    ARGS = build_parser().parse_args()
+
+# The rest is imported once the command line parses.
+import torch
+
+from utils.atomic import atomic_file
+from utils.boft import peft_seam
+from utils.checks import unwritable_ancestor
+from utils.errors import USAGE_EXIT_CODE, UserError
+from utils.inference import BoftPipeline, check_model_and_adapter
+from utils.original_layout import (
+    TEXT_ENCODER_CONVERTERS,
+    kohya_name,
+    unet_to_original,
+    vae_to_original,
+)
+
+EXPORT_DTYPES = dict(zip(EXPORT_DTYPE_NAMES, (torch.float16, torch.bfloat16, torch.float32)))
+MB = 2**20
 
 
 def check_arguments(args):
@@ -182,8 +191,8 @@ def export(args, family) -> Path:
     return Path(args.out)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, args=None):
+    args = args or build_parser().parse_args(argv)
     peft_seam.install()
     try:
         export(args, check_arguments(args))  # the checks come before any weight loads
@@ -193,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

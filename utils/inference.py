@@ -15,6 +15,38 @@ import shlex
 import sys
 from pathlib import Path
 
+from utils.checks import VAE_HELP
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m utils.inference", description=__doc__.split("\n")[0])
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
+    parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
+    parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
+    parser.add_argument("--step", default="latest", help="A saved step, or latest.")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--num_images", type=int, default=1, help="Images to generate (a grid when more than one).")
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the model's own.")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--merge", action="store_true", help="Merge the adapter into the weights before generating.")
+    parser.add_argument("--save_merged", default=None, help="Also save the merged pipeline to this folder.")
+    parser.add_argument("--out", default="generated.png", help="PNG to write.")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage mistakes answer before torch and the models' libraries load
+    ARGS = build_parser().parse_args()
+
+# The rest is imported once the command line parses.
 import torch
 
 from utils.atomic import atomic_folder
@@ -24,7 +56,7 @@ from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import check_vae, family_of
 from utils.layout import RunLayout
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def choose_device_and_dtype(device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -255,32 +287,6 @@ def inference_command(config) -> str:
                        "--prompt", config.instance_prompt])
 
 
-VAE_HELP = "A VAE in place of the model's, as the run's --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE)."
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m utils.inference", description=__doc__.split("\n")[0])
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
-    parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
-    parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
-    parser.add_argument("--step", default="latest", help="A saved step, or latest.")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative_prompt", default=None)
-    parser.add_argument("--num_images", type=int, default=1, help="Images to generate (a grid when more than one).")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps.")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the model's own.")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-    parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="Default: fp16 on CUDA, else fp32.")
-    parser.add_argument("--merge", action="store_true", help="Merge the adapter into the weights before generating.")
-    parser.add_argument("--save_merged", default=None, help="Also save the merged pipeline to this folder.")
-    parser.add_argument("--out", default="generated.png", help="PNG to write.")
-    return parser
-
-
 def check_arguments(args):
     """Every mistake in the command line that can be found without loading a weight, as a UserError; returns the
     model's family."""
@@ -331,8 +337,8 @@ def check_model_and_adapter(args):
     return family
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, args=None):
+    args = args or build_parser().parse_args(argv)
     peft_seam.install()
     try:
         family = check_arguments(args)  # before any weight loads
@@ -354,4 +360,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)
