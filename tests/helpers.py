@@ -109,17 +109,18 @@ def group_ends(pgid, timeout=120) -> bool:
     return False
 
 
-def processes_in_group(pgid) -> list[int]:
-    """The live processes of a process group (read from /proc: they may have been reparented)."""
-    members = []
+def process_stats():
+    """(pid, the fields of /proc/PID/stat after the command name) of every process."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+
+
+def processes_in_group(pgid) -> list[int]:
+    """The live processes of a process group (read from /proc: they may have been reparented)."""
+    return [pid for pid, fields in process_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def adapter_weights(out, step, run="dreambooth_boft", models=("unet",)):

@@ -20,20 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+from tests.helpers import process_stats
+
 PR_SET_CHILD_SUBREAPER = 36
 LEFT_AFTER_S = 120
 
 
 def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    return [child for child, fields in process_stats() if int(fields[1]) == pid]
 
 
 def main():

@@ -32,18 +32,27 @@ def test_a_second_holder_is_refused_with_the_holders_pid_and_nothing_written(tmp
         pass
 
 
+def hold_lock_in_a_process(path, fork_a_child=False) -> subprocess.Popen:
+    """A process that takes the lock and sleeps; it prints the pid of a child it forked after that, or "no child"."""
+    return subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+sys.path.insert(0, {str(os.getcwd())!r})
+from utils.run.lock import FileLock
+FileLock({str(path)!r}).try_acquire()
+child = os.fork() if {fork_a_child} else None
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print(child or "no child", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+
+
 @pytest.mark.e2e
 def test_the_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
     layout = RunLayout(tmp_path, "dog")
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time
-sys.path.insert(0, {str(os.getcwd())!r})
-from utils.run.lock import FileLock
-FileLock({str(layout.lock_file)!r}).try_acquire()
-print("held", flush=True)
-time.sleep(600)
-"""], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock_in_a_process(layout.lock_file)
+    assert holder.stdout.readline().strip() == "no child"
     with pytest.raises(UserError, match=f"process {holder.pid} on"):
         lock_run(layout, OneProcess())
     holder.kill()
@@ -65,18 +74,7 @@ def test_different_runs_lock_independently(tmp_path):
 def test_a_forked_child_does_not_keep_the_lock_of_its_killed_parent(tmp_path, caplog):
     """As with DataLoader workers: the main process is killed alone (the OOM killer) while its child lives on."""
     layout = RunLayout(tmp_path, "dog")
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import os, sys, time
-sys.path.insert(0, {str(os.getcwd())!r})
-from utils.run.lock import FileLock
-FileLock({str(layout.lock_file)!r}).try_acquire()
-child = os.fork()
-if child == 0:
-    time.sleep(600)
-    os._exit(0)
-print(child, flush=True)
-time.sleep(600)
-"""], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock_in_a_process(layout.lock_file, fork_a_child=True)
     child = int(holder.stdout.readline())
     try:
         with pytest.raises(UserError, match=f"process {holder.pid} on"):

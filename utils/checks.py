@@ -34,3 +34,13 @@ def unwritable_ancestor(folder) -> Path | None:
         except OSError:
             return existing
     return None
+
+
+def add_adapter_arguments(parser) -> None:
+    """The flags every tool that loads a run's adapters takes: the base model, its VAE, the run and the step."""
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
+    parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
+    parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
+    parser.add_argument("--step", default="latest", help="A saved step, or latest.")

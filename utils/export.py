@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from utils.checks import VAE_HELP
+from utils.checks import add_adapter_arguments
 
 FORMATS = ("checkpoint", "comfyui", "lora")
 EXPORT_DTYPE_NAMES = ("fp16", "bf16", "fp32")
@@ -29,12 +29,7 @@ EXPORT_DTYPE_NAMES = ("fp16", "bf16", "fp32")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
-    parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
-    parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
-    parser.add_argument("--step", default="latest", help="A saved step, or latest.")
+    add_adapter_arguments(parser)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--rank", type=int, default=None, help="--format lora: the LoRA's rank.")
     parser.add_argument("--out", required=True, help="The .safetensors file to write.")

@@ -15,19 +15,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from utils.checks import VAE_HELP
+from utils.checks import add_adapter_arguments
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m utils.inference", description=__doc__.split("\n")[0])
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="The base model the adapters trained on.")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help=VAE_HELP)
-    parser.add_argument("--output_dir", required=True, help="The training run's --output_dir.")
-    parser.add_argument("--adapter_name", required=True, help="The run's --wandb_run_name (default dreambooth_boft).")
-    parser.add_argument("--step", default="latest", help="A saved step, or latest.")
+    add_adapter_arguments(parser)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--num_images", type=int, default=1, help="Images to generate (a grid when more than one).")
