@@ -264,8 +264,7 @@ class DreamBoothRun:
             mean, std = latent_posterior(batch, self.components.vae, self.dtype, self.latent_cache)
         with timer("text_encoder"):
             conditioning = self.conditioning(batch)
-        loss = diffusion_loss(batch, mean, std, conditioning, self.unet, self.components.noise_scheduler,
-                              self.components.vae.config.scaling_factor, self.state.seed,
+        loss = diffusion_loss(batch, mean, std, conditioning, self.unet, self.family, self.components, self.state.seed,
                               config.prior_loss_weight if config.with_prior_preservation else None, timer)
         with timer("backward"):
             accelerator.backward(loss)

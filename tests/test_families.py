@@ -92,3 +92,30 @@ def test_prompt_ids_are_padded_and_a_long_prompt_names_what_is_cut(caplog):
     ids = StableDiffusion().prompt_ids(components, {0: "a qwe", 1: "a dog with a hat"})
     assert ids[0].shape == ids[1].shape == (6,)
     assert "--class_prompt is 16 tokens long" in caplog.text and "--instance_prompt" not in caplog.text
+
+
+def test_a_family_that_lacks_a_member_fails_naming_it():
+    from utils.families import ModelFamily
+    from utils.families.stable_diffusion import StableDiffusion
+
+    with pytest.raises(TypeError, match="does not define default_resolution"):
+        type("NoResolution", (ModelFamily,), {k: getattr(StableDiffusion, k) for k in ModelFamily.REQUIRED_ATTRIBUTES
+                                              if k != "default_resolution"})
+    attributes = {k: getattr(StableDiffusion, k) for k in ModelFamily.REQUIRED_ATTRIBUTES}
+    no_maths = type("NoTrainingMaths", (ModelFamily,), {**attributes, **{
+        name: getattr(StableDiffusion, name) for name in ModelFamily.__abstractmethods__
+        if name not in ("training_terms", "predict")}})
+    with pytest.raises(TypeError, match="predict.*training_terms|training_terms.*predict"):
+        no_maths()
+
+
+def test_the_sd_families_sample_with_dpm_solver_from_the_training_schedule():
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    from utils.families.stable_diffusion import StableDiffusion
+    from utils.families.stable_diffusion_xl import StableDiffusionXL
+
+    training = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    for family in (StableDiffusion(), StableDiffusionXL()):
+        sampling = family.sampling_scheduler(training.config)
+        assert isinstance(sampling, DPMSolverMultistepScheduler) and sampling.config.prediction_type == "v_prediction"

@@ -1,5 +1,6 @@
 """The training step's parts without a subprocess: latents from the posterior, per-example noise, the loss with and
-without prior preservation for epsilon and v-prediction, the optimizer and the lr schedule."""
+without prior preservation for epsilon and v-prediction (through the SD family's training maths), the optimizer and
+the lr schedule."""
 
 from types import SimpleNamespace
 
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from tests.helpers import make_config
+from utils.families import Components
+from utils.families.stable_diffusion import StableDiffusion
 from utils.run.dataset import example_noise
 from utils.run.loss import diffusion_loss, latent_posterior, make_lr_scheduler, make_optimizer
 
@@ -26,6 +29,15 @@ class LinearUNet(torch.nn.Module):
         self.calls.append((noisy, timesteps, encoder_hidden_states))
         bias = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
         return SimpleNamespace(sample=self.a * noisy + self.b * bias)
+
+
+FAMILY = StableDiffusion()  # its training maths: utils/families/diffusion.py
+
+
+def components(scheduler, scaling_factor):
+    """What the loss reads of a family's components: the noise scheduler and the VAE's scaling factor."""
+    vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=scaling_factor))
+    return Components(vae=vae, unet=None, noise_scheduler=scheduler)
 
 
 def batch_of(keys):
@@ -62,7 +74,8 @@ def test_a_hand_computed_loss(prediction_type, expected, monkeypatch):
     scheduler = DDPMScheduler(num_train_timesteps=2, beta_schedule="linear", beta_start=0.1, beta_end=0.5,
                               prediction_type=prediction_type)
     loss = diffusion_loss(batch_of([(0, 0, 0)]), torch.ones(1, *SHAPE), torch.ones(1, *SHAPE),
-                          {"encoder_hidden_states": torch.zeros(1, 3, 5)}, ZeroUNet(), scheduler, 1.0, 0)
+                          {"encoder_hidden_states": torch.zeros(1, 3, 5)}, ZeroUNet(), FAMILY,
+                          components(scheduler, 1.0), 0)
     if prediction_type == "v_prediction":
         expected -= 2 * (0.45 * 0.55) ** 0.5 * 2
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -75,7 +88,8 @@ def test_the_loss_regresses_the_schedulers_target(prediction_type):
     context = torch.randn(2, 3, 5)
     scheduler, noisy, target, timesteps = expected_terms(prediction_type, keys, mean, std)
     unet = LinearUNet()
-    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, unet, scheduler, 0.5, 3)
+    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, unet, FAMILY,
+                          components(scheduler, 0.5), 3)
     prediction = 0.5 * noisy + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
     assert torch.allclose(loss, F.mse_loss(prediction, target))
     assert torch.equal(unet.calls[0][1], timesteps) and torch.equal(unet.calls[0][2], context)
@@ -87,8 +101,8 @@ def test_prior_preservation_weights_the_class_half_on_its_own(prediction_type):
     mean, std = torch.randn(4, *SHAPE), torch.rand(4, *SHAPE)
     context = torch.randn(4, 3, 5)
     scheduler, noisy, target, _ = expected_terms(prediction_type, keys, mean, std)
-    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, LinearUNet(), scheduler, 0.5, 3,
-                          prior_loss_weight=0.3)
+    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, LinearUNet(), FAMILY,
+                          components(scheduler, 0.5), 3, prior_loss_weight=0.3)
     prediction = 0.5 * noisy + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
     expected = F.mse_loss(prediction[:2], target[:2]) + 0.3 * F.mse_loss(prediction[2:], target[2:])
     assert torch.allclose(loss, expected)
@@ -101,7 +115,8 @@ def test_an_unknown_prediction_type_is_named():
     scheduler = DDPMScheduler(num_train_timesteps=10, prediction_type="sample")
     with pytest.raises(UserError, match="unknown prediction_type 'sample'"):
         diffusion_loss(batch_of([(0, 0, 0)]), torch.zeros(1, *SHAPE), torch.ones(1, *SHAPE),
-                       {"encoder_hidden_states": torch.zeros(1, 3, 5)}, LinearUNet(), scheduler, 1.0, 0)
+                       {"encoder_hidden_states": torch.zeros(1, 3, 5)}, LinearUNet(), FAMILY,
+                       components(scheduler, 1.0), 0)
 
 
 def test_noise_of_an_example_depends_on_the_seed_and_its_key_alone():

@@ -117,14 +117,14 @@ class BoftPipeline:
     def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm", vae_name=None,
                         family=None):
         """The base model's pipeline (of its family: utils/families, read from the model unless given), on the best
-        device unless told; `vae_name`: a VAE in place of the model's (the run's --pretrained_vae_model_name_or_path)."""
-        from diffusers import DPMSolverMultistepScheduler
-
+        device unless told; `vae_name`: a VAE in place of the model's (the run's --pretrained_vae_model_name_or_path).
+        `scheduler`: "dpm" samples with the family's sampling scheduler (SD: DPM-Solver), "pipeline" with the
+        model's own."""
         device, torch_dtype = choose_device_and_dtype(device, dtype)
-        pipeline = (family or family_of(name_or_path, revision)).load_pipeline(name_or_path, revision, torch_dtype,
-                                                                                vae_name)
+        family = family or family_of(name_or_path, revision)
+        pipeline = family.load_pipeline(name_or_path, revision, torch_dtype, vae_name)
         if scheduler == "dpm":
-            pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+            pipeline.scheduler = family.sampling_scheduler(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline.to(device))
 

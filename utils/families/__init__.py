@@ -1,14 +1,17 @@
-"""Model families: what differs between Stable Diffusion generations, behind one small interface.
+"""Model families: what differs between Stable Diffusion generations, behind one abstract interface.
 
 The trainer, class images, validation, inference and evaluation ask a `ModelFamily` for everything that depends on
-the model: its components and how they load, the layers BOFT wraps, how prompts become the UNet's conditioning, the
-pipeline class, and the default resolution. A family is one file here (stable_diffusion.py: SD 1.x and 2.x) plus
-its tests; `family_of` picks it from the pipeline class named in the model's model_index.json, never from its name.
-stable_diffusion_xl.py is SDXL: two text encoders and the added size and crop conditioning.
+the model: its components and how they load, the layers BOFT wraps, how prompts become the denoiser's conditioning,
+the training maths (how the posterior's latents are normalised and noised, the timestep argument, the target, the
+forward call), the sampling scheduler, the pipeline class, and the default resolution. A family is one file here
+(stable_diffusion.py: SD 1.x and 2.x; stable_diffusion_xl.py: SDXL's two text encoders and size-and-crop
+conditioning) plus its tests; the DDPM families share their training maths (diffusion.py). `family_of` picks a
+family from the pipeline class named in the model's model_index.json, never from its name.
 """
 
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +30,12 @@ class Components:
     tokenizers: dict = field(default_factory=dict)
 
 
-class ModelFamily:
-    """The interface; see stable_diffusion.py for the first implementation."""
+class ModelFamily(ABC):
+    """The interface; see stable_diffusion.py for the first implementation. A family that lacks a member fails when
+    it is defined (a class attribute) or instantiated (a method), naming what is missing."""
 
+    REQUIRED_ATTRIBUTES = ("name", "pipeline_class_names", "component_folders", "unet_target_modules",
+                           "text_encoder_target_modules", "default_resolution", "kohya_prefixes")
     name: str  # as users know it, for messages
     pipeline_class_names: tuple[str, ...]  # model_index.json _class_name values of this family
     component_folders: tuple[str, ...]  # sub-folders a pipeline folder of this family must have
@@ -40,40 +46,70 @@ class ModelFamily:
     accepts_tokenizer_name = True  # --tokenizer_name can replace the model's tokenizer
     vae_overflows_in_fp16 = False  # the VAE stays fp32 under mixed precision unless another VAE is given
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [name for name in cls.REQUIRED_ATTRIBUTES if not hasattr(cls, name)]
+        if missing:
+            raise TypeError(f"model family {cls.__name__} does not define {', '.join(missing)}")
+
+    # --- loading -------------------------------------------------------------------------------------------------
+    @abstractmethod
     def load(self, source: str, revision=None, tokenizer_name=None, vae_name=None) -> Components:
         """The components from pretrained weights; `vae_name` (--pretrained_vae_model_name_or_path) replaces the VAE."""
-        raise NotImplementedError
 
+    @abstractmethod
     def empty_models(self, source: str, revision=None) -> tuple[object, dict]:
         """(UNet, {part: text encoder}) built from their configs on the meta device: shapes, no weights."""
-        raise NotImplementedError
 
+    # --- text ----------------------------------------------------------------------------------------------------
+    @abstractmethod
     def prompt_ids(self, components: Components, prompts: dict) -> dict:
         """The token ids a dataset row carries for each prompt, by dataset part (0: instance, 1: class); a prompt
         longer than the text encoder reads is named in a warning."""
-        raise NotImplementedError
 
+    @abstractmethod
     def conditioning(self, components: Components, prompts: dict, trained: bool, device, dtype):
         """A callable batch -> the UNet's conditioning keyword arguments for the prompts by dataset part. Frozen
         text encoders run here, once per prompt; trained ones (components holds them as prepared) every step."""
-        raise NotImplementedError
 
+    # --- the training maths (utils/families/diffusion.py for the DDPM families) ----------------------------------
+    @abstractmethod
+    def num_train_timesteps(self, components: Components) -> int:
+        """How many timesteps the per-example draws (utils/run/dataset.example_noise) choose from."""
+
+    @abstractmethod
+    def training_terms(self, components: Components, mean, std, latent_eps, noise, timesteps):
+        """(the denoiser's input, its timestep argument, the target) for one batch: latents from the VAE
+        posterior's mean and std with `latent_eps`, normalised as the family's VAE needs, noised with `noise` at
+        the drawn `timesteps` (integers)."""
+
+    @abstractmethod
+    def predict(self, denoiser, model_input, timesteps, conditioning: dict):
+        """The denoiser's forward call: its prediction of the target."""
+
+    # --- generating ----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def sampling_scheduler(self, scheduler_config):
+        """The scheduler to sample with (validation, class images with --class_scheduler dpm, inference), from the
+        training scheduler's config."""
+
+    @abstractmethod
     def pipeline(self, components: Components, scheduler):
         """A generation pipeline over components in memory (validation)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_pipeline(self, source: str, revision=None, dtype=None, vae_name=None):
         """The family's generation pipeline from pretrained weights (class images, inference)."""
-        raise NotImplementedError
 
+    # --- export --------------------------------------------------------------------------------------------------
+    @abstractmethod
     def original_text_encoders(self, pipeline) -> dict:
         """{part: (key prefix, "clip" or "open_clip")}: where each text encoder of the pipeline sits in the original
         single-file checkpoint layout, and in which naming (utils/original_layout.py)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def base_model_version(self, pipeline) -> str:
         """kohya's ss_base_model_version of this model, for adapter files' metadata."""
-        raise NotImplementedError
 
 
 def _families() -> list[ModelFamily]:

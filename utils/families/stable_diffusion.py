@@ -9,6 +9,7 @@ import torch
 
 from utils.errors import UserError
 from utils.families import Components, ModelFamily, load_vae
+from utils.families.diffusion import DenoisingDiffusion
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class TextConditioning:
         return {"encoder_hidden_states": torch.stack([self.embeddings[part] for _, _, part in batch["keys"]])}
 
 
-class StableDiffusion(ModelFamily):
+class StableDiffusion(DenoisingDiffusion, ModelFamily):
     name = "Stable Diffusion 1.x/2.x"
     pipeline_class_names = ("StableDiffusionPipeline",)
     component_folders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

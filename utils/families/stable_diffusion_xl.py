@@ -13,6 +13,7 @@ gives one that does not (madebyollin/sdxl-vae-fp16-fix), as diffusers' SDXL scri
 import torch
 
 from utils.families import Components, ModelFamily, load_vae
+from utils.families.diffusion import DenoisingDiffusion
 from utils.families.stable_diffusion import PROMPT_FLAGS, TEXT_ENCODER_TARGET_MODULES, text_encoder_class, tokenize
 from utils.families.stable_diffusion import warn_if_truncated
 
@@ -70,7 +71,7 @@ class XLConditioning:
         return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
-class StableDiffusionXL(ModelFamily):
+class StableDiffusionXL(DenoisingDiffusion, ModelFamily):
     name = FAMILY
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     component_folders = ("unet", "vae", *ENCODER_PARTS, *TOKENIZER_PARTS, "scheduler")

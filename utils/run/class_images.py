@@ -97,9 +97,7 @@ def generate_indices(config, family, indices: list[int], device, show_progress: 
     pipeline = family.load_pipeline(config.pretrained_model_name_or_path, config.revision, dtype,
                                     config.pretrained_vae_model_name_or_path).to(device)
     if config.class_scheduler == "dpm":
-        from diffusers import DPMSolverMultistepScheduler
-
-        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+        pipeline.scheduler = family.sampling_scheduler(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     batches = [indices[i : i + config.sample_batch_size] for i in range(0, len(indices), config.sample_batch_size)]
     for batch in tqdm(batches, desc="Class images", disable=not show_progress):

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from utils.run.dataset import example_noise
 from utils import quiet
-from utils.errors import UserError
 from utils.run.latents import encode_one
 
 
@@ -25,27 +24,19 @@ def latent_posterior(batch, vae, dtype, cache=None):
             torch.stack([std for _, std in rows]).to(vae.device, dtype))
 
 
-def diffusion_loss(batch, mean, std, conditioning: dict, unet, noise_scheduler, scaling_factor, seed,
-                   prior_loss_weight=None, timer=None):
-    """Sample latents from the posterior, noise them at random timesteps, regress the target (epsilon or v).
-    `conditioning` holds the UNet's keyword arguments for the batch (the model family's text conditioning).
+def diffusion_loss(batch, mean, std, conditioning: dict, denoiser, family, components, seed, prior_loss_weight=None,
+                   timer=None):
+    """Draw each example's latent sample, noise and timestep (keyed by the example: utils/run/dataset.py), let the
+    model family turn them into the denoiser's input and target (its training maths: utils/families), and regress
+    the target. `conditioning` holds the denoiser's keyword arguments for the batch.
 
     With prior preservation (`prior_loss_weight` given) the class half of the batch gets its own weighted loss.
     """
-    config = noise_scheduler.config
-    draws = example_noise(seed, batch["keys"], mean.shape[1:], config.num_train_timesteps)
+    draws = example_noise(seed, batch["keys"], mean.shape[1:], family.num_train_timesteps(components))
     latent_eps, noise, timesteps = (draw.to(mean.device) for draw in draws)
-    latents = (mean + std * latent_eps.to(mean.dtype)) * scaling_factor
-    noise = noise.to(latents.dtype)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    model_input, timesteps, target = family.training_terms(components, mean, std, latent_eps, noise, timesteps)
     with timer("unet_forward") if timer else nullcontext():
-        prediction = unet(noisy_latents, timesteps, **conditioning).sample
-    if config.prediction_type == "epsilon":
-        target = noise
-    elif config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise UserError(f"unknown prediction_type {config.prediction_type!r} in the scheduler config")
+        prediction = family.predict(denoiser, model_input, timesteps, conditioning)
     if prior_loss_weight is None:
         return F.mse_loss(prediction.float(), target.float())
     prediction, prior_prediction = prediction.chunk(2)

@@ -15,10 +15,8 @@ def image_filename(prompt_index: int, prompt: str, image_index: int) -> str:
 
 
 def build_pipeline(family, components):
-    """The family's pipeline over the training components, with DPM-Solver multistep as in the guide."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    pipeline = family.pipeline(components, DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config))
+    """The family's pipeline over the training components, with its sampling scheduler (SD: DPM-Solver, the guide's)."""
+    pipeline = family.pipeline(components, family.sampling_scheduler(components.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
