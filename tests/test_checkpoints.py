@@ -125,3 +125,24 @@ def test_saved_folders_get_the_permissions_of_the_umask(tmp_path):
     umask = atomic._current_umask()
     assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_step_whose_adapters_could_not_be_written_leaves_no_checkpoint_to_resume_from(monkeypatch):
+    """Disk full while the adapters of step 3 are saved: no checkpoint-3 may exist, else a resume would continue at
+    step 4 and step 3's adapters would never be written."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import train_dreambooth
+
+    saved_states = []
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *args: saved_states.append(args))
+
+    def disk_full():
+        raise UserError("could not write unet/3/dog: No space left on device")
+
+    run = SimpleNamespace(last_checkpoint=2, state=SimpleNamespace(global_step=3), timer=lambda _: nullcontext(),
+                          save_adapters=disk_full)
+    with pytest.raises(UserError, match="No space left"):
+        train_dreambooth.DreamBoothRun.save_checkpoint(run)
+    assert saved_states == [] and run.last_checkpoint == 2

@@ -12,9 +12,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from utils.errors import USAGE_EXIT_CODE
 from utils import quiet
 from utils.checks import removed_model_problem, unwritable_ancestor
+from utils.errors import USAGE_EXIT_CODE
 from utils.layout import RunLayout, check_run_name
 
 MIN_RESOLUTION = 32  # a latent of 4 x 4: anything smaller leaves the UNet's downsampling nothing to work on
@@ -183,7 +183,6 @@ def _training_group(parser):
         action="store_true",
         help="Use xformers attention on CUDA when installed; otherwise PyTorch SDPA with a warning.",
     )
-    # Accepted because older launchers pass it; accelerate reads the process's rank from LOCAL_RANK itself.
     group.add_argument("--local_rank", type=int, default=-1,
                        help="Accepted for launchers that pass it and otherwise unused: accelerate takes the rank from "
                        "the environment (LOCAL_RANK).")

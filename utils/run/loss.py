@@ -5,8 +5,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from utils.run.dataset import example_noise
 from utils import quiet
+from utils.run.dataset import example_noise
 from utils.run.latents import encode_one
 
 
