@@ -92,24 +92,25 @@ def test_a_lock_removed_on_release_leaves_no_file_and_waiters_lock_the_next_one(
     path = tmp_path / "class" / ".generating.lock"
     first = FileLock(path, remove_on_release=True)
     first.acquire("waiting")
-    order = []
+    second_holds, second_may_go, seen = threading.Event(), threading.Event(), []
 
     def second_generator():
         with FileLock(path, remove_on_release=True) as second:
             second.acquire("waiting")  # opened the file the first holds, which it then removes
-            order.append(("second", path.exists()))
-            time.sleep(0.2)
-            order.append(("second done", None))
+            seen.append(path.exists())
+            second_holds.set()
+            second_may_go.wait(60)
 
     waiter = threading.Thread(target=second_generator)
     waiter.start()
-    time.sleep(0.3)
+    time.sleep(0.3)  # the second is blocked on the first's file by now (or soon: either way it must end up holding)
     first.release()
-    time.sleep(0.05)
+    assert second_holds.wait(60)
     third = FileLock(path, remove_on_release=True)
     assert third.try_acquire()[0] is False  # the second holds the file that now stands at the path
+    second_may_go.set()
     waiter.join()
-    assert order == [("second", True), ("second done", None)] and not path.exists()
+    assert seen == [True] and not path.exists()
     assert third.try_acquire()[0] is True
     third.release()
     assert not path.exists()
