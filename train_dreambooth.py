@@ -95,14 +95,14 @@ def preflight(config, family, layout):
     if config.tokenizer_name and not family.accepts_tokenizer_name:
         raise UserError(f"--tokenizer_name applies to Stable Diffusion 1.x/2.x; {family.name} uses its own tokenizers")
     check_vae(config.pretrained_vae_model_name_or_path)
-    unet, text_encoders = family.empty_models(config.pretrained_model_name_or_path, config.revision)
-    check_adapter_shape(unet, family.unet_target_modules, config.boft, "UNet")
+    denoiser, text_encoders = family.empty_models(config.pretrained_model_name_or_path, config.revision)
+    check_adapter_shape(denoiser, family.denoiser_target_modules, config.boft, family.denoiser_label)
     for part, encoder in text_encoders.items() if config.train_text_encoder else ():
         check_adapter_shape(encoder, family.text_encoder_target_modules, config.boft, part.replace("_", " "))
     hub_target = hub.resolve_hub_repo(config) if config.push_to_hub else None
     if config.hub_token or config.wandb_key:
         logger.warning("Tokens given as flags are visible to other users in the process list; prefer HF_TOKEN / WANDB_API_KEY")
-    return hub_target, (unet, text_encoders)
+    return hub_target, (denoiser, text_encoders)
 
 
 def make_accelerator(flags, trackers, layout) -> Accelerator:
@@ -163,7 +163,7 @@ class DreamBoothRun:
         self.sampler = loader.sampler  # the epoch's order; accelerate's set_epoch misses it in a skipped epoch
         *models, self.optimizer, self.loader = accelerator.prepare(*self.trained.values(), optimizer, loader)
         self.trained = dict(zip(self.trained, models))
-        self.unet = self.trained["unet"]
+        self.denoiser = self.trained[self.family.denoiser_part]
         self.rotations = peft_seam.RotationCache(*(accelerator.unwrap_model(m) for m in self.trained.values()))
         self.conditioning = self.family.conditioning(self._components_with(self.trained), prompts,
                                                      config.train_text_encoder, accelerator.device, self.dtype)
@@ -245,7 +245,8 @@ class DreamBoothRun:
             logger.info("Pushed to %s", hub.push_to_hub(self.layout, *hub_target))
         accelerator.end_training()
         if accelerator.is_main_process:
-            print(f"Done: {step} steps. UNet adapter: {self.layout.adapter('unet', step)}\n"
+            print(f"Done: {step} steps. {self.family.denoiser_label} adapter: "
+                  f"{self.layout.adapter(self.family.denoiser_part, step)}\n"
                   f"Generate with it: {inference_command(config)}")
 
     def interrupted(self) -> SystemExit:
@@ -264,7 +265,7 @@ class DreamBoothRun:
             mean, std = latent_posterior(batch, self.components.vae, self.dtype, self.latent_cache)
         with timer("text_encoder"):
             conditioning = self.conditioning(batch)
-        loss = diffusion_loss(batch, mean, std, conditioning, self.unet, self.family, self.components, self.state.seed,
+        loss = diffusion_loss(batch, mean, std, conditioning, self.denoiser, self.family, self.components, self.state.seed,
                               config.prior_loss_weight if config.with_prior_preservation else None, timer)
         with timer("backward"):
             accelerator.backward(loss)
@@ -315,9 +316,11 @@ class DreamBoothRun:
         self.last_checkpoint = self.state.global_step
 
     def _components_with(self, models: dict):
-        """The components with these models (by part: "unet", "text_encoder", ...) in place of their own."""
-        encoders = {part: model for part, model in models.items() if part != "unet"}
-        return replace(self.components, unet=models["unet"], text_encoders={**self.components.text_encoders, **encoders})
+        """The components with these models (by part: the denoiser's, "text_encoder", ...) in place of their own."""
+        denoiser = self.family.denoiser_part
+        encoders = {part: model for part, model in models.items() if part != denoiser}
+        return replace(self.components, denoiser=models[denoiser],
+                       text_encoders={**self.components.text_encoders, **encoders})
 
     def _frozen_text_encoders_to(self, device):
         """Frozen text encoders leave the accelerator while training (their embeddings are computed once)."""
@@ -336,7 +339,7 @@ class DreamBoothRun:
         pipeline = validation.build_pipeline(self.family, components)
         logger.info("Validation at step %d: %d prompt(s) x %d image(s)", step, len(config.validation_prompts),
                     config.num_validation_images)
-        components.unet.eval()
+        components.denoiser.eval()
         # The training's random stream must not move; the adapters are folded into the weights meanwhile (no BOFT cost).
         with self.timer("validation"), torch.random.fork_rng(devices=[]), peft_seam.folded(*base.values()):
             images, captions = validation.generate_validation_images(
@@ -344,7 +347,7 @@ class DreamBoothRun:
                 config.validation_inference_steps, config.resolution, accelerator.autocast, config.sample_batch_size,
                 should_stop=lambda: self.stops.requested,
             ) or (None, None)
-        components.unet.train()
+        components.denoiser.train()
         self._frozen_text_encoders_to("cpu")
         if images is None:
             return logger.info("Validation at step %d cut short: stopping", step)

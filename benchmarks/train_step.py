@@ -115,7 +115,7 @@ def floor_step(run, batches) -> float:
     batch = next(batches)
     mean, _ = latent_posterior(batch, run.components.vae, run.dtype, run.latent_cache)
     conditioning = run.conditioning(batch)
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = run.accelerator.unwrap_model(run.denoiser)
     timesteps = torch.randint(0, 1000, (mean.shape[0],), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     noisy = mean.detach().clone().requires_grad_()

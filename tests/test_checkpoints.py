@@ -87,7 +87,7 @@ def test_incompatible_settings_are_named(tmp_path):
 def test_compatibility_settings_cover_shape_targets_model_and_the_scaled_learning_rate():
     config = make_config(num_processes=2, scale_lr=True, learning_rate=1e-4, train_batch_size=2)
     settings = checkpoints.compatibility_settings(config, StableDiffusion())
-    assert settings["unet_target_modules"] == list(StableDiffusion.unet_target_modules)
+    assert settings["unet_target_modules"] == list(StableDiffusion.denoiser_target_modules)
     assert settings["text_encoder_target_modules"] == [] and settings["learning_rate"] == 4e-4
     assert settings["num_processes"] == 2 and set(checkpoints.COMPATIBILITY_SETTINGS) == set(settings)
 

@@ -88,7 +88,7 @@ def test_a_trained_text_encoder_runs_every_step_on_the_batchs_ids():
 
 
 def test_prompt_ids_are_padded_and_a_long_prompt_names_what_is_cut(caplog):
-    components = Components(vae=None, unet=None, noise_scheduler=None, tokenizers={"tokenizer": CharTokenizer()})
+    components = Components(vae=None, denoiser=None, noise_scheduler=None, tokenizers={"tokenizer": CharTokenizer()})
     ids = StableDiffusion().prompt_ids(components, {0: "a qwe", 1: "a dog with a hat"})
     assert ids[0].shape == ids[1].shape == (6,)
     assert "--class_prompt is 16 tokens long" in caplog.text and "--instance_prompt" not in caplog.text

@@ -52,6 +52,6 @@ def test_push_uploads_adapters_validation_and_card_only(tmp_path, monkeypatch):
     assert "unet/400/rex" in card and "text_encoder/400/rex" in card and "base_model: m" in card
     assert hub.push_to_hub(layout, "ada/rex", "secret") == "https://huggingface.co/ada/rex"
     patterns = calls["upload"]["allow_patterns"]
-    assert calls["repo"] == "ada/rex" and patterns == ["unet/*/rex/**", "text_encoder/*/rex/**",
-                                                    "text_encoder_2/*/rex/**", "validation/rex/**"]
+    assert calls["repo"] == "ada/rex" and patterns == layout.uploaded_patterns()
+    assert "unet/*/rex/**" in patterns and "validation/rex/**" in patterns and "checkpoints/rex/**" not in patterns
     assert calls["card"]["path_in_repo"] == "README.md" and calls["card"]["path_or_fileobj"] == str(layout.model_card)

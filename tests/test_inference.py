@@ -33,7 +33,7 @@ def test_missing_step_adapter_or_folder_lists_what_exists(trained, tmp_path):
         resolve_adapter(trained, "toy", 7)
     with pytest.raises(UserError, match=r"no adapter named 'dog'.*teapot, toy"):
         resolve_adapter(trained, "dog")
-    with pytest.raises(UserError, match="holds no unet/ adapters"):
+    with pytest.raises(UserError, match="holds no unet/ or transformer/ adapters"):
         resolve_adapter(tmp_path, "toy")
 
 

@@ -16,8 +16,8 @@ def test_every_file_of_a_run_is_under_its_name(tmp_path):
                                                              cat.validation(4), cat.evaluation(4), cat.logs())}
     assert dog.latent_cache == cat.latent_cache == tmp_path / "latent_cache"  # keyed by content: safe to share
     assert dog.logs("/abs/logs") == tmp_path / "/abs/logs" / "dog"
-    assert dog.uploaded_patterns() == ["unet/*/dog/**", "text_encoder/*/dog/**", "text_encoder_2/*/dog/**",
-                                      "validation/dog/**"]
+    assert dog.uploaded_patterns() == ["unet/*/dog/**", "transformer/*/dog/**", "text_encoder/*/dog/**",
+                                      "text_encoder_2/*/dog/**", "text_encoder_3/*/dog/**", "validation/dog/**"]
 
 
 def test_checkpoint_folders_are_the_runs_own_in_step_order(tmp_path):
@@ -54,3 +54,15 @@ def test_run_names_that_would_leave_or_clash_with_their_folders_are_refused(name
 
 def test_ordinary_run_names_are_accepted():
     assert check_run_name("dog_boft_801") is None and check_run_name("my dog 2") is None
+
+
+def test_a_transformer_families_adapters_resolve_like_a_unets(tmp_path):
+    """The denoiser's folder is the family's part name; a run of a diffusion transformer saves transformer/."""
+    flux = RunLayout(tmp_path, "dog")
+    for part in ("transformer", "text_encoder", "text_encoder_3"):
+        flux.adapter(part, 5).mkdir(parents=True)
+        (flux.adapter(part, 5) / "adapter_config.json").write_text("{}")
+    assert flux.denoiser_part == "transformer" and flux.adapter_steps() == [5]
+    assert flux.resolve_adapters() == (5, {part: flux.adapter(part, 5)
+                                           for part in ("transformer", "text_encoder", "text_encoder_3")})
+    assert RunLayout(tmp_path / "empty", "dog").denoiser_part == "unet"

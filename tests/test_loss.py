@@ -37,7 +37,7 @@ FAMILY = StableDiffusion()  # its training maths: utils/families/diffusion.py
 def components(scheduler, scaling_factor):
     """What the loss reads of a family's components: the noise scheduler and the VAE's scaling factor."""
     vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=scaling_factor))
-    return Components(vae=vae, unet=None, noise_scheduler=scheduler)
+    return Components(vae=vae, denoiser=None, noise_scheduler=scheduler)
 
 
 def batch_of(keys):

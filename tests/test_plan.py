@@ -34,7 +34,7 @@ def test_the_counted_adapter_parameters_are_the_ones_peft_builds(tiny_model, met
 
     from utils.boft import peft_seam
 
-    targets = StableDiffusion.unet_target_modules
+    targets = StableDiffusion.denoiser_target_modules
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     model = peft_seam.add_boft_adapter(unet, targets, settings, "a", "UNet")
     trainable, _ = model.get_nb_trainable_parameters()

@@ -56,7 +56,7 @@ def test_conditioning_reads_both_encoders_and_the_batchs_size_and_crop(tiny_xl_m
     assert torch.allclose(once["added_cond_kwargs"]["text_embeds"], every_step["added_cond_kwargs"]["text_embeds"],
                           atol=1e-6)
     noisy = torch.randn(2, 4, 8, 8)
-    assert components.unet(noisy, torch.tensor([1, 2]), **once).sample.shape == noisy.shape
+    assert components.denoiser(noisy, torch.tensor([1, 2]), **once).sample.shape == noisy.shape
 
 
 def test_size_and_crop_come_from_the_photo_and_its_crop(tmp_path):

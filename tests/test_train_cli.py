@@ -262,7 +262,7 @@ def test_latent_cache_changes_nothing_but_speed_and_is_reused(tiny_model, subjec
     assert uncached.returncode == 0 and cached.returncode == 0, cached.stderr[-3000:]
     assert "Latent cache off: --no_cache_latents" in uncached.stderr
     assert "Latent cache on" in cached.stderr
-    assert "Time:" in cached.stdout and "unet_forward" in cached.stdout
+    assert "Time:" in cached.stdout and "denoiser_forward" in cached.stdout
     weights = [load_file(tmp_path / d / "unet" / "4" / "dreambooth_boft" / "adapter_model.safetensors") for d in ("off", "on")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     entries = {p: p.stat().st_mtime_ns for p in (tmp_path / "on" / "latent_cache").iterdir()}

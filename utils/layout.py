@@ -4,7 +4,8 @@ Several subjects (runs) share one output folder; everything a run writes lives u
 never overwrites, resumes from or prunes another's files:
 
     OUTPUT_DIR/
-      unet/{step}/{run}/                     adapters (stock peft folders), every --checkpointing_steps and at the end
+      unet/{step}/{run}/                     the denoiser's adapters (stock peft folders), every --checkpointing_steps
+                                             and at the end (a transformer-based family's: transformer/{step}/{run}/)
       text_encoder/{step}/{run}/             with --train_text_encoder (and text_encoder_2/ for SDXL)
       checkpoints/{run}/checkpoint-{step}/   full training state, for --resume_from_checkpoint
       checkpoints/{run}/run.lock             held while the run trains (utils/run/lock.py)
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from utils.errors import UserError
 
-ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second
+# The denoiser's folder: a UNet's, or a diffusion transformer's; a run's adapters are found by it.
+DENOISER_PARTS = ("unet", "transformer")
+ADAPTER_PARTS = (*DENOISER_PARTS, "text_encoder", "text_encoder_2", "text_encoder_3")  # SDXL has two encoders
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -53,8 +56,13 @@ class RunLayout:
     def adapter(self, part: str, step: int) -> Path:
         return self.output_dir / part / str(step) / self.run
 
-    def adapter_steps(self, part: str = "unet") -> list[int]:
-        root = self.output_dir / part
+    @property
+    def denoiser_part(self) -> str:
+        """The folder the denoiser's adapters of this output folder are in (unet/ when there is none yet)."""
+        return next((part for part in DENOISER_PARTS if (self.output_dir / part).is_dir()), DENOISER_PARTS[0])
+
+    def adapter_steps(self, part: str | None = None) -> list[int]:
+        root = self.output_dir / (part or self.denoiser_part)
         if not root.is_dir():
             return []
         return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / self.run).is_dir())
@@ -66,19 +74,20 @@ class RunLayout:
 
     def resolve_adapters(self, step="latest") -> tuple[int, dict]:
         """(step, {part: folder}) for a step or "latest"; a UserError listing what exists when there is none."""
-        unet_root = self.output_dir / "unet"
-        if not unet_root.is_dir():
-            raise UserError(f"{self.output_dir} holds no unet/ adapters (it holds: {_listing(self.output_dir)})")
+        denoiser_root = self.output_dir / self.denoiser_part
+        if not denoiser_root.is_dir():
+            raise UserError(f"{self.output_dir} holds no {'/ or '.join(DENOISER_PARTS)}/ adapters (it holds: "
+                            f"{_listing(self.output_dir)})")
         steps = self.adapter_steps()
         if not steps:
-            names = sorted({a.name for s in unet_root.iterdir() if s.is_dir() for a in s.iterdir() if a.is_dir()})
-            raise UserError(f"no adapter named {self.run!r} in {unet_root} (adapters there: {', '.join(names) or 'none'})")
+            names = sorted({a.name for s in denoiser_root.iterdir() if s.is_dir() for a in s.iterdir() if a.is_dir()})
+            raise UserError(f"no adapter named {self.run!r} in {denoiser_root} (adapters there: {', '.join(names) or 'none'})")
         if str(step) == "latest":
             step = steps[-1]
         elif not str(step).isdigit():
             raise UserError(f"step {step!r} is not a number; give one of {', '.join(map(str, steps))} or latest")
         elif int(step) not in steps:
-            raise UserError(f"adapter {self.run!r} has no step {step} in {unet_root} (steps: {', '.join(map(str, steps))})")
+            raise UserError(f"adapter {self.run!r} has no step {step} in {denoiser_root} (steps: {', '.join(map(str, steps))})")
         return int(step), self.adapters_at(int(step))
 
     # training state ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ class Components:
     1.x/2.x, two for SDXL)."""
 
     vae: object
-    unet: object
+    denoiser: object  # the model trained on the noisy latents: the UNet of SD 1.x/2.x and SDXL
     noise_scheduler: object
     text_encoders: dict = field(default_factory=dict)
     tokenizers: dict = field(default_factory=dict)
@@ -34,12 +34,15 @@ class ModelFamily(ABC):
     """The interface; see stable_diffusion.py for the first implementation. A family that lacks a member fails when
     it is defined (a class attribute) or instantiated (a method), naming what is missing."""
 
-    REQUIRED_ATTRIBUTES = ("name", "pipeline_class_names", "component_folders", "unet_target_modules",
-                           "text_encoder_target_modules", "default_resolution", "kohya_prefixes")
+    REQUIRED_ATTRIBUTES = ("name", "pipeline_class_names", "component_folders", "denoiser_part", "denoiser_label",
+                           "denoiser_target_modules", "text_encoder_target_modules", "default_resolution",
+                           "kohya_prefixes")
     name: str  # as users know it, for messages
     pipeline_class_names: tuple[str, ...]  # model_index.json _class_name values of this family
     component_folders: tuple[str, ...]  # sub-folders a pipeline folder of this family must have
-    unet_target_modules: tuple[str, ...]  # Linear layers of the UNet that get BOFT adapters
+    denoiser_part: str  # the denoiser's folder in a pipeline and in a run's output ("unet", or "transformer")
+    denoiser_label: str  # as users know it, for messages ("UNet")
+    denoiser_target_modules: tuple[str, ...]  # Linear layers of the denoiser that get BOFT adapters
     text_encoder_target_modules: tuple[str, ...]  # ... of every text encoder, with --train_text_encoder
     default_resolution: int
     kohya_prefixes: dict  # part -> kohya's adapter key prefix, as the web UIs read it ("lora_unet", "lora_te", ...)
@@ -59,7 +62,7 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def empty_models(self, source: str, revision=None) -> tuple[object, dict]:
-        """(UNet, {part: text encoder}) built from their configs on the meta device: shapes, no weights."""
+        """(denoiser, {part: text encoder}) built from their configs on the meta device: shapes, no weights."""
 
     # --- text ----------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -69,7 +72,7 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def conditioning(self, components: Components, prompts: dict, trained: bool, device, dtype):
-        """A callable batch -> the UNet's conditioning keyword arguments for the prompts by dataset part. Frozen
+        """A callable batch -> the denoiser's conditioning keyword arguments for the prompts by dataset part. Frozen
         text encoders run here, once per prompt; trained ones (components holds them as prepared) every step."""
 
     # --- the training maths (utils/families/diffusion.py for the DDPM families) ----------------------------------

@@ -75,7 +75,8 @@ class StableDiffusion(DenoisingDiffusion, ModelFamily):
     name = "Stable Diffusion 1.x/2.x"
     pipeline_class_names = ("StableDiffusionPipeline",)
     component_folders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-    unet_target_modules = UNET_TARGET_MODULES
+    denoiser_part, denoiser_label = "unet", "UNet"
+    denoiser_target_modules = UNET_TARGET_MODULES
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     default_resolution = 512  # the guide's; SD 2.1 was also trained at 768, which --resolution 768 gives
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
@@ -92,7 +93,7 @@ class StableDiffusion(DenoisingDiffusion, ModelFamily):
                                                                             revision=revision)
         return Components(
             vae=load_vae(source, revision, vae_name),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
             text_encoders={"text_encoder": text_encoder},
             tokenizers={"tokenizer": tokenizer},
@@ -127,7 +128,7 @@ class StableDiffusion(DenoisingDiffusion, ModelFamily):
             vae=components.vae,
             text_encoder=components.text_encoders["text_encoder"],
             tokenizer=components.tokenizers["tokenizer"],
-            unet=components.unet,
+            unet=components.denoiser,
             scheduler=scheduler,
             safety_checker=None,
             feature_extractor=None,

@@ -75,7 +75,8 @@ class StableDiffusionXL(DenoisingDiffusion, ModelFamily):
     name = FAMILY
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     component_folders = ("unet", "vae", *ENCODER_PARTS, *TOKENIZER_PARTS, "scheduler")
-    unet_target_modules = UNET_TARGET_MODULES
+    denoiser_part, denoiser_label = "unet", "UNet"
+    denoiser_target_modules = UNET_TARGET_MODULES
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     default_resolution = 1024
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
@@ -88,7 +89,7 @@ class StableDiffusionXL(DenoisingDiffusion, ModelFamily):
 
         return Components(
             vae=load_vae(source, revision, vae_name),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
             text_encoders={part: encoder_class(source, revision, part).from_pretrained(source, subfolder=part,
                                                                                        revision=revision)
@@ -123,7 +124,7 @@ class StableDiffusionXL(DenoisingDiffusion, ModelFamily):
 
         return StableDiffusionXLPipeline(
             vae=components.vae,
-            unet=components.unet,
+            unet=components.denoiser,
             scheduler=scheduler,
             add_watermarker=False,  # an invisible watermark would change the images the metrics score
             **components.text_encoders,

@@ -9,15 +9,16 @@ logger = logging.getLogger(__name__)
 
 
 def wrap_with_adapters(config, family, components, device, mixed_precision) -> dict:
-    """BOFT adapters on the UNet (and every text encoder with --train_text_encoder); frozen weights in the
-    mixed-precision dtype on `device` (a VAE that overflows in fp16 stays fp32). Returns the trained models by part ("unet", "text_encoder", ...); the
-    components then hold the wrapped models."""
+    """BOFT adapters on the denoiser (and every text encoder with --train_text_encoder); frozen weights in the
+    mixed-precision dtype on `device` (a VAE that overflows in fp16 stays fp32). Returns the trained models by part
+    (the family's denoiser part, "text_encoder", ...); the components then hold the wrapped models."""
     dtype = weight_dtype(mixed_precision)
     components.vae.requires_grad_(False).to(device, vae_dtype(family, mixed_precision,
                                                               bool(config.pretrained_vae_model_name_or_path)))
-    trained = {"unet": peft_seam.add_boft_adapter(components.unet, family.unet_target_modules, config.boft,
-                                                  config.run_name, "UNet")}
-    components.unet = trained["unet"]
+    denoiser = family.denoiser_part
+    trained = {denoiser: peft_seam.add_boft_adapter(components.denoiser, family.denoiser_target_modules, config.boft,
+                                                    config.run_name, family.denoiser_label)}
+    components.denoiser = trained[denoiser]
     for part, encoder in components.text_encoders.items():
         if config.train_text_encoder:
             encoder = trained[part] = peft_seam.add_boft_adapter(encoder, family.text_encoder_target_modules,
@@ -26,14 +27,14 @@ def wrap_with_adapters(config, family, components, device, mixed_precision) -> d
         else:
             encoder.requires_grad_(False)
         cast_frozen(encoder.to(device), dtype)
-    cast_frozen(components.unet.to(device), dtype)
+    cast_frozen(components.denoiser.to(device), dtype)
     for part, model in trained.items():
         logger.info(peft_seam.trainable_parameter_summary(model, part.replace("_", " ")))
-    if config.enable_xformers_memory_efficient_attention and (warning := enable_xformers(components.unet)):
+    if config.enable_xformers_memory_efficient_attention and (warning := enable_xformers(components.denoiser)):
         logger.warning(warning)
     if config.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
+        components.denoiser.enable_gradient_checkpointing()
         for part, model in trained.items():
-            if part != "unet":
+            if part != denoiser:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return trained

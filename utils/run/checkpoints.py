@@ -122,7 +122,7 @@ def remove_run_files(layout: RunLayout, config, accelerator) -> None:
 def compatibility_settings(config, family) -> dict:
     """The run's values of COMPATIBILITY_SETTINGS (the learning rate as the optimizer uses it)."""
     values = config.as_dict()
-    values["unet_target_modules"] = list(family.unet_target_modules)
+    values["unet_target_modules"] = list(family.denoiser_target_modules)  # the key older checkpoints have
     values["text_encoder_target_modules"] = list(family.text_encoder_target_modules) if config.train_text_encoder else []
     return {key: values[key] for key in COMPATIBILITY_SETTINGS}
 
@@ -220,7 +220,7 @@ def read_checkpoint(folder: Path, settings: dict) -> TrainState:
 def register_adapter_hooks(accelerator, adapter_name: str, model_names: dict) -> None:
     """Make save_state/load_state store only the adapters, as safetensors, instead of pickling whole models.
 
-    `model_names` maps id(unwrapped model) to its folder name ("unet", "text_encoder").
+    `model_names` maps id(unwrapped model) to its folder name ("unet", "text_encoder", ...).
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file

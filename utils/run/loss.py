@@ -35,7 +35,7 @@ def diffusion_loss(batch, mean, std, conditioning: dict, denoiser, family, compo
     draws = example_noise(seed, batch["keys"], mean.shape[1:], family.num_train_timesteps(components))
     latent_eps, noise, timesteps = (draw.to(mean.device) for draw in draws)
     model_input, timesteps, target = family.training_terms(components, mean, std, latent_eps, noise, timesteps)
-    with timer("unet_forward") if timer else nullcontext():
+    with timer("denoiser_forward") if timer else nullcontext():
         prediction = family.predict(denoiser, model_input, timesteps, conditioning)
     if prior_loss_weight is None:
         return F.mse_loss(prediction.float(), target.float())

@@ -8,11 +8,11 @@ from utils.run.data import per_process_batch
 GB = 2**30
 
 
-def plan_lines(config, family, mixed_precision, num_images: int, unet, text_encoders: dict) -> list[str]:
+def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_encoders: dict) -> list[str]:
     """The --dry_run report for `num_images` readable photos, from meta-device models: nothing is loaded but
     configs."""
     num_class_present = len(list_images(config.class_data_dir)) if config.with_prior_preservation else 0
-    models = [("UNet", unet, family.unet_target_modules)]
+    models = [(family.denoiser_label, denoiser, family.denoiser_target_modules)]
     if config.train_text_encoder:
         models += [(part.replace("_", " "), encoder, family.text_encoder_target_modules)
                    for part, encoder in text_encoders.items()]
@@ -20,7 +20,7 @@ def plan_lines(config, family, mixed_precision, num_images: int, unet, text_enco
     weight_bytes = {"fp16": 2, "bf16": 2}.get(mixed_precision, 4)
     vae_bytes = vae_dtype(family, mixed_precision, bool(config.pretrained_vae_model_name_or_path)).itemsize
     encoders = sum(p.numel() for model in text_encoders.values() for p in model.parameters())
-    resident = sum(p.numel() for p in unet.parameters()) + (encoders if config.train_text_encoder else 0)
+    resident = sum(p.numel() for p in denoiser.parameters()) + (encoders if config.train_text_encoder else 0)
     weights = resident * weight_bytes + vae_parameter_count(config) * vae_bytes
     adapters = sum(trainable.values())
     optimizer_bytes = 2 if config.use_8bit_adam else 8

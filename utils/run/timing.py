@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-STAGES = ("data", "vae", "text_encoder", "unet_forward", "backward", "optimizer", "validation", "saving")
+STAGES = ("data", "vae", "text_encoder", "denoiser_forward", "backward", "optimizer", "validation", "saving")
 
 
 class StageTimer:
