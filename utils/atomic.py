@@ -9,7 +9,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-_PARTIAL = re.compile(r"\.(?P<final>.+)\.(?P<pid>\d+)\.partial")
+_PARTIAL = re.compile(r"\..+\.\d+\.partial")  # partial_path's name for one process's own partial
 
 
 def _current_umask() -> int:

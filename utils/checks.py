@@ -5,6 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # --dtype of the tools
 VAE_HELP = "A VAE in place of the model's, as the run's --pretrained_vae_model_name_or_path (e.g. an fp16-safe SDXL VAE)."
 # The guide's hub ids were deleted; the community keeps the same weights under these names.
 REMOVED_MODEL_IDS = {

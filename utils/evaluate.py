@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utils.checks import VAE_HELP
+from utils.checks import DTYPE_NAMES, VAE_HELP
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -52,7 +52,7 @@ def build_parser():
         sub.add_argument("--resolution", type=int, default=None)
         sub.add_argument("--batch_size", type=int, default=4)
         sub.add_argument("--device", default=None)
-        sub.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+        sub.add_argument("--dtype", default=None, choices=DTYPE_NAMES)
     score.add_argument("--instance_data_dir", required=True, help="the real photos of the subject")
     score.add_argument("--generated_dir", help="a generated folder (prompts.txt, 000/, ...)")
     score.add_argument("--class_generated_dir", help="the base model's class-prompt images, for prior drift")

@@ -20,10 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from utils.checks import add_adapter_arguments
+from utils.checks import DTYPE_NAMES, add_adapter_arguments
 
 FORMATS = ("checkpoint", "comfyui", "lora")
-EXPORT_DTYPE_NAMES = ("fp16", "bf16", "fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--rank", type=int, default=None, help="--format lora: the LoRA's rank.")
     parser.add_argument("--out", required=True, help="The .safetensors file to write.")
-    parser.add_argument("--dtype", default="fp16", choices=EXPORT_DTYPE_NAMES, help="Precision of the file.")
+    parser.add_argument("--dtype", default="fp16", choices=DTYPE_NAMES, help="Precision of the file.")
     parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     return parser
 
@@ -48,7 +47,7 @@ from utils.atomic import atomic_file
 from utils.boft import peft_seam
 from utils.checks import unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE, UserError
-from utils.inference import BoftPipeline, check_model_and_adapter
+from utils.inference import DTYPES, BoftPipeline, check_model_and_adapter
 from utils.original_layout import (
     TEXT_ENCODER_CONVERTERS,
     kohya_name,
@@ -56,7 +55,6 @@ from utils.original_layout import (
     vae_to_original,
 )
 
-EXPORT_DTYPES = dict(zip(EXPORT_DTYPE_NAMES, (torch.float16, torch.bfloat16, torch.float32)))
 MB = 2**20
 
 
@@ -180,7 +178,7 @@ def export(args, family) -> Path:
         if dropped:
             print(f"{dropped} trained bias(es) left out: LoRA has no bias term (--format comfyui keeps them)")
     size = write_safetensors(tensors, metadata_for(args, family, pipe.pipeline, step, rank), Path(args.out),
-                             EXPORT_DTYPES[args.dtype])
+                             DTYPES[args.dtype])
     print(f"{args.format} export of {args.adapter_name} at step {step} ({family.name}): {args.out}, "
           f"{len(tensors)} tensors, {size / MB:.1f} MB ({args.dtype})")
     return Path(args.out)

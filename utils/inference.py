@@ -15,9 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from utils.checks import add_adapter_arguments
-
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+from utils.checks import DTYPE_NAMES, add_adapter_arguments
 
 
 def build_parser():
@@ -310,11 +308,11 @@ def check_arguments(args):
 def device_problem(device: str) -> str | None:
     """Why --device cannot be used on this machine, or None."""
     kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
+    if kind not in ("cpu", "cuda", "mps") or (":" in device and not device.split(":")[1].isdigit()):
         return f"--device {device}: give cuda, cuda:N, mps or cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         return f"--device {device}: this torch sees no CUDA GPU ({torch.__version__}); use --device cpu"
-    if kind == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
+    if kind == "cuda" and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
         return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
     if kind == "mps" and not torch.backends.mps.is_available():
         return f"--device {device}: MPS (Apple GPUs) is not available here; use --device cpu"

@@ -72,25 +72,27 @@ class FileLock:
         except FileNotFoundError:
             return False
 
-    def _lock(self, fd: int, blocking: bool) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+    def _lock_current_file(self, blocking: bool) -> int | None:
+        """A descriptor of the file at `path`, locked; None when `blocking` is false and a live process holds it. A
+        file its holder removed while this process waited is passed over for the one now at `path`."""
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            if self._still_the_file(fd):
+                return fd
+            os.close(fd)
 
     def try_acquire(self) -> tuple[bool, str]:
         """(True, previous holder's record) when acquired; (False, the live holder's record) when not."""
         if fcntl is None:
             return True, ""
-        while True:
-            fd = self._open()
-            if not self._lock(fd, blocking=False):
-                os.close(fd)
-                return False, self._record()
-            if self._still_the_file(fd):
-                break
-            os.close(fd)  # locked a removed file: its holder released it; lock the current one
+        fd = self._lock_current_file(blocking=False)
+        if fd is None:
+            return False, self._record()
         previous = self._record()
         self._hold(fd)
         return True, previous
@@ -108,13 +110,7 @@ class FileLock:
         if acquired:
             return
         logger.info("%s (held by process %s)", waiting_message, holder or "unknown")
-        while True:
-            fd = self._open()
-            self._lock(fd, blocking=True)
-            if self._still_the_file(fd):
-                break
-            os.close(fd)
-        self._hold(fd)
+        self._hold(self._lock_current_file(blocking=True))
 
     def release(self) -> None:
         if self._fd is None:
