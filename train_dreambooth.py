@@ -92,13 +92,11 @@ def preflight(config, family, layout):
     the UNet and text encoders built on the meta device for --dry_run's plan)."""
     if problem := checkpoints.rerun_problem(layout, config):
         raise UserError(problem)
-    if config.tokenizer_name and not family.accepts_tokenizer_name:
-        raise UserError(f"--tokenizer_name applies to Stable Diffusion 1.x/2.x; {family.name} uses its own tokenizers")
     check_vae(config.pretrained_vae_model_name_or_path)
     denoiser, text_encoders = family.empty_models(config.pretrained_model_name_or_path, config.revision)
     check_adapter_shape(denoiser, family.denoiser_target_modules, config.boft, family.denoiser_label)
-    for part, encoder in text_encoders.items() if config.train_text_encoder else ():
-        check_adapter_shape(encoder, family.text_encoder_target_modules, config.boft, part.replace("_", " "))
+    for part in family.trainable_text_encoders if config.train_text_encoder else ():
+        check_adapter_shape(text_encoders[part], family.text_encoder_target_modules, config.boft, part.replace("_", " "))
     hub_target = hub.resolve_hub_repo(config) if config.push_to_hub else None
     if config.hub_token or config.wandb_key:
         logger.warning("Tokens given as flags are visible to other users in the process list; prefer HF_TOKEN / WANDB_API_KEY")
@@ -151,22 +149,24 @@ class DreamBoothRun:
         if config.with_prior_preservation:
             generate_class_images(config, self.family, accelerator)
         self.components = self.family.load(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
-                                           config.pretrained_vae_model_name_or_path)
+                                           config.pretrained_vae_model_name_or_path, self.dtype)
         self.trained = wrap_with_adapters(config, self.family, self.components, accelerator.device,
                                           accelerator.mixed_precision)
         prompts = {0: config.instance_prompt, **({1: config.class_prompt} if config.with_prior_preservation else {})}
         self.params = [p for model in self.trained.values() for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(config, self.params)
         loader, self.latent_cache = make_dataloader(config, accelerator, self.components, images,
-                                                    self.family.prompt_ids(self.components, prompts),
+                                                    self.family.prompt_ids(self.components, prompts, config),
                                                     self.layout.latent_cache, unreadable_class_images)
         self.sampler = loader.sampler  # the epoch's order; accelerate's set_epoch misses it in a skipped epoch
         *models, self.optimizer, self.loader = accelerator.prepare(*self.trained.values(), optimizer, loader)
         self.trained = dict(zip(self.trained, models))
         self.denoiser = self.trained[self.family.denoiser_part]
         self.rotations = peft_seam.RotationCache(*(accelerator.unwrap_model(m) for m in self.trained.values()))
+        self.objective = self.family.objective(self.components, config)
         self.conditioning = self.family.conditioning(self._components_with(self.trained), prompts,
-                                                     config.train_text_encoder, accelerator.device, self.dtype)
+                                                     config.train_text_encoder, accelerator.device, self.dtype,
+                                                     config)
         self._frozen_text_encoders_to("cpu")  # their embeddings are computed; they come back for validation
         self.lr_scheduler = accelerator.prepare(make_lr_scheduler(config, self.optimizer))
         unwrapped = {id(accelerator.unwrap_model(model)): part for part, model in self.trained.items()}
@@ -265,7 +265,7 @@ class DreamBoothRun:
             mean, std = latent_posterior(batch, self.components.vae, self.dtype, self.latent_cache)
         with timer("text_encoder"):
             conditioning = self.conditioning(batch)
-        loss = diffusion_loss(batch, mean, std, conditioning, self.denoiser, self.family, self.components, self.state.seed,
+        loss = diffusion_loss(batch, mean, std, conditioning, self.denoiser, self.objective, self.state.seed,
                               config.prior_loss_weight if config.with_prior_preservation else None, timer)
         with timer("backward"):
             accelerator.backward(loss)
@@ -372,6 +372,7 @@ class DreamBoothRun:
 
 def train(flags, stops):
     family = family_of(flags.pretrained_model_name_or_path, flags.revision)
+    family.check_flags(flags, training_resolution(flags, family))  # the flags this family cannot honour
     trackers = tracking.resolve_trackers(flags.report_to)
     layout = RunLayout(flags.output_dir, flags.wandb_run_name)
     accelerator = make_accelerator(flags, trackers, layout)

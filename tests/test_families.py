@@ -89,7 +89,7 @@ def test_a_trained_text_encoder_runs_every_step_on_the_batchs_ids():
 
 def test_prompt_ids_are_padded_and_a_long_prompt_names_what_is_cut(caplog):
     components = Components(vae=None, denoiser=None, noise_scheduler=None, tokenizers={"tokenizer": CharTokenizer()})
-    ids = StableDiffusion().prompt_ids(components, {0: "a qwe", 1: "a dog with a hat"})
+    ids = StableDiffusion().prompt_ids(components, {0: "a qwe", 1: "a dog with a hat"}, None)
     assert ids[0].shape == ids[1].shape == (6,)
     assert "--class_prompt is 16 tokens long" in caplog.text and "--instance_prompt" not in caplog.text
 
@@ -104,8 +104,8 @@ def test_a_family_that_lacks_a_member_fails_naming_it():
     attributes = {k: getattr(StableDiffusion, k) for k in ModelFamily.REQUIRED_ATTRIBUTES}
     no_maths = type("NoTrainingMaths", (ModelFamily,), {**attributes, **{
         name: getattr(StableDiffusion, name) for name in ModelFamily.__abstractmethods__
-        if name not in ("training_terms", "predict")}})
-    with pytest.raises(TypeError, match="predict.*training_terms|training_terms.*predict"):
+        if name not in ("objective", "sampling_scheduler")}})
+    with pytest.raises(TypeError, match="objective.*sampling_scheduler|sampling_scheduler.*objective"):
         no_maths()
 
 

@@ -34,10 +34,15 @@ class LinearUNet(torch.nn.Module):
 FAMILY = StableDiffusion()  # its training maths: utils/families/diffusion.py
 
 
-def components(scheduler, scaling_factor):
-    """What the loss reads of a family's components: the noise scheduler and the VAE's scaling factor."""
+def objective(scheduler, scaling_factor):
+    """The SD family's objective over what it reads of the components: the noise scheduler and the VAE's scaling
+    factor."""
     vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=scaling_factor))
-    return Components(vae=vae, denoiser=None, noise_scheduler=scheduler)
+    return FAMILY.objective(Components(vae=vae, denoiser=None, noise_scheduler=scheduler), None)
+
+
+def uniform(num_timesteps):
+    return lambda generator: torch.randint(0, num_timesteps, (), generator=generator)
 
 
 def batch_of(keys):
@@ -48,7 +53,7 @@ def expected_terms(prediction_type, keys, mean, std, scaling=0.5, seed=3):
     """The noisy latents and the target written out from DDPM's definitions, not through the scheduler's methods:
     x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x, abar_t = prod(1 - beta)."""
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
-    eps, noise, timesteps = example_noise(seed, keys, SHAPE, 100)
+    eps, noise, timesteps = example_noise(seed, keys, SHAPE, uniform(100))
     latents = (mean + std * eps) * scaling
     betas = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)  # DDPMScheduler's default linear schedule
     abar = torch.cumprod(1 - betas, 0)[timesteps].view(-1, 1, 1, 1).float()
@@ -69,13 +74,12 @@ def test_a_hand_computed_loss(prediction_type, expected, monkeypatch):
     (sqrt(0.45) 2 - sqrt(0.55) 1)^2 = 0.45 4 + 0.55 - 2 sqrt(0.45 0.55) 2 for v."""
     import utils.run.loss as loss_module
 
-    monkeypatch.setattr(loss_module, "example_noise", lambda seed, keys, shape, steps: (
+    monkeypatch.setattr(loss_module, "example_noise", lambda seed, keys, shape, draw: (
         torch.zeros(len(keys), *shape), torch.full((len(keys), *shape), 2.0), torch.ones(len(keys), dtype=torch.long)))
     scheduler = DDPMScheduler(num_train_timesteps=2, beta_schedule="linear", beta_start=0.1, beta_end=0.5,
                               prediction_type=prediction_type)
     loss = diffusion_loss(batch_of([(0, 0, 0)]), torch.ones(1, *SHAPE), torch.ones(1, *SHAPE),
-                          {"encoder_hidden_states": torch.zeros(1, 3, 5)}, ZeroUNet(), FAMILY,
-                          components(scheduler, 1.0), 0)
+                          {"encoder_hidden_states": torch.zeros(1, 3, 5)}, ZeroUNet(), objective(scheduler, 1.0), 0)
     if prediction_type == "v_prediction":
         expected -= 2 * (0.45 * 0.55) ** 0.5 * 2
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -88,8 +92,8 @@ def test_the_loss_regresses_the_schedulers_target(prediction_type):
     context = torch.randn(2, 3, 5)
     scheduler, noisy, target, timesteps = expected_terms(prediction_type, keys, mean, std)
     unet = LinearUNet()
-    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, unet, FAMILY,
-                          components(scheduler, 0.5), 3)
+    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, unet,
+                          objective(scheduler, 0.5), 3)
     prediction = 0.5 * noisy + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
     assert torch.allclose(loss, F.mse_loss(prediction, target))
     assert torch.equal(unet.calls[0][1], timesteps) and torch.equal(unet.calls[0][2], context)
@@ -101,8 +105,8 @@ def test_prior_preservation_weights_the_class_half_on_its_own(prediction_type):
     mean, std = torch.randn(4, *SHAPE), torch.rand(4, *SHAPE)
     context = torch.randn(4, 3, 5)
     scheduler, noisy, target, _ = expected_terms(prediction_type, keys, mean, std)
-    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, LinearUNet(), FAMILY,
-                          components(scheduler, 0.5), 3, prior_loss_weight=0.3)
+    loss = diffusion_loss(batch_of(keys), mean, std, {"encoder_hidden_states": context}, LinearUNet(),
+                          objective(scheduler, 0.5), 3, prior_loss_weight=0.3)
     prediction = 0.5 * noisy + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
     expected = F.mse_loss(prediction[:2], target[:2]) + 0.3 * F.mse_loss(prediction[2:], target[2:])
     assert torch.allclose(loss, expected)
@@ -115,15 +119,14 @@ def test_an_unknown_prediction_type_is_named():
     scheduler = DDPMScheduler(num_train_timesteps=10, prediction_type="sample")
     with pytest.raises(UserError, match="unknown prediction_type 'sample'"):
         diffusion_loss(batch_of([(0, 0, 0)]), torch.zeros(1, *SHAPE), torch.ones(1, *SHAPE),
-                       {"encoder_hidden_states": torch.zeros(1, 3, 5)}, LinearUNet(), FAMILY,
-                       components(scheduler, 1.0), 0)
+                       {"encoder_hidden_states": torch.zeros(1, 3, 5)}, LinearUNet(), objective(scheduler, 1.0), 0)
 
 
 def test_noise_of_an_example_depends_on_the_seed_and_its_key_alone():
-    one = example_noise(5, [(2, 7, 0)], SHAPE, 1000)
-    in_a_batch = example_noise(5, [(0, 1, 0), (2, 7, 0), (3, 3, 1)], SHAPE, 1000)
+    one = example_noise(5, [(2, 7, 0)], SHAPE, uniform(1000))
+    in_a_batch = example_noise(5, [(0, 1, 0), (2, 7, 0), (3, 3, 1)], SHAPE, uniform(1000))
     assert all(torch.equal(a[0], b[1]) for a, b in zip(one, in_a_batch))  # batch make-up does not matter
-    other_seed = example_noise(6, [(2, 7, 0)], SHAPE, 1000)
+    other_seed = example_noise(6, [(2, 7, 0)], SHAPE, uniform(1000))
     assert not torch.equal(one[1], other_seed[1])
     assert not torch.equal(in_a_batch[1][0], in_a_batch[1][1])  # examples differ
 

@@ -41,10 +41,10 @@ def test_conditioning_reads_both_encoders_and_the_batchs_size_and_crop(tiny_xl_m
     family = StableDiffusionXL()
     components = family.load(str(tiny_xl_model))
     prompts = {0: "a photo of qwe toy", 1: "a photo of toy"}
-    ids = family.prompt_ids(components, prompts)
+    ids = family.prompt_ids(components, prompts, None)
     assert ids[0].shape == (2, 77)  # one row per tokenizer
-    frozen = family.conditioning(components, prompts, False, "cpu", torch.float32)
-    trained = family.conditioning(components, prompts, True, "cpu", torch.float32)
+    frozen = family.conditioning(components, prompts, False, "cpu", torch.float32, None)
+    trained = family.conditioning(components, prompts, True, "cpu", torch.float32, None)
     time_ids = torch.tensor([[96.0, 128, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]])
     batch = {"keys": [(0, 0, 0), (0, 0, 1)], "input_ids": torch.stack([ids[0], ids[1]]), "time_ids": time_ids}
     once, every_step = frozen(batch), trained(batch)

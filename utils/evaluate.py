@@ -79,7 +79,6 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = ("dino", "clip_i", "clip_t")
 THUMBNAIL = 128
 SETTINGS_FILE = "settings.json"
-GUIDANCE_SCALE = 7.5  # BoftPipeline.generate's, as the papers' evaluations use
 # What makes the base model's class images: a reference set is shared only by evaluations that agree on all of it.
 REFERENCE_SETTINGS = ("model", "revision", "vae", "scheduler", "resolution", "num_inference_steps", "guidance_scale",
                       "seed", "num_images", "class_prompt")
@@ -335,8 +334,8 @@ def write_images(pipe, prompt, folder, num_images, seed, steps, resolution, batc
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
-        images = pipe.generate(prompt, num_images=count, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
-                               seed=seed + start, height=resolution, width=resolution)
+        images = pipe.generate(prompt, num_images=count, num_inference_steps=steps, seed=seed + start,
+                               height=resolution, width=resolution)  # the family's guidance (SD: 7.5, the papers')
         for k, image in enumerate(images):
             image.save(folder / f"{start + k:02d}.png")
 
@@ -346,7 +345,7 @@ def generation_settings(args, pipe) -> dict:
     return {"model": args.pretrained_model_name_or_path, "revision": args.revision,
             "vae": args.pretrained_vae_model_name_or_path, "scheduler": type(pipe.pipeline.scheduler).__name__,
             "resolution": args.resolution, "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": GUIDANCE_SCALE, "seed": args.seed, "num_images": args.num_images,
+            "guidance_scale": pipe.sampling_defaults[1], "seed": args.seed, "num_images": args.num_images,
             "class_prompt": args.class_prompt}
 
 

@@ -48,12 +48,6 @@ from utils.boft import peft_seam
 from utils.checks import unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.inference import DTYPES, BoftPipeline, check_model_and_adapter
-from utils.original_layout import (
-    TEXT_ENCODER_CONVERTERS,
-    kohya_name,
-    unet_to_original,
-    vae_to_original,
-)
 
 MB = 2**20
 
@@ -74,28 +68,6 @@ def check_arguments(args):
     return check_model_and_adapter(args)
 
 
-def checkpoint_tensors(pipe: BoftPipeline, family) -> dict:
-    """The merged model in the original single-file layout."""
-    pipe.merge()
-    pipeline = pipe.pipeline
-    tensors = unet_to_original(pipe.state_dict_of("unet"), pipeline.unet)
-    tensors.update(vae_to_original(pipe.state_dict_of("vae"), pipeline.vae))
-    for part, (prefix, naming) in family.original_text_encoders(pipeline).items():
-        tensors.update(TEXT_ENCODER_CONVERTERS[naming](pipe.state_dict_of(part), prefix))
-    return tensors
-
-
-def difference_tensors(changes: dict, family) -> dict:
-    """LyCORIS "full" tensors: merged - base for each changed weight (.diff) and trained bias (.diff_b)."""
-    tensors = {}
-    for part, changed in changes.items():
-        for name, (base, merged) in changed.items():
-            module, kind = name.rsplit(".", 1)
-            tensors[f"{kohya_name(family.kohya_prefixes[part], module)}.{'diff_b' if kind == 'bias' else 'diff'}"] = (
-                merged.float() - base.float())
-    return tensors
-
-
 def lora_tensors(changes: dict, family, rank: int):
     """(kohya LoRA tensors, {key: relative error}, overall relative error, the rank used, dropped biases).
 
@@ -114,9 +86,11 @@ def lora_tensors(changes: dict, family, rank: int):
         up = torch.zeros(difference.shape[0], rank, dtype=difference.dtype)
         down = torch.zeros(rank, difference.shape[1], dtype=difference.dtype)
         up[:, :r], down[:r] = u[:, :r] * s[:r].sqrt(), s[:r].sqrt()[:, None] * vh[:r]
-        key = kohya_name(family.kohya_prefixes[part], name.rsplit(".", 1)[0])
-        tensors.update({f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down,
-                        f"{key}.alpha": torch.tensor(float(rank))})
+        down_key, up_key, alpha_key = family.lora_keys(part, name.rsplit(".", 1)[0])
+        tensors.update({up_key: up, down_key: down})
+        if alpha_key:
+            tensors[alpha_key] = torch.tensor(float(rank))
+        key = down_key.rsplit(".", 2)[0]
         left, whole = (difference - up @ down).norm().item() ** 2, difference.norm().item() ** 2
         residual, total = residual + left, total + whole
         errors[key] = (left / max(whole, 1e-30)) ** 0.5
@@ -165,9 +139,10 @@ def export(args, family) -> Path:
     step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
     rank = None
     if args.format == "checkpoint":
-        tensors = checkpoint_tensors(pipe, family)
+        pipe.merge()
+        tensors = family.single_file_tensors(pipe.state_dict_of, pipe.pipeline)
     elif args.format == "comfyui":
-        tensors = difference_tensors(pipe.weight_changes(), family)
+        tensors = family.difference_tensors(pipe.weight_changes(), pipe.state_dict_of)
     else:
         tensors, errors, overall, rank, dropped = lora_tensors(pipe.weight_changes(), family, args.rank)
         for key, error in errors.items():

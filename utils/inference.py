@@ -24,8 +24,11 @@ def build_parser():
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--num_images", type=int, default=1, help="Images to generate (a grid when more than one).")
-    parser.add_argument("--num_inference_steps", type=int, default=25, help="DPM-Solver steps.")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--num_inference_steps", type=int, default=None,
+                        help="Denoising steps. Default: the model family's (25 DPM-Solver steps for Stable Diffusion, "
+                        "28 flow-matching Euler steps for FLUX.1 [dev], 4 for [schnell]).")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="Default: the model family's (7.5 for Stable Diffusion, 3.5 for FLUX.1 [dev], 0 for [schnell]).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None, help="Default: the model's own.")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
@@ -103,9 +106,10 @@ class BoftPipeline:
     when it becomes active (and the base model's put back for the base model or an adapter without them), so any
     number of subjects share one pipeline and each gives the image it gives loaded alone."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, family):
         peft_seam.install()
-        self.pipeline = pipeline
+        self.pipeline, self.family = pipeline, family
+        self.sampling_defaults = family.sampling_defaults(pipeline)  # (steps, guidance) when the caller gives none
         self.peft_models = {}  # part -> PeftModel wrapping the pipeline's own module
         self.active = None
         self.biases = {}  # adapter -> part -> {parameter name: trained bias}
@@ -124,7 +128,7 @@ class BoftPipeline:
         if scheduler == "dpm":
             pipeline.scheduler = family.sampling_scheduler(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline.to(device))
+        return cls(pipeline.to(device), family)
 
     @property
     def adapters(self) -> list[str]:
@@ -253,14 +257,21 @@ class BoftPipeline:
         return Path(folder)
 
     @torch.no_grad()
-    def generate(self, prompt, negative_prompt=None, num_images=1, num_inference_steps=25, guidance_scale=7.5,
+    def generate(self, prompt, negative_prompt=None, num_images=1, num_inference_steps=None, guidance_scale=None,
                  seed=0, height=None, width=None, output_type="pil"):
-        """num_images images of one prompt; image k is seeded with seed + k, the same on every device."""
+        """num_images images of one prompt; image k is seeded with seed + k, the same on every device. Steps and
+        guidance default to the family's (`sampling_defaults`); a negative prompt goes only to a family that takes
+        one."""
+        default_steps, default_guidance = self.sampling_defaults
+        num_inference_steps = num_inference_steps or default_steps
+        guidance_scale = default_guidance if guidance_scale is None else guidance_scale
+        if negative_prompt is not None and not self.family.takes_negative_prompt:
+            raise UserError(f"{self.family.name} takes no negative prompt (it is guidance-distilled): drop it")
+        extra = {"negative_prompt": negative_prompt} if self.family.takes_negative_prompt else {}
         generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
         with peft_seam.folded(*self.peft_models.values()):  # an unmerged adapter costs nothing while generating
             return self.pipeline(
                 prompt,
-                negative_prompt=negative_prompt,
                 num_images_per_prompt=num_images,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
@@ -268,6 +279,7 @@ class BoftPipeline:
                 height=height,
                 width=width,
                 output_type=output_type,
+                **extra,
             ).images
 
 
@@ -285,9 +297,9 @@ def check_arguments(args):
     model's family."""
     from PIL import Image
 
-    if args.num_images < 1 or args.num_inference_steps < 1:
+    if args.num_images < 1 or (args.num_inference_steps is not None and args.num_inference_steps < 1):
         raise UserError("--num_images and --num_inference_steps must be positive")
-    if not args.guidance_scale >= 0:
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
         raise UserError(f"--guidance_scale must be 0 or more (1 or less turns classifier-free guidance off), got "
                         f"{args.guidance_scale}")
     if args.device and (problem := device_problem(args.device)):
@@ -302,7 +314,13 @@ def check_arguments(args):
     for flag, path in (("--out", out.parent), ("--save_merged", Path(args.save_merged or ".").parent)):
         if (blocked := unwritable_ancestor(path)) is not None:
             raise UserError(f"{flag} {path}: {blocked} is not a folder you can write to")
-    return check_model_and_adapter(args)
+    family = check_model_and_adapter(args)
+    if args.resolution is not None and args.resolution % family.resolution_multiple:
+        raise UserError(f"--resolution {args.resolution}: {family.name} generates at multiples of "
+                        f"{family.resolution_multiple}")
+    if args.negative_prompt is not None and not family.takes_negative_prompt:
+        raise UserError(f"--negative_prompt: {family.name} takes no negative prompt (it is guidance-distilled); drop it")
+    return family
 
 
 def device_problem(device: str) -> str | None:

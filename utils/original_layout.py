@@ -156,3 +156,12 @@ def kohya_name(prefix: str, module_path: str) -> str:
     if prefix.startswith("lora_te"):
         module_path = text_model_name(module_path)
     return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def stable_diffusion_single_file(state_of, pipeline, text_encoders: dict) -> dict:
+    """The merged UNet, VAE and text encoders ({part: (key prefix, "clip" or "open_clip")}) in the original layout."""
+    tensors = unet_to_original(state_of("unet"), pipeline.unet)
+    tensors.update(vae_to_original(state_of("vae"), pipeline.vae))
+    for part, (prefix, naming) in text_encoders.items():
+        tensors.update(TEXT_ENCODER_CONVERTERS[naming](state_of(part), prefix))
+    return tensors

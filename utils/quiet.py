@@ -37,6 +37,16 @@ def install() -> None:
         sys.modules[DEFERRED_MODULE] = None  # `import bitsandbytes` fails as if absent; peft and transformers skip it
 
 
+def hide_loading_bars() -> None:
+    """transformers' "Loading weights" and diffusers' "Loading pipeline components" bars, one per model loaded,
+    off; downloads keep their progress bars (huggingface_hub's own)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def bitsandbytes_installed() -> bool:
     """Whether bitsandbytes can be imported, asked without importing it (its metadata)."""
     from importlib.metadata import PackageNotFoundError, distribution

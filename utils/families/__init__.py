@@ -14,7 +14,9 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+from utils import quiet
 from utils.errors import UserError
 
 
@@ -30,23 +32,60 @@ class Components:
     tokenizers: dict = field(default_factory=dict)
 
 
+class TrainingTerms(NamedTuple):
+    """What one batch gives the denoiser and the loss: its input, its timestep argument, the target it regresses
+    and, where the family's objective weights examples (flow matching's weighting schemes), their loss weights."""
+
+    model_input: object
+    timesteps: object
+    target: object
+    weight: object = None
+
+
+class Objective(ABC):
+    """A family's training maths over one run's components: how each example's timestep is drawn, how latents
+    become the denoiser's input and target, and the forward call (utils/run/loss.py runs them)."""
+
+    @abstractmethod
+    def draw_timestep(self, generator):
+        """One example's timestep (or its index in the schedule) from its own generator (see utils/run/dataset.py)."""
+
+    @abstractmethod
+    def terms(self, mean, std, latent_eps, noise, timesteps) -> TrainingTerms:
+        """The batch's TrainingTerms: latents from the VAE posterior's mean and std with `latent_eps`, normalised as
+        the family's VAE needs, noised with `noise` at the drawn `timesteps`."""
+
+    @abstractmethod
+    def predict(self, denoiser, model_input, timesteps, conditioning: dict):
+        """The denoiser's forward call: its prediction of the target, shaped like it."""
+
+
+# Flags that only some families read: given for another family they are a usage error, not silently ignored.
+FAMILY_FLAGS = ("tokenizer_name", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
+                "max_sequence_length")
+
+
 class ModelFamily(ABC):
     """The interface; see stable_diffusion.py for the first implementation. A family that lacks a member fails when
     it is defined (a class attribute) or instantiated (a method), naming what is missing."""
 
     REQUIRED_ATTRIBUTES = ("name", "pipeline_class_names", "component_folders", "denoiser_part", "denoiser_label",
-                           "denoiser_target_modules", "text_encoder_target_modules", "default_resolution",
-                           "kohya_prefixes")
+                           "denoiser_target_modules", "trainable_text_encoders", "text_encoder_target_modules",
+                           "default_resolution", "resolution_multiple", "accepted_flags", "kohya_prefixes")
     name: str  # as users know it, for messages
     pipeline_class_names: tuple[str, ...]  # model_index.json _class_name values of this family
     component_folders: tuple[str, ...]  # sub-folders a pipeline folder of this family must have
     denoiser_part: str  # the denoiser's folder in a pipeline and in a run's output ("unet", or "transformer")
     denoiser_label: str  # as users know it, for messages ("UNet")
     denoiser_target_modules: tuple[str, ...]  # Linear layers of the denoiser that get BOFT adapters
-    text_encoder_target_modules: tuple[str, ...]  # ... of every text encoder, with --train_text_encoder
+    trainable_text_encoders: tuple[str, ...]  # the text encoders --train_text_encoder puts BOFT on (FLUX: not T5)
+    text_encoder_target_modules: tuple[str, ...]  # ... of each of them
     default_resolution: int
+    resolution_multiple: int  # what the VAE's downsampling and the denoiser's patches divide
+    accepted_flags: tuple[str, ...]  # which of FAMILY_FLAGS this family reads
     kohya_prefixes: dict  # part -> kohya's adapter key prefix, as the web UIs read it ("lora_unet", "lora_te", ...)
-    accepts_tokenizer_name = True  # --tokenizer_name can replace the model's tokenizer
+    takes_negative_prompt = True  # its pipeline's classifier-free guidance reads a negative prompt
+    launcher_recipe: tuple[str, ...] = ()  # flags train_dreambooth.sh adds for this family (utils/recipe.py)
     vae_overflows_in_fp16 = False  # the VAE stays fp32 under mixed precision unless another VAE is given
 
     def __init_subclass__(cls, **kwargs):
@@ -55,10 +94,21 @@ class ModelFamily(ABC):
         if missing:
             raise TypeError(f"model family {cls.__name__} does not define {', '.join(missing)}")
 
+    def check_flags(self, flags, resolution: int) -> None:
+        """Flags this family cannot honour, as a UserError, before anything loads; families add their own checks."""
+        for name in FAMILY_FLAGS:
+            if getattr(flags, name) is not None and name not in self.accepted_flags:
+                takers = " and ".join(f.name for f in _families() if name in f.accepted_flags)
+                raise UserError(f"--{name} applies to {takers}; {self.name} does not read it: drop the flag")
+        if resolution % self.resolution_multiple:
+            raise UserError(f"{self.name} trains at resolutions that are multiples of {self.resolution_multiple}; "
+                            f"got {resolution}: use {max(self.resolution_multiple, resolution // self.resolution_multiple * self.resolution_multiple)}")
+
     # --- loading -------------------------------------------------------------------------------------------------
     @abstractmethod
-    def load(self, source: str, revision=None, tokenizer_name=None, vae_name=None) -> Components:
-        """The components from pretrained weights; `vae_name` (--pretrained_vae_model_name_or_path) replaces the VAE."""
+    def load(self, source: str, revision=None, tokenizer_name=None, vae_name=None, dtype=None) -> Components:
+        """The components from pretrained weights, the denoiser and text encoders in `dtype` (the frozen weights'
+        training dtype; None: as stored); `vae_name` (--pretrained_vae_model_name_or_path) replaces the VAE."""
 
     @abstractmethod
     def empty_models(self, source: str, revision=None) -> tuple[object, dict]:
@@ -66,35 +116,30 @@ class ModelFamily(ABC):
 
     # --- text ----------------------------------------------------------------------------------------------------
     @abstractmethod
-    def prompt_ids(self, components: Components, prompts: dict) -> dict:
+    def prompt_ids(self, components: Components, prompts: dict, config) -> dict:
         """The token ids a dataset row carries for each prompt, by dataset part (0: instance, 1: class); a prompt
-        longer than the text encoder reads is named in a warning."""
+        longer than the text encoder reads is named in a warning. `config`: the run's RunConfig (where the family
+        reads its own flags, as --max_sequence_length)."""
 
     @abstractmethod
-    def conditioning(self, components: Components, prompts: dict, trained: bool, device, dtype):
+    def conditioning(self, components: Components, prompts: dict, trained: bool, device, dtype, config):
         """A callable batch -> the denoiser's conditioning keyword arguments for the prompts by dataset part. Frozen
         text encoders run here, once per prompt; trained ones (components holds them as prepared) every step."""
 
-    # --- the training maths (utils/families/diffusion.py for the DDPM families) ----------------------------------
+    # --- the training maths (diffusion.py for the DDPM families, flow_matching.py for the flow-matching ones) -----
     @abstractmethod
-    def num_train_timesteps(self, components: Components) -> int:
-        """How many timesteps the per-example draws (utils/run/dataset.example_noise) choose from."""
-
-    @abstractmethod
-    def training_terms(self, components: Components, mean, std, latent_eps, noise, timesteps):
-        """(the denoiser's input, its timestep argument, the target) for one batch: latents from the VAE
-        posterior's mean and std with `latent_eps`, normalised as the family's VAE needs, noised with `noise` at
-        the drawn `timesteps` (integers)."""
-
-    @abstractmethod
-    def predict(self, denoiser, model_input, timesteps, conditioning: dict):
-        """The denoiser's forward call: its prediction of the target."""
+    def objective(self, components: Components, config) -> "Objective":
+        """The training maths of a run (RunConfig `config`) over its loaded components."""
 
     # --- generating ----------------------------------------------------------------------------------------------
     @abstractmethod
     def sampling_scheduler(self, scheduler_config):
         """The scheduler to sample with (validation, class images with --class_scheduler dpm, inference), from the
         training scheduler's config."""
+
+    def sampling_defaults(self, pipeline) -> tuple[int, float]:
+        """(denoising steps, guidance scale) generating with this pipeline when the user gives neither."""
+        return 25, 7.5
 
     @abstractmethod
     def pipeline(self, components: Components, scheduler):
@@ -106,9 +151,31 @@ class ModelFamily(ABC):
 
     # --- export --------------------------------------------------------------------------------------------------
     @abstractmethod
-    def original_text_encoders(self, pipeline) -> dict:
-        """{part: (key prefix, "clip" or "open_clip")}: where each text encoder of the pipeline sits in the original
-        single-file checkpoint layout, and in which naming (utils/original_layout.py)."""
+    def single_file_tensors(self, state_of, pipeline) -> dict:
+        """The merged model in the layout of the family's own single-file checkpoints (--format checkpoint);
+        `state_of(part)` gives a part's merged diffusers state dict."""
+
+    def difference_tensors(self, changes: dict, state_of) -> dict:
+        """LyCORIS "full" tensors for ComfyUI and the web UIs (--format comfyui): merged - base of each changed
+        weight (`.diff`) and trained bias (`.diff_b`), under kohya's names; `changes`: {part: {name: (base,
+        merged)}}, `state_of(part)`: a part's state dict (for the shapes of what did not change)."""
+        from utils.original_layout import kohya_name
+
+        tensors = {}
+        for part, changed in changes.items():
+            for name, (base, merged) in changed.items():
+                module, kind = name.rsplit(".", 1)
+                key = f"{kohya_name(self.kohya_prefixes[part], module)}.{'diff_b' if kind == 'bias' else 'diff'}"
+                tensors[key] = merged.float() - base.float()
+        return tensors
+
+    def lora_keys(self, part: str, module: str) -> tuple[str, str, str | None]:
+        """(down, up, alpha) keys of one layer's LoRA in the file --format lora writes: kohya's names, as the web
+        UIs and diffusers' load_lora_weights read them for Stable Diffusion."""
+        from utils.original_layout import kohya_name
+
+        key = kohya_name(self.kohya_prefixes[part], module)
+        return f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"
 
     @abstractmethod
     def base_model_version(self, pipeline) -> str:
@@ -116,10 +183,11 @@ class ModelFamily(ABC):
 
 
 def _families() -> list[ModelFamily]:
+    from utils.families.flux import Flux
     from utils.families.stable_diffusion import StableDiffusion
     from utils.families.stable_diffusion_xl import StableDiffusionXL
 
-    return [StableDiffusion(), StableDiffusionXL()]
+    return [StableDiffusion(), StableDiffusionXL(), Flux()]
 
 
 def load_vae(source: str, revision=None, vae_name=None, dtype=None):
@@ -176,7 +244,9 @@ def check_vae(vae_name) -> None:
 
 
 def family_of(name_or_path: str, revision=None) -> ModelFamily:
-    """The family of a pipeline (local folder or hub id), after checking its folder has the family's components."""
+    """The family of a pipeline (local folder or hub id), after checking its folder has the family's components.
+    Every tool asks this before it loads a model, so the dependencies' model-loading bars go off here."""
+    quiet.hide_loading_bars()
     class_name = read_model_index(name_or_path, revision).get("_class_name")
     for family in _families():
         if class_name in family.pipeline_class_names:
@@ -208,10 +278,12 @@ def vae_dtype(family, mixed_precision, vae_replaced: bool):
 
 
 def cast_frozen(model, dtype):
-    """Frozen weights take the mixed-precision dtype; trainable (adapter) parameters stay fp32."""
+    """Frozen weights take the mixed-precision dtype; trainable (adapter) parameters are fp32 (peft creates them in
+    the dtype of the weights they adapt, which a base loaded in bf16 has)."""
+    import torch
+
     for parameter in model.parameters():
-        if not parameter.requires_grad:
-            parameter.data = parameter.data.to(dtype)
+        parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else dtype)
 
 
 def enable_xformers(unet) -> str | None:

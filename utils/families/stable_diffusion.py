@@ -36,19 +36,20 @@ def text_encoder_class(name_or_path: str, revision=None, subfolder="text_encoder
     return getattr(transformers, architecture)
 
 
-def warn_if_truncated(tokenizer, prompt: str, what: str) -> None:
-    """The text encoder reads model_max_length tokens (77 for CLIP); say which words a longer prompt loses."""
+def warn_if_truncated(tokenizer, prompt: str, what: str, max_length=None, encoder="the text encoder") -> None:
+    """The text encoder reads max_length tokens (CLIP's model_max_length, 77, unless given); say which words a
+    longer prompt loses."""
+    max_length = max_length or tokenizer.model_max_length
     ids = tokenizer(prompt, truncation=False).input_ids
-    if len(ids) > tokenizer.model_max_length:
-        lost = tokenizer.decode(ids[tokenizer.model_max_length - 1 : -1])
-        logger.warning("%s is %d tokens long; the text encoder reads %d, so this part is cut: %r", what, len(ids),
-                       tokenizer.model_max_length, lost)
+    if len(ids) > max_length:
+        lost = tokenizer.decode(ids[max_length - 1 : -1])
+        logger.warning("%s is %d tokens long; %s reads %d, so this part is cut: %r", what, len(ids), encoder,
+                       max_length, lost)
 
 
-def tokenize(tokenizer, prompt: str) -> torch.Tensor:
-    return tokenizer(
-        prompt, truncation=True, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids[0]
+def tokenize(tokenizer, prompt: str, max_length=None) -> torch.Tensor:
+    return tokenizer(prompt, truncation=True, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     return_tensors="pt").input_ids[0]
 
 
 class TextConditioning:
@@ -77,11 +78,14 @@ class StableDiffusion(DenoisingDiffusion, ModelFamily):
     component_folders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     denoiser_part, denoiser_label = "unet", "UNet"
     denoiser_target_modules = UNET_TARGET_MODULES
+    trainable_text_encoders = ("text_encoder",)
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     default_resolution = 512  # the guide's; SD 2.1 was also trained at 768, which --resolution 768 gives
+    resolution_multiple = 8
+    accepted_flags = ("tokenizer_name",)
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
-    def load(self, source, revision=None, tokenizer_name=None, vae_name=None) -> Components:
+    def load(self, source, revision=None, tokenizer_name=None, vae_name=None, dtype=None) -> Components:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
 
@@ -90,10 +94,10 @@ class StableDiffusion(DenoisingDiffusion, ModelFamily):
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
         text_encoder = text_encoder_class(source, revision).from_pretrained(source, subfolder="text_encoder",
-                                                                            revision=revision)
+                                                                            revision=revision, dtype=dtype)
         return Components(
             vae=load_vae(source, revision, vae_name),
-            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, dtype=dtype),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
             text_encoders={"text_encoder": text_encoder},
             tokenizers={"tokenizer": tokenizer},
@@ -111,13 +115,13 @@ class StableDiffusion(DenoisingDiffusion, ModelFamily):
             text_encoder = encoder_class(encoder_config)
         return unet, {"text_encoder": text_encoder}
 
-    def prompt_ids(self, components, prompts):
+    def prompt_ids(self, components, prompts, config):
         tokenizer = components.tokenizers["tokenizer"]
         for part, prompt in prompts.items():
             warn_if_truncated(tokenizer, prompt, PROMPT_FLAGS.get(part, "the prompt"))
         return {part: tokenize(tokenizer, prompt) for part, prompt in prompts.items()}
 
-    def conditioning(self, components, prompts, trained, device, dtype):
+    def conditioning(self, components, prompts, trained, device, dtype, config):
         return TextConditioning(components.text_encoders["text_encoder"], components.tokenizers["tokenizer"], prompts,
                                 trained, device, dtype)
 
@@ -142,7 +146,13 @@ class StableDiffusion(DenoisingDiffusion, ModelFamily):
         return StableDiffusionPipeline.from_pretrained(source, revision=revision, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False, **replaced)
 
+    def single_file_tensors(self, state_of, pipeline):
+        from utils.original_layout import stable_diffusion_single_file
+
+        return stable_diffusion_single_file(state_of, pipeline, self.original_text_encoders(pipeline))
+
     def original_text_encoders(self, pipeline):
+        """{part: (key prefix, naming)}: where each text encoder sits in the original single-file layout."""
         if is_open_clip(pipeline.text_encoder):
             return {"text_encoder": ("cond_stage_model.model.", "open_clip")}
         return {"text_encoder": ("cond_stage_model.transformer.", "clip")}

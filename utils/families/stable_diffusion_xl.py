@@ -77,22 +77,24 @@ class StableDiffusionXL(DenoisingDiffusion, ModelFamily):
     component_folders = ("unet", "vae", *ENCODER_PARTS, *TOKENIZER_PARTS, "scheduler")
     denoiser_part, denoiser_label = "unet", "UNet"
     denoiser_target_modules = UNET_TARGET_MODULES
+    trainable_text_encoders = ENCODER_PARTS
     text_encoder_target_modules = TEXT_ENCODER_TARGET_MODULES
     default_resolution = 1024
+    resolution_multiple = 8
+    accepted_flags = ()  # two tokenizers matched to their encoders: no --tokenizer_name
     kohya_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-    accepts_tokenizer_name = False  # two tokenizers, matched to their encoders: load ignores tokenizer_name
     vae_overflows_in_fp16 = True
 
-    def load(self, source, revision=None, tokenizer_name=None, vae_name=None) -> Components:
+    def load(self, source, revision=None, tokenizer_name=None, vae_name=None, dtype=None) -> Components:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
 
         return Components(
             vae=load_vae(source, revision, vae_name),
-            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, dtype=dtype),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
             text_encoders={part: encoder_class(source, revision, part).from_pretrained(source, subfolder=part,
-                                                                                       revision=revision)
+                                                                                       revision=revision, dtype=dtype)
                            for part in ENCODER_PARTS},
             tokenizers={part: AutoTokenizer.from_pretrained(source, subfolder=part, revision=revision)
                         for part in TOKENIZER_PARTS},
@@ -111,12 +113,12 @@ class StableDiffusionXL(DenoisingDiffusion, ModelFamily):
             encoders = {part: classes[part](configs[part]) for part in ENCODER_PARTS}
         return unet, encoders
 
-    def prompt_ids(self, components, prompts):
+    def prompt_ids(self, components, prompts, config):
         for part, prompt in prompts.items():
             warn_if_truncated(components.tokenizers["tokenizer"], prompt, PROMPT_FLAGS.get(part, "the prompt"))
         return both_prompt_ids(components, prompts)
 
-    def conditioning(self, components, prompts, trained, device, dtype):
+    def conditioning(self, components, prompts, trained, device, dtype, config):
         return XLConditioning(components.text_encoders, both_prompt_ids(components, prompts), trained, device, dtype)
 
     def pipeline(self, components, scheduler):
@@ -138,7 +140,13 @@ class StableDiffusionXL(DenoisingDiffusion, ModelFamily):
         return StableDiffusionXLPipeline.from_pretrained(source, revision=revision, dtype=dtype,
                                                          add_watermarker=False, **replaced)
 
+    def single_file_tensors(self, state_of, pipeline):
+        from utils.original_layout import stable_diffusion_single_file
+
+        return stable_diffusion_single_file(state_of, pipeline, self.original_text_encoders(pipeline))
+
     def original_text_encoders(self, pipeline):
+        """{part: (key prefix, naming)}: where each text encoder sits in the original single-file layout."""
         return {"text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
                 "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip")}
 

@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def wrap_with_adapters(config, family, components, device, mixed_precision) -> dict:
-    """BOFT adapters on the denoiser (and every text encoder with --train_text_encoder); frozen weights in the
+    """BOFT adapters on the denoiser (and the family's trainable text encoders with --train_text_encoder); frozen weights in the
     mixed-precision dtype on `device` (a VAE that overflows in fp16 stays fp32). Returns the trained models by part
     (the family's denoiser part, "text_encoder", ...); the components then hold the wrapped models."""
     dtype = weight_dtype(mixed_precision)
@@ -20,7 +20,7 @@ def wrap_with_adapters(config, family, components, device, mixed_precision) -> d
                                                     config.run_name, family.denoiser_label)}
     components.denoiser = trained[denoiser]
     for part, encoder in components.text_encoders.items():
-        if config.train_text_encoder:
+        if config.train_text_encoder and part in family.trainable_text_encoders:
             encoder = trained[part] = peft_seam.add_boft_adapter(encoder, family.text_encoder_target_modules,
                                                                  config.boft, config.run_name, part.replace("_", " "))
             components.text_encoders[part] = encoder

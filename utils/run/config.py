@@ -19,6 +19,16 @@ FLAG_NAMES = tuple(dict.fromkeys(action.dest for action in build_parser()._actio
 _Flags = dataclasses.make_dataclass("_Flags", [(name, object) for name in FLAG_NAMES], frozen=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class TimestepSampling:
+    """How a flow-matching family draws training timesteps (diffusers' flags and defaults)."""
+
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+
 def run_seed(seed, run_name: str) -> int:
     """--seed, or a seed derived from the run name: the same on every run and every process."""
     if seed is not None:
@@ -76,6 +86,11 @@ class RunConfig(_Flags):
     def boft(self) -> BoftSettings:
         return BoftSettings(self.boft_block_num, self.boft_block_size, self.boft_n_butterfly_factor, self.boft_dropout,
                             self.boft_bias, self.boft_impl)
+
+    @property
+    def timestep_sampling(self) -> TimestepSampling:
+        given = {name: getattr(self, name) for name in ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")}
+        return TimestepSampling(**{name: value for name, value in given.items() if value is not None})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -138,14 +138,15 @@ def example_generator(seed: int, key: tuple, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed, *key, _STREAMS[stream])) % 2**63)
 
 
-def example_noise(seed: int, keys, latent_shape, num_timesteps: int):
-    """(latent sample noise, diffusion noise, timesteps) for a batch, each row drawn from its example's generator."""
+def example_noise(seed: int, keys, latent_shape, draw_timestep):
+    """(latent sample noise, diffusion noise, timesteps) for a batch, each row drawn from its example's generator;
+    `draw_timestep(generator)` is the model family's timestep draw (utils/families)."""
     latent_eps, noise, timesteps = [], [], []
     for key in keys:
         generator = example_generator(seed, key, "noise")
         latent_eps.append(torch.randn(latent_shape, generator=generator))
         noise.append(torch.randn(latent_shape, generator=generator))
-        timesteps.append(torch.randint(0, num_timesteps, (), generator=generator))
+        timesteps.append(draw_timestep(generator))
     return torch.stack(latent_eps), torch.stack(noise), torch.stack(timesteps)
 
 

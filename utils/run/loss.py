@@ -24,25 +24,27 @@ def latent_posterior(batch, vae, dtype, cache=None):
             torch.stack([std for _, std in rows]).to(vae.device, dtype))
 
 
-def diffusion_loss(batch, mean, std, conditioning: dict, denoiser, family, components, seed, prior_loss_weight=None,
+def diffusion_loss(batch, mean, std, conditioning: dict, denoiser, objective, seed, prior_loss_weight=None,
                    timer=None):
     """Draw each example's latent sample, noise and timestep (keyed by the example: utils/run/dataset.py), let the
-    model family turn them into the denoiser's input and target (its training maths: utils/families), and regress
-    the target. `conditioning` holds the denoiser's keyword arguments for the batch.
+    model family's objective turn them into the denoiser's input and target (its training maths: utils/families),
+    and regress the target, each example weighted where the objective weights them. `conditioning` holds the
+    denoiser's keyword arguments for the batch.
 
     With prior preservation (`prior_loss_weight` given) the class half of the batch gets its own weighted loss.
     """
-    draws = example_noise(seed, batch["keys"], mean.shape[1:], family.num_train_timesteps(components))
+    draws = example_noise(seed, batch["keys"], mean.shape[1:], objective.draw_timestep)
     latent_eps, noise, timesteps = (draw.to(mean.device) for draw in draws)
-    model_input, timesteps, target = family.training_terms(components, mean, std, latent_eps, noise, timesteps)
+    terms = objective.terms(mean, std, latent_eps, noise, timesteps)
     with timer("denoiser_forward") if timer else nullcontext():
-        prediction = family.predict(denoiser, model_input, timesteps, conditioning)
+        prediction = objective.predict(denoiser, terms.model_input, terms.timesteps, conditioning)
+    errors = (prediction.float() - terms.target.float()) ** 2
+    if terms.weight is not None:
+        errors = terms.weight.float() * errors
     if prior_loss_weight is None:
-        return F.mse_loss(prediction.float(), target.float())
-    prediction, prior_prediction = prediction.chunk(2)
-    target, prior_target = target.chunk(2)
-    prior_loss = F.mse_loss(prior_prediction.float(), prior_target.float())
-    return F.mse_loss(prediction.float(), target.float()) + prior_loss_weight * prior_loss
+        return errors.mean()
+    instance, prior = errors.chunk(2)
+    return instance.mean() + prior_loss_weight * prior.mean()
 
 
 # Devices where torch's single-kernel AdamW runs; elsewhere (mps, xpu, ...) its default implementation is used.

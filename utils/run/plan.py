@@ -14,13 +14,15 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
     num_class_present = len(list_images(config.class_data_dir)) if config.with_prior_preservation else 0
     models = [(family.denoiser_label, denoiser, family.denoiser_target_modules)]
     if config.train_text_encoder:
-        models += [(part.replace("_", " "), encoder, family.text_encoder_target_modules)
-                   for part, encoder in text_encoders.items()]
+        models += [(part.replace("_", " "), text_encoders[part], family.text_encoder_target_modules)
+                   for part in family.trainable_text_encoders]
     trainable = {name: adapter_parameters(model, targets, config.boft) for name, model, targets in models}
     weight_bytes = {"fp16": 2, "bf16": 2}.get(mixed_precision, 4)
     vae_bytes = vae_dtype(family, mixed_precision, bool(config.pretrained_vae_model_name_or_path)).itemsize
-    encoders = sum(p.numel() for model in text_encoders.values() for p in model.parameters())
-    resident = sum(p.numel() for p in denoiser.parameters()) + (encoders if config.train_text_encoder else 0)
+    trained_parts = family.trainable_text_encoders if config.train_text_encoder else ()
+    encoders = {part: sum(p.numel() for p in model.parameters()) for part, model in text_encoders.items()}
+    frozen = sum(n for part, n in encoders.items() if part not in trained_parts)
+    resident = sum(p.numel() for p in denoiser.parameters()) + sum(encoders[part] for part in trained_parts)
     weights = resident * weight_bytes + vae_parameter_count(config) * vae_bytes
     adapters = sum(trainable.values())
     optimizer_bytes = 2 if config.use_8bit_adam else 8
@@ -45,8 +47,8 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
         f"({mixed_precision or 'fp32'}{', the VAE in fp32' if vae_bytes > weight_bytes else ''}), adapters and "
         f"their gradients {2 * adapters * 4 / GB:.3f} GB, optimizer state {adapters * optimizer_bytes / GB:.3f} GB",
     ]
-    if not config.train_text_encoder:
-        lines.append(f"  on a GPU the frozen text encoders ({encoders * weight_bytes / GB:.2f} GB) leave it once the prompts "
+    if frozen:
+        lines.append(f"  on a GPU the frozen text encoders ({frozen * weight_bytes / GB:.2f} GB) leave it once the prompts "
                      "are encoded, and come back for validation")
     return lines
 

@@ -35,5 +35,5 @@ class StageTimer:
         for stage in STAGES:
             if stage in self.seconds:
                 seconds = self.seconds[stage]
-                lines.append(f"  {stage:<13} {seconds:9.2f} s  {100 * seconds / total:5.1f} %")
+                lines.append(f"  {stage:<16} {seconds:9.2f} s  {100 * seconds / total:5.1f} %")
         return lines

@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion and SDXL pipelines with random weights, and a synthetic subject to train on.
+"""Tiny Stable Diffusion, SDXL and FLUX.1 pipelines with random weights, and a synthetic subject to train on.
 
 Tests, the demo and CI cannot download real weights, so they build a pipeline with the real component classes
 (UNet2DConditionModel, CLIPTextModel(WithProjection), CLIPTokenizer, AutoencoderKL, DDPMScheduler) at toy sizes,
@@ -7,6 +7,7 @@ save it with `save_pretrained`, and load it back through the same `from_pretrain
     python -m utils.testing.tiny_model data/tiny-sd                     # the pipeline
     python -m utils.testing.tiny_model data/tiny-sd --subject data/demo  # and a synthetic subject
     python -m utils.testing.tiny_model data/tiny-sdxl --family sdxl      # an SDXL pipeline
+    python -m utils.testing.tiny_model data/tiny-flux --family flux      # a FLUX.1 [dev] pipeline
 """
 
 import argparse
@@ -149,6 +150,49 @@ def build_tiny_xl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     )
 
 
+FLUX_HEADS, FLUX_HEAD_DIM = 2, 16  # 32 wide, the real model's 24 x 128 = 3072 at toy size
+T5_HIDDEN_SIZE = 32
+T5_MAX_LENGTH = 512
+
+
+def _tiny_t5_tokenizer():
+    """A Unigram tokenizer over single characters (T5's model, no sentencepiece file needed)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(c), -2.0) for c in range(ord("!"), ord("~") + 1)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def build_tiny_flux_pipeline(guidance_embeds: bool = True, seed: int = 0):
+    """A FluxPipeline with random weights: FLUX.1's structure (double- and single-stream blocks over 2 x 2 packed
+    16-channel latents, CLIP-L pooled and T5 sequence conditioning, a guidance embedding for [dev], none for
+    [schnell]) at toy size, with a VAE that shifts and scales its latents as FLUX's does."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer_2 = _tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=FLUX_HEAD_DIM,
+        num_attention_heads=FLUX_HEADS, joint_attention_dim=T5_HIDDEN_SIZE, pooled_projection_dim=TEXT_HIDDEN_SIZE,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        sample_size=64, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=T5_HIDDEN_SIZE, d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_tiny_text_config()),
+                        tokenizer=_tiny_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+
+
 def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
     """A tiny DINO-style ViT and a tiny CLIP, random weights, with their processors: (dino folder, clip folder)."""
     from transformers import (
@@ -183,12 +227,18 @@ def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
     return dino, clip
 
 
-BUILDERS = {"sd": build_tiny_pipeline, "sdxl": build_tiny_xl_pipeline}
+# family -> (builder, whether it takes a prediction type: the DDPM families do, flow matching has none)
+BUILDERS = {"sd": (build_tiny_pipeline, True), "sdxl": (build_tiny_xl_pipeline, True),
+            "flux": (lambda: build_tiny_flux_pipeline(guidance_embeds=True), False),
+            "flux-schnell": (lambda: build_tiny_flux_pipeline(guidance_embeds=False), False)}
 
 
-def save_tiny_pipeline(folder, prediction_type: str = "epsilon", family: str = "sd") -> Path:
+def save_tiny_pipeline(folder, prediction_type: str | None = None, family: str = "sd") -> Path:
     folder = Path(folder)
-    BUILDERS[family](prediction_type).save_pretrained(folder)
+    build, takes_prediction_type = BUILDERS[family]
+    if prediction_type and not takes_prediction_type:
+        raise ValueError(f"a prediction type applies to sd and sdxl; {family} is trained by flow matching")
+    (build(prediction_type or "epsilon") if takes_prediction_type else build()).save_pretrained(folder)
     return folder
 
 
@@ -212,14 +262,18 @@ def make_synthetic_subject(folder, num_images: int = 4, size: int = 96, seed: in
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", nargs="?", help="folder to write the pipeline to (save_pretrained layout)")
-    parser.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
-    parser.add_argument("--family", default="sd", choices=list(BUILDERS), help="sd: SD 1.x/2.x structure; sdxl")
+    parser.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
+                        help="sd and sdxl (default epsilon); flow-matching families have none")
+    parser.add_argument("--family", default="sd", choices=list(BUILDERS),
+                        help="sd: SD 1.x/2.x structure; sdxl; flux: FLUX.1 [dev]; flux-schnell: without guidance")
     parser.add_argument("--subject", help="also write a synthetic subject's photos to this folder")
     parser.add_argument("--metric_models", help="also write tiny random DINO and CLIP models to this folder (dino/, "
                         "clip/), for utils.evaluate's --dino_model and --clip_model offline")
     args = parser.parse_args(argv)
     if not (args.output or args.subject or args.metric_models):
         parser.error("give a folder for the pipeline, --subject or --metric_models")
+    if args.prediction_type and not BUILDERS[args.family][1]:
+        parser.error(f"--prediction_type applies to sd and sdxl; {args.family} is trained by flow matching")
     if args.output:
         print(f"tiny pipeline written to {save_tiny_pipeline(args.output, args.prediction_type, args.family)}")
     if args.subject:
