@@ -168,7 +168,8 @@ def test_real_flux_widths_pass_the_block_shape_check_and_are_planned(flux_config
     assert result.returncode == 0, result.stderr[-3000:]
     # 19 double blocks x 8 projections + 38 single blocks x 3; CLIP-L's q and v; T5 is never adapted.
     for line in ("model: FLUX.1, trained at 1024 px", "transformer: BOFT on 266 layers", "text encoder: BOFT on 24 layers",
-                 "weights 22.55 GB (bf16)", "frozen text encoders (9.1"):
+                 "weights 22.55 GB (bf16)", "frozen text encoders (9.1",
+                 "activations of the transformer, 1 row(s) a step at 1024 px: 25.63 GB, 1.53 GB with --gradient_checkpointing"):
         assert line in result.stdout, result.stdout
     assert "text encoder 2" not in result.stdout
     refused = run_in_process(base_args(flux_configs, subject, tmp_path / "out", boft_block_num=7, dry_run=True))

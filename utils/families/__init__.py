@@ -131,6 +131,11 @@ class ModelFamily(ABC):
     def objective(self, components: Components, config) -> "Objective":
         """The training maths of a run (RunConfig `config`) over its loaded components."""
 
+    @abstractmethod
+    def meta_step(self, denoiser, resolution: int, rows: int, dtype, config):
+        """A forward call of the meta-device `denoiser` on inputs of one training step's shapes: what
+        utils/run/activations.py counts for --dry_run."""
+
     # --- generating ----------------------------------------------------------------------------------------------
     @abstractmethod
     def sampling_scheduler(self, scheduler_config):

@@ -40,6 +40,20 @@ class DenoisingDiffusion:
     def objective(self, components, config) -> DDPMObjective:
         return DDPMObjective(components.noise_scheduler, components.vae.config.scaling_factor)
 
+    def meta_step(self, unet, resolution: int, rows: int, dtype, config):
+        """The UNet's forward call on meta tensors of a training step's shapes, for utils/run/activations.py:
+        latents 8 x smaller than the image, 77 text tokens, SDXL's added conditions."""
+        size, meta = resolution // 8, dict(device="meta", dtype=dtype)
+        latents = torch.randn(rows, unet.config.in_channels, size, size, **meta).requires_grad_()
+        context = torch.randn(rows, 77, unet.config.cross_attention_dim, **meta)
+        added = {}
+        if unet.config.addition_embed_type == "text_time":
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"added_cond_kwargs": {"text_embeds": torch.randn(rows, pooled, **meta),
+                                           "time_ids": torch.randn(rows, 6, **meta)}}
+        timesteps = torch.tensor([10] * rows, device="meta")
+        return lambda: unet(latents, timesteps, context, **added)
+
     def sampling_scheduler(self, scheduler_config):
         """The scheduler validation, DPM class images and inference sample with (the guide's DPM-Solver)."""
         from diffusers import DPMSolverMultistepScheduler

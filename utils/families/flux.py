@@ -191,6 +191,20 @@ class Flux(ModelFamily):
         length = max_sequence_length(config, components.denoiser.config.guidance_embeds)
         return FluxConditioning(components, prompts, trained, device, dtype, length)
 
+    def meta_step(self, transformer, resolution, rows, dtype, config):
+        """The transformer's forward call on meta tensors of a training step's shapes (packed latents and
+        --max_sequence_length T5 tokens), for utils/run/activations.py."""
+        tokens, meta = (resolution // 16) ** 2, dict(device="meta", dtype=dtype)
+        text_tokens = max_sequence_length(config, transformer.config.guidance_embeds)
+        arguments = dict(
+            hidden_states=torch.randn(rows, tokens, transformer.config.in_channels, **meta).requires_grad_(),
+            encoder_hidden_states=torch.randn(rows, text_tokens, transformer.config.joint_attention_dim, **meta),
+            pooled_projections=torch.randn(rows, transformer.config.pooled_projection_dim, **meta),
+            timestep=torch.full((rows,), 0.5, **meta), img_ids=image_ids(resolution // 8, resolution // 8, "cpu", dtype),
+            txt_ids=torch.zeros(text_tokens, 3, dtype=dtype), return_dict=False,
+            guidance=torch.full((rows,), 1.0, **meta) if transformer.config.guidance_embeds else None)
+        return lambda: transformer(**arguments)
+
     def sampling_scheduler(self, scheduler_config):
         """FLUX samples with its own flow-matching Euler scheduler (there is no DPM-Solver variant to swap in)."""
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -1,7 +1,8 @@
 """--dry_run: what a run would do and what its weights, adapters and optimizer would take, from configs alone."""
 
 from utils.boft.shapes import adapter_parameters, targeted_linears
-from utils.families import vae_dtype
+from utils.families import vae_dtype, weight_dtype
+from utils.run.activations import activation_bytes
 from utils.images import list_images
 from utils.run.data import per_process_batch
 
@@ -50,6 +51,15 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
     if frozen:
         lines.append(f"  on a GPU the frozen text encoders ({frozen * weight_bytes / GB:.2f} GB) leave it once the prompts "
                      "are encoded, and come back for validation")
+    rows = per_process_batch(config.train_batch_size, config.num_examples, config.num_processes)
+    rows *= 2 if config.with_prior_preservation else 1
+    kept = activation_bytes(family, denoiser, config.resolution, rows, weight_dtype(mixed_precision), config)
+    fixed = weights + 2 * adapters * 4 + adapters * optimizer_bytes
+    chosen = config.gradient_checkpointing
+    lines.append(f"  activations of the {family.denoiser_label}, {rows} row(s) a step at {config.resolution} px: "
+                 f"{kept[False] / GB:.2f} GB, {kept[True] / GB:.2f} GB with --gradient_checkpointing (counted on "
+                 f"the meta device, attention as GPU flash kernels keep it); total about {(fixed + kept[chosen]) / GB:.1f} GB as configured "
+                 f"(gradient checkpointing {'on' if chosen else 'off'}), plus the framework's workspace")
     return lines
 
 
