@@ -387,3 +387,54 @@ def load_keys(path):
 
     with safe_open(str(path), "pt") as file:
         return list(file.keys())
+
+
+@pytest.mark.e2e
+def test_the_launcher_adds_fluxs_recipe_before_the_callers_flags(tiny_flux_model, tmp_path):
+    import stat
+    import sys
+
+    from tests.helpers import cli_env
+    from tests.test_train_cli import launch
+
+    record = tmp_path / "argv.txt"
+    python = tmp_path / "python"  # runs utils.recipe for real, records the launch instead of training
+    python.write_text(f'#!/usr/bin/env bash\nif [[ $2 == utils.recipe ]]; then exec {sys.executable} "$@"; fi\n'
+                      'printf "%s\\n" "$@" > "$RECORD"\n')
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    env = cli_env(PYTHON=str(python), RECORD=str(record), MODEL_NAME=str(tiny_flux_model))
+    result = launch("5", "--learning_rate=3e-4", env=env)
+    assert result.returncode == 0, result.stderr
+    argv = record.read_text().splitlines()
+    recipe = ["--learning_rate=1e-4", "--max_train_steps=500", "--guidance_scale=1", "--mixed_precision=bf16",
+              "--gradient_checkpointing"]
+    start = argv.index(recipe[0])
+    assert argv[start:start + len(recipe)] == recipe and argv[-1] == "--learning_rate=3e-4"  # the caller's wins
+    env["MODEL_NAME"] = str(tmp_path / "missing")
+    record.unlink()
+    refused = launch("5", env=env)
+    assert refused.returncode == 2 and "does not exist" in refused.stderr and not record.exists()  # nothing launched
+
+
+@pytest.mark.e2e
+def test_the_notebooks_code_generates_merges_and_exports_flux_adapters(flux_run, tiny_flux_model, tmp_path,
+                                                                       monkeypatch, capsys):
+    """The notebook's cells with MODEL_NAME a FLUX.1 pipeline and its defaults for steps and guidance."""
+    import nbformat
+
+    from tests.helpers import REPO
+
+    env = dict(MODEL_NAME=str(tiny_flux_model), OUTPUT_DIR=str(flux_run / "out"), RUN_NAME=RUN, PROMPT="a qwe toy",
+               MERGED_DIR=str(tmp_path / "merged"), RESOLUTION="64", EXPORT_FORMAT="checkpoint",
+               EXPORT_FILE=str(tmp_path / "export.safetensors"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("NUM_INFERENCE_STEPS", raising=False)
+    notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
+    namespace = {}
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, "dreambooth_inference.ipynb", "exec"), namespace)
+    text = capsys.readouterr().out
+    assert f"{RUN} at step 3" in text and f"checkpoint export of {RUN}" in text and "(FLUX.1)" in text
+    assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
