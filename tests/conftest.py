@@ -29,6 +29,16 @@ def tiny_xl_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", family="flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", family="flux-schnell")
+
+
+@pytest.fixture(scope="session")
 def subject(tmp_path_factory) -> Path:
     return make_synthetic_subject(tmp_path_factory.mktemp("subject") / "toy", num_images=3)
 

@@ -22,20 +22,6 @@ PARTS = ("transformer", "text_encoder")
 GENERATION = dict(num_inference_steps=3, height=64, width=64, output_type="np")
 
 
-@pytest.fixture(scope="session")
-def tiny_flux_model(tmp_path_factory):
-    from utils.testing.tiny_model import save_tiny_pipeline
-
-    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", family="flux")
-
-
-@pytest.fixture(scope="session")
-def tiny_schnell_model(tmp_path_factory):
-    from utils.testing.tiny_model import save_tiny_pipeline
-
-    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", family="flux-schnell")
-
-
 # --- the family -------------------------------------------------------------------------------------------------
 def test_the_flux_family_is_read_from_model_index_json(tiny_flux_model, tmp_path):
     family = family_of(str(tiny_flux_model))
@@ -67,7 +53,8 @@ def flux_objective(tiny_flux_model, **sampling):
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_flux_model, subfolder="scheduler")
     vae = SimpleNamespace(config=SimpleNamespace(shift_factor=0.25, scaling_factor=0.5))
-    transformer = SimpleNamespace(config=SimpleNamespace(guidance_embeds=True))
+    transformer = torch.nn.Module()  # what the objective reads of it: its config's guidance embedding
+    transformer.config = SimpleNamespace(guidance_embeds=True)
     config = SimpleNamespace(timestep_sampling=TimestepSampling(**sampling), guidance_scale=None)
     return Flux().objective(Components(vae=vae, denoiser=transformer, noise_scheduler=scheduler), config), scheduler
 

@@ -79,9 +79,11 @@ def test_resume_needs_the_same_number_of_processes(two_process_run, tiny_model, 
     assert_clean_error(single, "--num_processes: checkpoint 2, now 1")
 
 
-def test_two_processes_equal_one_with_twice_the_batch(tiny_model, four_photos, tmp_path):
+@pytest.mark.parametrize("model, part", [("tiny_model", "unet"), ("tiny_flux_model", "transformer")])
+def test_two_processes_equal_one_with_twice_the_batch(model, part, four_photos, tmp_path, request):
     # Adam divides each gradient by its own magnitude, so a rounding difference in a near-zero gradient moves that
     # weight by up to the learning rate: a small one keeps that below the tolerance.
+    tiny_model = request.getfixturevalue(model)
     common = dict(boft_dropout=0.0, max_train_steps=2, learning_rate=1e-4, with_prior_preservation=True, class_data_dir=tmp_path / "class",
                   class_prompt="a photo of toy", num_class_images=4, class_inference_steps=2)
     two = launch(base_args(tiny_model, four_photos, tmp_path / "two", train_batch_size=1, **common))
@@ -90,7 +92,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tiny_model, four_photos, t
                           *base_args(tiny_model, four_photos, tmp_path / "one", train_batch_size=2, **common)],
                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    weights = [load_file(tmp_path / run / "unet" / "2" / "dreambooth_boft" / "adapter_model.safetensors")
+    weights = [load_file(tmp_path / run / part / "2" / "dreambooth_boft" / "adapter_model.safetensors")
                for run in ("one", "two")]
     for key in weights[0]:
         assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5, rtol=0), key

@@ -45,6 +45,13 @@ def transformer_config(source, revision=None) -> dict:
     return FluxTransformer2DModel.load_config(source, subfolder="transformer", revision=revision)
 
 
+def has_guidance_embedding(components: Components) -> bool:
+    """[dev]'s guidance embedding, read through whatever wraps the transformer (peft, and DDP once prepared)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return bool(extract_model_from_parallel(components.denoiser).config.guidance_embeds)
+
+
 def max_sequence_length(config, guidance_embeds: bool) -> int:
     return config.max_sequence_length or DEFAULT_MAX_LENGTH[guidance_embeds]
 
@@ -76,7 +83,7 @@ class FluxObjective(RectifiedFlow):
     def __init__(self, components: Components, config):
         vae = components.vae.config
         super().__init__(components.noise_scheduler, vae.shift_factor, vae.scaling_factor, config.timestep_sampling)
-        has_guidance = components.denoiser.config.guidance_embeds
+        has_guidance = has_guidance_embedding(components)
         guidance = DEFAULT_TRAINING_GUIDANCE if config.guidance_scale is None else config.guidance_scale
         self.guidance = guidance if has_guidance else None
 
@@ -178,7 +185,7 @@ class Flux(ModelFamily):
     def prompt_ids(self, components, prompts, config):
         """CLIP-L's token ids (what a trained CLIP reads every step); T5's are encoded once (`conditioning`)."""
         clip, t5 = components.tokenizers["tokenizer"], components.tokenizers["tokenizer_2"]
-        length = max_sequence_length(config, components.denoiser.config.guidance_embeds)
+        length = max_sequence_length(config, has_guidance_embedding(components))
         for part, prompt in prompts.items():
             warn_if_truncated(t5, prompt, PROMPT_FLAGS.get(part, "the prompt"), length, "T5 (--max_sequence_length)")
             warn_if_truncated(clip, prompt, PROMPT_FLAGS.get(part, "the prompt"), encoder="CLIP-L (its pooled embedding)")
@@ -188,7 +195,7 @@ class Flux(ModelFamily):
         return FluxObjective(components, config)
 
     def conditioning(self, components, prompts, trained, device, dtype, config):
-        length = max_sequence_length(config, components.denoiser.config.guidance_embeds)
+        length = max_sequence_length(config, has_guidance_embedding(components))
         return FluxConditioning(components, prompts, trained, device, dtype, length)
 
     def meta_step(self, transformer, resolution, rows, dtype, config):
