@@ -1,14 +1,15 @@
-"""Time one UNet training step (batch 2, AdamW step included) with BOFT: the fast forward, stock peft, the floor.
+"""Time one denoiser training step (batch 2, AdamW step included) with BOFT: the fast forward, stock peft, the floor.
 
-The floor is the frozen UNet with the gradient flowing to its input: what any adapter costs at least. Each
-configuration runs in a fresh process (so peak RSS is its own) that alternates BOFT steps with floor steps of the
-same UNet, adapters disabled; ratios divide medians from that one process, so a shared machine's drift hits both
-alike. The floor's own row (time and peak RSS) comes from a process that holds only the frozen UNet. Every process
-keeps freed memory for the next step (utils/run/cpu_allocator.py), as the trainer does on a CPU.
+The floor is the frozen denoiser (a UNet, or FLUX.1's transformer) with the gradient flowing to its input: what any
+adapter costs at least. Each configuration runs in a fresh process (so peak RSS is its own) that alternates BOFT
+steps with floor steps of the same denoiser, adapters disabled; ratios divide medians from that one process, so a
+shared machine's drift hits both alike. The floor's own row (time and peak RSS) comes from a process that holds only
+the frozen denoiser. Every process keeps freed memory for the next step (utils/run/cpu_allocator.py), as the trainer does on a CPU.
 
     python -m benchmarks.boft_step --quick                  # about three minutes on 2 cores: SD 1.5, 128 px, m = 1
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
     python -m benchmarks.boft_step --arch sdxl --factors 1            # SDXL base (2.6 B parameters, 11 GB fp32)
+    python -m benchmarks.boft_step --arch flux1 --resolution 256      # FLUX.1's widths, one block of each kind
     python -m benchmarks.boft_step --profile --resolution 256         # the top operations of one BOFT step
     python -m benchmarks.boft_step --accumulation 4 --factors 1 2     # 4 micro-batches a step, against 4 floor steps
     python -m benchmarks.boft_step --device cuda --resolution 512 --precision fp16   # on a GPU, under fp16 autocast
@@ -30,6 +31,7 @@ import torch
 
 from benchmarks.arithmetic import (counted_floor, inverse_multiply_adds, lower_bound, measured_inverse_seconds,
                                    with_measured_inverse)
+from benchmarks.flux_architecture import build_flux_transformer, flux_step_inputs
 from benchmarks.sd_architectures import added_conditioning, build_unet
 from utils.run.cpu_allocator import keep_freed_memory
 
@@ -87,15 +89,16 @@ AUTOCAST = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def one_step(model, optimizer, inputs, micro_batches=1, rotations=None, precision="fp32") -> float:
     """Seconds for one step of `micro_batches` forward and backward passes: BOFT (adapters trained, then one AdamW
-    step, after which the rotation cache is cleared, as in the trainer) with an optimizer, else the floor."""
-    latents, timesteps, context, added = inputs
+    step, after which the rotation cache is cleared, as in the trainer) with an optimizer, else the floor.
+    `inputs`: (the noisy latents, forward(model, latents) -> prediction)."""
+    latents, forward = inputs
     dtype = AUTOCAST[precision]
     synchronize(latents.device)
     start = time.perf_counter()
     for _ in range(micro_batches):
         noisy = latents.clone().requires_grad_(optimizer is None)
         with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype is not None):
-            prediction = model(noisy, timesteps, context, **added).sample
+            prediction = forward(model, noisy)
         prediction.float().pow(2).mean().backward()
     if optimizer is not None:
         optimizer.step()
@@ -113,23 +116,37 @@ def floor_step(model, inputs, micro_batches=1, precision="fp32") -> float:
         return one_step(model, None, inputs, micro_batches, precision=precision)
 
 
+ARCHITECTURES = ["sd15", "sd21", "sdxl", "flux1"]
+FLUX_TEXT_TOKENS = 64  # a DreamBooth prompt's T5 tokens (--max_sequence_length 64); FLUX's default pads to 512
+
+
 def set_up(arch, resolution, mode, n_factors, block_num, device="cpu"):
-    """(model, optimizer or None, rotation cache or None, step inputs at batch 2) for an architecture and a BOFT
-    forward, on `device`."""
+    """(model, optimizer or None, rotation cache or None, (latents, forward)) at batch 2 for an architecture and a
+    BOFT forward, on `device`."""
+    from utils.families.flux import TRANSFORMER_TARGET_MODULES
     from utils.families.stable_diffusion import UNET_TARGET_MODULES
     from utils.families.stable_diffusion_xl import UNET_TARGET_MODULES as XL_UNET_TARGET_MODULES
 
+    generator = torch.Generator().manual_seed(0)
+    on_device = lambda value: value.to(device) if isinstance(value, torch.Tensor) else value
+    if arch == "flux1":
+        denoiser = build_flux_transformer().to(device)
+        model, optimizer, rotations = make_model(denoiser, mode, n_factors, block_num, TRANSFORMER_TARGET_MODULES)
+        latents, arguments = flux_step_inputs(denoiser, 2, resolution, FLUX_TEXT_TOKENS, generator)
+        arguments = {name: on_device(value) for name, value in arguments.items()}
+        return model, optimizer, rotations, (latents.to(device), lambda m, x: m(hidden_states=x, **arguments)[0])
     unet, text_dim = build_unet(arch)
     unet.to(device)
     targets = XL_UNET_TARGET_MODULES if arch == "sdxl" else UNET_TARGET_MODULES
     model, optimizer, rotations = make_model(unet, mode, n_factors, block_num, targets)
-    generator = torch.Generator().manual_seed(0)
     size = resolution // 8
-    inputs = (torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500]),
-              torch.randn(2, 77, text_dim, generator=generator), added_conditioning(unet, 2, resolution))
-    on_device = lambda value: value.to(device) if isinstance(value, torch.Tensor) else value
-    added = {name: {key: on_device(v) for key, v in value.items()} for name, value in inputs[3].items()}
-    return model, optimizer, rotations, (*map(on_device, inputs[:3]), added)
+    latents, timesteps = torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500])
+    context = torch.randn(2, 77, text_dim, generator=generator)
+    added = {name: {key: on_device(v) for key, v in value.items()}
+             for name, value in added_conditioning(unet, 2, resolution).items()}
+    timesteps, context = timesteps.to(device), context.to(device)
+    return model, optimizer, rotations, (latents.to(device),
+                                         lambda m, x: m(x, timesteps, context, **added).sample)
 
 
 def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
@@ -193,7 +210,7 @@ def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, dev
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["sd15"], choices=["sd15", "sd21", "sdxl"])
+    parser.add_argument("--arch", nargs="+", default=["sd15"], choices=ARCHITECTURES)
     parser.add_argument("--resolution", nargs="+", type=int, default=[256])
     parser.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--block_num", type=int, default=8)

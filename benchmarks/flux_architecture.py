@@ -37,3 +37,33 @@ def save_flux_configs(folder, guidance_embeds: bool = True) -> Path:
                                     base_image_seq_len=256, max_image_seq_len=4096).save_config(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1"}))
     return folder
+
+
+# The benchmark's FLUX.1: the real widths (3072, 24 heads of 128, a 4 x MLP, T5's 4096-wide states) at one double- and
+# one single-stream block of the real 19 and 38, so that a step fits a CPU; `text_tokens` T5 tokens a prompt.
+BENCHMARK_DEPTH = dict(num_layers=1, num_single_layers=1)
+
+
+def build_flux_transformer(seed: int = 0, **depth):
+    """A FluxTransformer2DModel of FLUX.1 [dev]'s widths with random weights (one block of each kind by default)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER, **(depth or BENCHMARK_DEPTH)})
+
+
+def flux_step_inputs(transformer, batch: int, resolution: int, text_tokens: int, generator) -> tuple:
+    """(packed latents, the other keyword arguments of a training forward call) at `resolution`."""
+    import torch
+
+    from utils.families.flux import image_ids
+
+    size = resolution // 8
+    latents = torch.randn(batch, (size // 2) ** 2, transformer.config.in_channels, generator=generator)
+    arguments = dict(encoder_hidden_states=torch.randn(batch, text_tokens, 4096, generator=generator),
+                     pooled_projections=torch.randn(batch, 768, generator=generator),
+                     timestep=torch.tensor([0.01, 0.5])[:batch], guidance=torch.full((batch,), 1.0),
+                     img_ids=image_ids(size, size, "cpu", torch.float32), txt_ids=torch.zeros(text_tokens, 3),
+                     return_dict=False)
+    return latents, arguments
