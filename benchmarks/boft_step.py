@@ -4,7 +4,8 @@ The floor is the frozen denoiser (a UNet, or FLUX.1's transformer) with the grad
 adapter costs at least. Each configuration runs in a fresh process (so peak RSS is its own) that alternates BOFT
 steps with floor steps of the same denoiser, adapters disabled; ratios divide medians from that one process, so a
 shared machine's drift hits both alike. The floor's own row (time and peak RSS) comes from a process that holds only
-the frozen denoiser. Every process keeps freed memory for the next step (utils/run/cpu_allocator.py), as the trainer does on a CPU.
+the frozen denoiser. Every process keeps freed memory for the next step (utils/run/cpu_allocator.py), as the
+trainer does on a CPU.
 
     python -m benchmarks.boft_step --quick                  # about three minutes on 2 cores: SD 1.5, 128 px, m = 1
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
