@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x and SDXL with BOFT adapters (PEFT's "DreamBooth fine-tuning with BOFT").
+"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x, SDXL and FLUX.1 with BOFT adapters (PEFT's guide "DreamBooth
+fine-tuning with BOFT"; what differs between the families is in utils/families/).
 
 Launch:
     ./train_dreambooth.sh 0                                  # subject 0 of the DreamBooth dataset, the guide's recipe
@@ -9,6 +10,7 @@ Launch:
         --with_prior_preservation --class_data_dir=./data/class_data/dog --class_prompt="a photo of dog" \\
         --output_dir=./data/output/boft --use_boft --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=1
     MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 ./train_dreambooth.sh 5   # SDXL, at 1024 px
+    MODEL_NAME=black-forest-labs/FLUX.1-dev ./train_dreambooth.sh 5              # FLUX.1, its recipe, 1024 px
     make demo                                                # a tiny random pipeline, a few minutes on a CPU
 
 utils.launch is accelerate launch with the trainer's exit status; `accelerate launch train_dreambooth.py ...` works
@@ -89,7 +91,7 @@ def configure(flags, family, accelerator):
 
 def preflight(config, family, layout):
     """Every check that needs no weights: a rerun that would overwrite, adapter shapes, hub. Returns (hub target,
-    the UNet and text encoders built on the meta device for --dry_run's plan)."""
+    the denoiser and text encoders built on the meta device for --dry_run's plan)."""
     if problem := checkpoints.rerun_problem(layout, config):
         raise UserError(problem)
     check_vae(config.pretrained_vae_model_name_or_path)

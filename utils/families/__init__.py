@@ -1,12 +1,15 @@
-"""Model families: what differs between Stable Diffusion generations, behind one abstract interface.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and FLUX.1, behind one abstract interface.
 
-The trainer, class images, validation, inference and evaluation ask a `ModelFamily` for everything that depends on
-the model: its components and how they load, the layers BOFT wraps, how prompts become the denoiser's conditioning,
-the training maths (how the posterior's latents are normalised and noised, the timestep argument, the target, the
-forward call), the sampling scheduler, the pipeline class, and the default resolution. A family is one file here
-(stable_diffusion.py: SD 1.x and 2.x; stable_diffusion_xl.py: SDXL's two text encoders and size-and-crop
-conditioning) plus its tests; the DDPM families share their training maths (diffusion.py). `family_of` picks a
-family from the pipeline class named in the model's model_index.json, never from its name.
+The trainer, class images, validation, inference, evaluation and export ask a `ModelFamily` for everything that
+depends on the model: its components and how they load, the layers BOFT wraps (and which text encoders it may
+train), the flags only it reads, how prompts become the denoiser's conditioning, the training maths (an
+`Objective`: the timestep draw, how the posterior's latents are normalised and noised, the target and its loss
+weight, the forward call), the sampling scheduler and its defaults, the pipeline class, the default resolution, the
+step's activations for --dry_run, and the export key maps. A family is one file here (stable_diffusion.py: SD 1.x
+and 2.x; stable_diffusion_xl.py: SDXL's two text encoders and size-and-crop conditioning; flux.py: FLUX.1's
+rectified-flow transformer, with its single-file layout in flux_layout.py) plus its tests; the DDPM families share
+their maths (diffusion.py), the flow-matching ones theirs (flow_matching.py). `family_of` picks a family from the
+pipeline class named in the model's model_index.json, never from its name.
 """
 
 import json

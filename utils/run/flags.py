@@ -69,7 +69,8 @@ def _data_group(parser):
         "--class_scheduler",
         default="pipeline",
         choices=["pipeline", "dpm"],
-        help="Sampler for class images: the model's own (the guide's), or DPM-Solver multistep (fast: 25 steps).",
+        help="Sampler for class images: the model's own (the guide's), or the family's sampling scheduler "
+        "(DPM-Solver multistep for Stable Diffusion, fast: 25 steps; FLUX.1's own flow-matching Euler).",
     )
     group.add_argument(
         "--prior_generation_precision",
@@ -255,7 +256,8 @@ def _saving_group(parser):
     group.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     group.add_argument("--validation_steps", type=int, default=500, help="Validate every this many optimizer steps.")
     group.add_argument(
-        "--validation_inference_steps", type=int, default=50, help="DPM-Solver steps per validation image."
+        "--validation_inference_steps", type=int, default=50,
+        help="Denoising steps per validation image (DPM-Solver for Stable Diffusion, flow-matching Euler for FLUX.1)."
     )
     group.add_argument(
         "--eval_steps",
