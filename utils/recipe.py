@@ -12,10 +12,10 @@ def main(argv=None):
     if len(argv) != 1:
         print("usage: python -m utils.recipe MODEL", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE)
-    from utils.families import family_of
+    from utils.families import read_family
 
     try:
-        print(" ".join(family_of(argv[0]).launcher_recipe))
+        print(" ".join(read_family(argv[0]).launcher_recipe))
     except UserError as error:
         print(f"train_dreambooth.sh: error: {error}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None

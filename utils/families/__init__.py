@@ -255,6 +255,11 @@ def family_of(name_or_path: str, revision=None) -> ModelFamily:
     """The family of a pipeline (local folder or hub id), after checking its folder has the family's components.
     Every tool asks this before it loads a model, so the dependencies' model-loading bars go off here."""
     quiet.hide_loading_bars()
+    return read_family(name_or_path, revision)
+
+
+def read_family(name_or_path: str, revision=None) -> ModelFamily:
+    """family_of without importing the model libraries (for utils/recipe.py, which loads no model)."""
     class_name = read_model_index(name_or_path, revision).get("_class_name")
     for family in _families():
         if class_name in family.pipeline_class_names:
