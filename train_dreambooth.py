@@ -347,7 +347,7 @@ class DreamBoothRun:
             images, captions = validation.generate_validation_images(
                 pipeline, config.validation_prompts, config.num_validation_images, self.state.seed,
                 config.validation_inference_steps, config.resolution, accelerator.autocast, config.sample_batch_size,
-                should_stop=lambda: self.stops.requested,
+                should_stop=lambda: self.stops.requested, pipeline_arguments=self.family.generation_arguments(config),
             ) or (None, None)
         components.denoiser.train()
         self._frozen_text_encoders_to("cpu")

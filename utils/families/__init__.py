@@ -103,9 +103,10 @@ class ModelFamily(ABC):
             if getattr(flags, name) is not None and name not in self.accepted_flags:
                 takers = " and ".join(f.name for f in _families() if name in f.accepted_flags)
                 raise UserError(f"--{name} applies to {takers}; {self.name} does not read it: drop the flag")
-        if resolution % self.resolution_multiple:
-            raise UserError(f"{self.name} trains at resolutions that are multiples of {self.resolution_multiple}; "
-                            f"got {resolution}: use {max(self.resolution_multiple, resolution // self.resolution_multiple * self.resolution_multiple)}")
+        multiple = self.resolution_multiple
+        if resolution % multiple:
+            raise UserError(f"{self.name} trains at resolutions that are multiples of {multiple}; got {resolution}: "
+                            f"use {max(multiple, resolution // multiple * multiple)}")
 
     # --- loading -------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -144,6 +145,11 @@ class ModelFamily(ABC):
     def sampling_scheduler(self, scheduler_config):
         """The scheduler to sample with (validation, class images with --class_scheduler dpm, inference), from the
         training scheduler's config."""
+
+    def generation_arguments(self, config) -> dict:
+        """Keyword arguments of the family's pipeline that make validation and class images see prompts as the
+        run trains on them (FLUX: --max_sequence_length); none for Stable Diffusion."""
+        return {}
 
     def sampling_defaults(self, pipeline) -> tuple[int, float]:
         """(denoising steps, guidance scale) generating with this pipeline when the user gives neither."""

@@ -218,6 +218,10 @@ class Flux(ModelFamily):
 
         return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
 
+    def generation_arguments(self, config):
+        guidance_embeds = transformer_config(config.pretrained_model_name_or_path, config.revision).get("guidance_embeds")
+        return {"max_sequence_length": max_sequence_length(config, bool(guidance_embeds))}
+
     def sampling_defaults(self, pipeline):
         return SAMPLING_DEFAULTS[bool(pipeline.transformer.config.guidance_embeds)]
 

@@ -100,6 +100,7 @@ def generate_indices(config, family, indices: list[int], device, show_progress: 
         pipeline.scheduler = family.sampling_scheduler(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     batches = [indices[i : i + config.sample_batch_size] for i in range(0, len(indices), config.sample_batch_size)]
+    arguments = family.generation_arguments(config)
     for batch in tqdm(batches, desc="Class images", disable=not show_progress):
         images = pipeline(
             [config.class_prompt] * len(batch),
@@ -107,6 +108,7 @@ def generate_indices(config, family, indices: list[int], device, show_progress: 
             width=config.resolution,
             num_inference_steps=config.class_inference_steps,
             generator=[torch.Generator().manual_seed(index) for index in batch],
+            **arguments,
         ).images
         for index, image in zip(batch, images):
             with atomic_file(class_dir / class_image_name(index)) as partial:

@@ -23,11 +23,12 @@ def build_pipeline(family, components):
 
 @torch.no_grad()
 def generate_validation_images(pipeline, prompts, num_images, seed, steps, resolution, autocast, batch_size,
-                               should_stop=lambda: False):
+                               should_stop=lambda: False, pipeline_arguments=None):
     """num_images images of every prompt, prompt after prompt, generated batch_size images at a time; None when
     `should_stop()` turned true between batches (a stop signal: the checkpoint matters, the images do not).
 
     Image k of each prompt is seeded with seed + k (a CPU generator), so steps and runs are comparable.
+    `pipeline_arguments`: the family's generation_arguments (FLUX: T5's sequence length, as in training).
     """
     jobs = [(prompt, k) for prompt in prompts for k in range(num_images)]
     images = []
@@ -42,6 +43,7 @@ def generate_validation_images(pipeline, prompts, num_images, seed, steps, resol
                 height=resolution,
                 width=resolution,
                 generator=[torch.Generator().manual_seed(seed + k) for _, k in batch],
+                **(pipeline_arguments or {}),
             ).images
     return images, [prompt for prompt, _ in jobs]
 
