@@ -1,5 +1,6 @@
 """What the tests share besides fixtures: running the project's commands as a user does, and reading what they wrote."""
 
+import json
 import os
 import signal
 import subprocess
@@ -204,3 +205,43 @@ def counting_inverses(monkeypatch) -> list:
     monkeypatch.setattr(peft_seam, "skew_inverse", counted)  # a RotationCache's
     monkeypatch.setattr(rotation, "skew_inverse", counted)  # cayley()'s own
     return calls
+
+
+def recipe_run(tmp_path_factory, name: str, args) -> Path:
+    """A family's launcher-recipe run (`args(root)`: its trainer flags, writing to root / "out"), trained once for a
+    module's end-to-end tests; returns root."""
+    root = tmp_path_factory.mktemp(name)
+    result = run_trainer(args(root))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return root
+
+
+def assert_recipe_outputs(root: Path, parts, run: str, steps=(2, 3)) -> None:
+    """Two class images generated, a stock peft BOFT folder for every trained part at every saved step."""
+    out = root / "out"
+    assert sorted(p.name for p in (root / "class").glob("class_*.jpg")) == ["class_00000.jpg", "class_00001.jpg"]
+    for part in parts:
+        for step in steps:
+            config = json.loads((out / part / str(step) / run / "adapter_config.json").read_text())
+            assert config["peft_type"] == "BOFT"
+
+
+def assert_unmerged_merged_and_saved_agree(pipe, pipeline_class, merged_folder, parts, run, guidance_scale,
+                                           generation) -> None:
+    """A BoftPipeline with `run` loaded: its adapter changes the image; merged, and saved as a plain folder that
+    `pipeline_class` loads without peft, it gives the unmerged image (within 1e-3)."""
+    import numpy as np
+    import torch
+
+    unmerged = pipe.generate("a qwe toy", **generation)[0]
+    pipe.set_adapter(None)
+    base = pipe.generate("a qwe toy", **generation)[0]
+    pipe.set_adapter(run)
+    pipe.merge()
+    merged = pipe.generate("a qwe toy", **generation)[0]
+    saved = pipeline_class.from_pretrained(pipe.save_merged(merged_folder))
+    assert not any("boft" in key for part in parts for key in getattr(saved, part).state_dict())
+    image = saved("a qwe toy", guidance_scale=guidance_scale, generator=[torch.Generator().manual_seed(0)],
+                  **generation).images[0]
+    assert np.abs(unmerged - base).max() > 1e-2
+    assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_clean_error, base_args, run_in_process, run_trainer
+from tests.helpers import (assert_clean_error, assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args,
+                           recipe_run, run_in_process, run_trainer)
 from utils.families import Components, family_of
 from utils.families.flux import Flux, image_ids, pack, unpack
 from utils.run.config import TimestepSampling
@@ -177,20 +178,13 @@ def flux_args(model, subject, root, output_dir, **extra):
 def flux_run(tiny_flux_model, subject, tmp_path_factory):
     """The launcher's recipe on FLUX.1 [dev]: prior preservation (class images from the FLUX pipeline), CLIP-L
     trained, trained biases, logit-normal timesteps, a checkpoint at step 2 of 3, validation at the end."""
-    root = tmp_path_factory.mktemp("flux_run")
-    result = run_trainer(flux_args(tiny_flux_model, subject, root, root / "out"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return root
+    return recipe_run(tmp_path_factory, "flux_run", lambda root: flux_args(tiny_flux_model, subject, root, root / "out"))
 
 
 @pytest.mark.e2e
 def test_flux_trains_with_prior_preservation_and_clip(flux_run):
     out = flux_run / "out"
-    assert sorted(p.name for p in (flux_run / "class").glob("class_*.jpg")) == ["class_00000.jpg", "class_00001.jpg"]
-    for part in PARTS:
-        for step in (2, 3):
-            config = json.loads((out / part / str(step) / RUN / "adapter_config.json").read_text())
-            assert config["peft_type"] == "BOFT"
+    assert_recipe_outputs(flux_run, PARTS, RUN)
     assert not (out / "text_encoder_2").exists()  # T5 stays frozen
     assert (out / "validation" / RUN / "3" / "00_a_red_qwe_toy_0.png").is_file()
 
@@ -244,17 +238,7 @@ def test_flux_unmerged_merged_and_saved_merged_give_the_same_image(flux_run, tin
     pipe = BoftPipeline.from_pretrained(tiny_flux_model, device="cpu")
     assert pipe.load_adapter(flux_run / "out", RUN) == 3 and set(pipe.peft_models) == set(PARTS)
     assert pipe.sampling_defaults == (28, 3.5)
-    unmerged = pipe.generate("a qwe toy", **GENERATION)[0]
-    pipe.set_adapter(None)
-    base = pipe.generate("a qwe toy", **GENERATION)[0]
-    pipe.set_adapter(RUN)
-    pipe.merge()
-    merged = pipe.generate("a qwe toy", **GENERATION)[0]
-    saved = FluxPipeline.from_pretrained(pipe.save_merged(tmp_path / "merged"))
-    assert not any("boft" in key for part in PARTS for key in getattr(saved, part).state_dict())
-    image = saved("a qwe toy", guidance_scale=3.5, generator=[torch.Generator().manual_seed(0)], **GENERATION).images[0]
-    assert np.abs(unmerged - base).max() > 1e-2
-    assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3
+    assert_unmerged_merged_and_saved_agree(pipe, FluxPipeline, tmp_path / "merged", PARTS, RUN, 3.5, GENERATION)
     with pytest.raises(Exception, match="takes no negative prompt"):
         pipe.generate("a qwe toy", negative_prompt="blurry", **GENERATION)
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, base_args, run_in_process, run_trainer
+from tests.helpers import (REPO, assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args, recipe_run,
+                           run_in_process)
 from utils.families import family_of
 from utils.families.stable_diffusion_xl import ENCODER_PARTS, StableDiffusionXL
 from utils.images import upright_size
@@ -154,20 +155,13 @@ def xl_args(model, subject, root, output_dir, **extra):
 def xl_run(tiny_xl_model, subject, tmp_path_factory):
     """The launcher's recipe on SDXL: prior preservation (class images from the SDXL pipeline), both text encoders
     trained, trained biases, a checkpoint at step 2 of 3, validation at the end."""
-    root = tmp_path_factory.mktemp("xl_run")
-    result = run_trainer(xl_args(tiny_xl_model, subject, root, root / "out"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return root
+    return recipe_run(tmp_path_factory, "xl_run", lambda root: xl_args(tiny_xl_model, subject, root, root / "out"))
 
 
 @pytest.mark.e2e
 def test_sdxl_trains_with_prior_preservation_and_both_text_encoders(xl_run):
     out = xl_run / "out"
-    assert sorted(p.name for p in (xl_run / "class").glob("class_*.jpg")) == ["class_00000.jpg", "class_00001.jpg"]
-    for part in PARTS:
-        for step in (2, 3):
-            config = json.loads((out / part / str(step) / RUN / "adapter_config.json").read_text())
-            assert config["peft_type"] == "BOFT"
+    assert_recipe_outputs(xl_run, PARTS, RUN)
     caches = [load_file(path) for path in (out / "latent_cache").glob("*.safetensors")]
     assert len(caches) == 5  # 3 photos and 2 class images, each with its size and crop
     assert sorted(tuple(c["time_ids"].tolist()) for c in caches)[0] == (64, 64, 0, 0, 64, 64)
@@ -202,17 +196,8 @@ def test_sdxl_unmerged_merged_and_exported_give_the_same_image(xl_run, tiny_xl_m
     pipe = BoftPipeline.from_pretrained(tiny_xl_model, device="cpu")
     assert pipe.load_adapter(xl_run / "out", RUN) == 3
     assert set(pipe.peft_models) == set(PARTS)
-    unmerged = pipe.generate("a qwe toy", **GENERATION)[0]
-    pipe.set_adapter(None)
-    base = pipe.generate("a qwe toy", **GENERATION)[0]
-    pipe.set_adapter(RUN)
-    pipe.merge()
-    merged = pipe.generate("a qwe toy", **GENERATION)[0]
-    exported = StableDiffusionXLPipeline.from_pretrained(pipe.save_merged(tmp_path / "merged"))
-    assert not any("boft" in key for part in PARTS for key in getattr(exported, part).state_dict())
-    image = exported("a qwe toy", guidance_scale=7.5, generator=[torch.Generator().manual_seed(0)], **GENERATION).images[0]
-    assert np.abs(unmerged - base).max() > 1e-2
-    assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3
+    assert_unmerged_merged_and_saved_agree(pipe, StableDiffusionXLPipeline, tmp_path / "merged", PARTS, RUN, 7.5,
+                                           GENERATION)
 
 
 @pytest.mark.e2e
