@@ -315,9 +315,8 @@ def check_arguments(args):
         if (blocked := unwritable_ancestor(path)) is not None:
             raise UserError(f"{flag} {path}: {blocked} is not a folder you can write to")
     family = check_model_and_adapter(args)
-    if args.resolution is not None and args.resolution % family.resolution_multiple:
-        raise UserError(f"--resolution {args.resolution}: {family.name} generates at multiples of "
-                        f"{family.resolution_multiple}")
+    if args.resolution is not None and (problem := family.resolution_problem(args.resolution, "generates")):
+        raise UserError(f"--resolution: {problem}")
     if args.negative_prompt is not None and not family.takes_negative_prompt:
         raise UserError(f"--negative_prompt: {family.name} takes no negative prompt (it is guidance-distilled); drop it")
     return family

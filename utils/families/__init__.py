@@ -103,10 +103,16 @@ class ModelFamily(ABC):
             if getattr(flags, name) is not None and name not in self.accepted_flags:
                 takers = " and ".join(f.name for f in _families() if name in f.accepted_flags)
                 raise UserError(f"--{name} applies to {takers}; {self.name} does not read it: drop the flag")
+        if problem := self.resolution_problem(resolution, "trains"):
+            raise UserError(problem)
+
+    def resolution_problem(self, resolution: int, verb: str) -> str | None:
+        """Why the family cannot train or generate (`verb`) at `resolution` px, or None."""
         multiple = self.resolution_multiple
         if resolution % multiple:
-            raise UserError(f"{self.name} trains at resolutions that are multiples of {multiple}; got {resolution}: "
-                            f"use {max(multiple, resolution // multiple * multiple)}")
+            return (f"{self.name} {verb} at resolutions that are multiples of {multiple}; got {resolution}: use "
+                    f"{max(multiple, resolution // multiple * multiple)}")
+        return None
 
     # --- loading -------------------------------------------------------------------------------------------------
     @abstractmethod

@@ -10,6 +10,7 @@ With --train_text_encoder BOFT goes on CLIP-L; T5 stays frozen (as in diffusers'
 computed once per prompt at start-up, so it can leave the accelerator for the whole run.
 """
 
+import functools
 import logging
 
 import torch
@@ -43,6 +44,12 @@ def transformer_config(source, revision=None) -> dict:
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel.load_config(source, subfolder="transformer", revision=revision)
+
+
+@functools.lru_cache
+def guidance_embeds_of(source, revision=None) -> bool:
+    """Whether a FLUX.1 folder's transformer has [dev]'s guidance embedding, from its config (read once)."""
+    return bool(transformer_config(source, revision).get("guidance_embeds"))
 
 
 def has_guidance_embedding(components: Components) -> bool:
@@ -149,8 +156,8 @@ class Flux(ModelFamily):
         if flags.max_sequence_length is not None and flags.max_sequence_length > T5_MAX_LENGTH:
             raise UserError(f"--max_sequence_length {flags.max_sequence_length}: FLUX.1's T5 reads at most "
                             f"{T5_MAX_LENGTH} tokens")
-        guidance_embeds = transformer_config(flags.pretrained_model_name_or_path, flags.revision).get("guidance_embeds")
-        if flags.guidance_scale is not None and not guidance_embeds:
+        if flags.guidance_scale is not None and not guidance_embeds_of(flags.pretrained_model_name_or_path,
+                                                                       flags.revision):
             logger.warning("--guidance_scale %g is not used: %s has no guidance embedding (FLUX.1 [schnell] is "
                            "distilled without one)", flags.guidance_scale, flags.pretrained_model_name_or_path)
 
@@ -219,8 +226,8 @@ class Flux(ModelFamily):
         return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
 
     def generation_arguments(self, config):
-        guidance_embeds = transformer_config(config.pretrained_model_name_or_path, config.revision).get("guidance_embeds")
-        return {"max_sequence_length": max_sequence_length(config, bool(guidance_embeds))}
+        guidance_embeds = guidance_embeds_of(config.pretrained_model_name_or_path, config.revision)
+        return {"max_sequence_length": max_sequence_length(config, guidance_embeds)}
 
     def sampling_defaults(self, pipeline):
         return SAMPLING_DEFAULTS[bool(pipeline.transformer.config.guidance_embeds)]

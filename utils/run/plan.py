@@ -18,7 +18,8 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
         models += [(part.replace("_", " "), text_encoders[part], family.text_encoder_target_modules)
                    for part in family.trainable_text_encoders]
     trainable = {name: adapter_parameters(model, targets, config.boft) for name, model, targets in models}
-    weight_bytes = {"fp16": 2, "bf16": 2}.get(mixed_precision, 4)
+    dtype = weight_dtype(mixed_precision)
+    weight_bytes = dtype.itemsize
     vae_bytes = vae_dtype(family, mixed_precision, bool(config.pretrained_vae_model_name_or_path)).itemsize
     trained_parts = family.trainable_text_encoders if config.train_text_encoder else ()
     encoders = {part: sum(p.numel() for p in model.parameters()) for part, model in text_encoders.items()}
@@ -26,7 +27,8 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
     resident = sum(p.numel() for p in denoiser.parameters()) + sum(encoders[part] for part in trained_parts)
     weights = resident * weight_bytes + vae_parameter_count(config) * vae_bytes
     adapters = sum(trainable.values())
-    optimizer_bytes = 2 if config.use_8bit_adam else 8
+    adapter_bytes, optimizer_bytes = 2 * adapters * 4, adapters * (2 if config.use_8bit_adam else 8)
+    batch = per_process_batch(config.train_batch_size, config.num_examples, config.num_processes)
     to_generate = max(0, config.num_class_images - num_class_present) if config.with_prior_preservation else 0
     lines = [
         "Dry run: every check passed. The plan:",
@@ -41,25 +43,22 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
         lines.append(f"  {name}: BOFT on {len(targeted_linears(model, targets))} layers, {trainable[name]:,} trainable parameters")
     lines += [
         f"  optimizer steps: {config.max_train_steps} ({config.num_examples} examples per epoch, batch "
-        f"{per_process_batch(config.train_batch_size, config.num_examples, config.num_processes)} x "
-        f"{config.num_processes} process(es) x {config.gradient_accumulation_steps} "
-        "accumulation)",
+        f"{batch} x {config.num_processes} process(es) x {config.gradient_accumulation_steps} accumulation)",
         f"  memory per process, before activations: weights {weights / GB:.2f} GB "
         f"({mixed_precision or 'fp32'}{', the VAE in fp32' if vae_bytes > weight_bytes else ''}), adapters and "
-        f"their gradients {2 * adapters * 4 / GB:.3f} GB, optimizer state {adapters * optimizer_bytes / GB:.3f} GB",
+        f"their gradients {adapter_bytes / GB:.3f} GB, optimizer state {optimizer_bytes / GB:.3f} GB",
     ]
     if frozen:
         lines.append(f"  on a GPU the frozen text encoders ({frozen * weight_bytes / GB:.2f} GB) leave it once the prompts "
                      "are encoded, and come back for validation")
-    rows = per_process_batch(config.train_batch_size, config.num_examples, config.num_processes)
-    rows *= 2 if config.with_prior_preservation else 1
-    kept = activation_bytes(family, denoiser, config.resolution, rows, weight_dtype(mixed_precision), config)
-    fixed = weights + 2 * adapters * 4 + adapters * optimizer_bytes
-    chosen = config.gradient_checkpointing
+    rows = batch * (2 if config.with_prior_preservation else 1)
+    kept = activation_bytes(family, denoiser, config.resolution, rows, dtype, config)
+    total = weights + adapter_bytes + optimizer_bytes + kept[config.gradient_checkpointing]
     lines.append(f"  activations of the {family.denoiser_label}, {rows} row(s) a step at {config.resolution} px: "
                  f"{kept[False] / GB:.2f} GB, {kept[True] / GB:.2f} GB with --gradient_checkpointing (counted on "
-                 f"the meta device, attention as GPU flash kernels keep it); total about {(fixed + kept[chosen]) / GB:.1f} GB as configured "
-                 f"(gradient checkpointing {'on' if chosen else 'off'}), plus the framework's workspace")
+                 f"the meta device, attention as GPU flash kernels keep it); total about {total / GB:.1f} GB as "
+                 f"configured (gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}), plus the "
+                 "framework's workspace")
     return lines
 
 
