@@ -64,28 +64,43 @@ def _norm_key(key: str) -> str:
     return key.removesuffix(".weight") + ".scale"
 
 
+def _by_bfl_layer(tensors: dict, state: dict) -> dict:
+    """{(BFL layer, "weight" or "bias"): tensor} for `tensors`, diffusers-named tensors of (or shaped like) the
+    transformer's state dict `state`: a whole layer's as it is, a fused layer's its parts' stacked in order, zeros
+    for a part `tensors` lacks."""
+    whole, fused = layer_map(state)
+    out = {}
+    for ours, theirs in whole.items():
+        for kind in ("weight", "bias"):
+            if f"{ours}.{kind}" in tensors:
+                out[theirs, kind] = tensors[f"{ours}.{kind}"]
+    for theirs, parts in fused.items():
+        for kind in ("weight", "bias"):
+            names = [f"{part}.{kind}" for part in parts]
+            given = [tensors[name] for name in names if name in tensors]
+            if given:
+                out[theirs, kind] = torch.cat([tensors[name] if name in tensors else
+                                               torch.zeros_like(state[name], dtype=given[0].dtype) for name in names])
+    return out
+
+
 def to_original(state: dict) -> dict:
     """The transformer's diffusers state dict in BFL's layout; every tensor is placed exactly once."""
     whole, fused = layer_map(state)
+    parts = {f"{part}.{kind}" for layer_parts in fused.values() for part in layer_parts for kind in ("weight", "bias")}
+    if missing := parts - set(state):
+        raise KeyError(f"a fused layer's part is missing: {sorted(missing)[:5]}")
+    if left := set(state) - parts - {f"{ours}.{kind}" for ours in whole for kind in ("weight", "bias")}:
+        raise KeyError(f"no Black Forest Labs name for {sorted(left)[:5]}")
     norms = {v for block in (DOUBLE_BLOCK_NORMS, SINGLE_BLOCK_NORMS) for v in block.values()}
-    out, used = {}, set()
-    for ours, theirs in whole.items():
-        for kind in ("weight", "bias"):
-            if f"{ours}.{kind}" in state:
-                key = f"{theirs}.{kind}"
-                out[_norm_key(key) if any(theirs.endswith(n) for n in norms) else key] = state[f"{ours}.{kind}"]
-                used.add(f"{ours}.{kind}")
-    for theirs, parts in fused.items():
-        for kind in ("weight", "bias"):
-            out[f"{theirs}.{kind}"] = torch.cat([state[f"{part}.{kind}"] for part in parts])
-            used.update(f"{part}.{kind}" for part in parts)
+    out = {}
+    for (layer, kind), tensor in _by_bfl_layer(state, state).items():
+        key = f"{layer}.{kind}"
+        out[_norm_key(key) if layer.endswith(tuple(norms)) else key] = tensor
     for kind in ("weight", "bias"):
         key = f"{SWAPPED_HALVES}.{kind}"
         scale, shift = out[key].chunk(2)
         out[key] = torch.cat([shift, scale])
-    left = set(state) - used
-    if left:
-        raise KeyError(f"no Black Forest Labs name for {sorted(left)[:5]}")
     return out
 
 
@@ -93,18 +108,7 @@ def fused_differences(changes: dict, state: dict, prefix: str) -> dict:
     """`.diff` and `.diff_b` tensors under BFL's names (after `prefix`) for changed transformer tensors
     {diffusers name: (base, merged)} of the transformer whose state dict is `state`: a fused layer's difference
     stacks its parts', zeros where a part is unchanged."""
-    whole, fused = layer_map(state)
     differences = {name: merged.float() - base.float() for name, (base, merged) in changes.items()}
-    out = {}
     suffix = {"weight": "diff", "bias": "diff_b"}
-    for ours, theirs in whole.items():
-        for kind in ("weight", "bias"):
-            if f"{ours}.{kind}" in differences:
-                out[f"{prefix}{theirs}.{suffix[kind]}"] = differences[f"{ours}.{kind}"]
-    for theirs, parts in fused.items():
-        for kind in ("weight", "bias"):
-            names = [f"{part}.{kind}" for part in parts]
-            if any(name in differences for name in names):
-                out[f"{prefix}{theirs}.{suffix[kind]}"] = torch.cat(
-                    [differences.get(name, torch.zeros_like(state[name], dtype=torch.float32)) for name in names])
-    return out
+    return {f"{prefix}{layer}.{suffix[kind]}": difference
+            for (layer, kind), difference in _by_bfl_layer(differences, state).items()}
