@@ -245,3 +245,30 @@ def assert_unmerged_merged_and_saved_agree(pipe, pipeline_class, merged_folder, 
                   **generation).images[0]
     assert np.abs(unmerged - base).max() > 1e-2
     assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3
+
+
+def planned_at_real_size(configs, subject, output_dir, lines, **flags):
+    """--dry_run on a folder of a real model's configurations (no weights) at its own resolution, with every text
+    encoder BOFT may train, in bf16: it passes, and its plan holds every one of `lines`; returns the result."""
+    result = run_in_process(base_args(configs, subject, output_dir, resolution=None, train_text_encoder=True,
+                                      dry_run=True, mixed_precision="bf16", **flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in lines:
+        assert line in result.stdout, result.stdout
+    return result
+
+
+def run_notebook_cells(monkeypatch, env: dict, unset=()) -> None:
+    """The notebook's code cells run in this process, its parameters set from `env` (and `unset` removed) as an
+    unattended run sets them."""
+    import nbformat
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in unset:
+        monkeypatch.delenv(name, raising=False)
+    notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
+    namespace = {}
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, "dreambooth_inference.ipynb", "exec"), namespace)

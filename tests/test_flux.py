@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.helpers import (assert_clean_error, assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args,
-                           recipe_run, run_in_process, run_trainer)
+                           planned_at_real_size, recipe_run, run_in_process, run_trainer)
 from utils.families import Components, family_of
 from utils.families.flux import Flux, image_ids, pack, unpack
 from utils.run.config import TimestepSampling
@@ -150,15 +150,13 @@ def flux_configs(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_real_flux_widths_pass_the_block_shape_check_and_are_planned(flux_configs, subject, tmp_path):
-    args = base_args(flux_configs, subject, tmp_path / "out", resolution=None, train_text_encoder=True, dry_run=True,
-                     boft_block_num=0, boft_block_size=32, boft_n_butterfly_factor=2, mixed_precision="bf16")
-    result = run_in_process(args)
-    assert result.returncode == 0, result.stderr[-3000:]
     # 19 double blocks x 8 projections + 38 single blocks x 3; CLIP-L's q and v; T5 is never adapted.
-    for line in ("model: FLUX.1, trained at 1024 px", "transformer: BOFT on 266 layers", "text encoder: BOFT on 24 layers",
-                 "weights 22.55 GB (bf16)", "frozen text encoders (9.1",
-                 "activations of the transformer, 1 row(s) a step at 1024 px: 25.63 GB, 1.53 GB with --gradient_checkpointing"):
-        assert line in result.stdout, result.stdout
+    result = planned_at_real_size(
+        flux_configs, subject, tmp_path / "out",
+        ("model: FLUX.1, trained at 1024 px", "transformer: BOFT on 266 layers", "text encoder: BOFT on 24 layers",
+         "weights 22.55 GB (bf16)", "frozen text encoders (9.1",
+         "activations of the transformer, 1 row(s) a step at 1024 px: 25.63 GB, 1.53 GB with --gradient_checkpointing"),
+        boft_block_num=0, boft_block_size=32, boft_n_butterfly_factor=2)
     assert "text encoder 2" not in result.stdout
     refused = run_in_process(base_args(flux_configs, subject, tmp_path / "out", boft_block_num=7, dry_run=True))
     assert refused.returncode == 2 and "--boft_block_num=7" in refused.stderr and "3072" in refused.stderr
@@ -391,21 +389,12 @@ def test_the_launcher_adds_fluxs_recipe_before_the_callers_flags(tiny_flux_model
 def test_the_notebooks_code_generates_merges_and_exports_flux_adapters(flux_run, tiny_flux_model, tmp_path,
                                                                        monkeypatch, capsys):
     """The notebook's cells with MODEL_NAME a FLUX.1 pipeline and its defaults for steps and guidance."""
-    import nbformat
+    from tests.helpers import run_notebook_cells
 
-    from tests.helpers import REPO
-
-    env = dict(MODEL_NAME=str(tiny_flux_model), OUTPUT_DIR=str(flux_run / "out"), RUN_NAME=RUN, PROMPT="a qwe toy",
-               MERGED_DIR=str(tmp_path / "merged"), RESOLUTION="64", EXPORT_FORMAT="checkpoint",
-               EXPORT_FILE=str(tmp_path / "export.safetensors"))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("NUM_INFERENCE_STEPS", raising=False)
-    notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
-    namespace = {}
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            exec(compile(cell.source, "dreambooth_inference.ipynb", "exec"), namespace)
+    run_notebook_cells(monkeypatch, dict(MODEL_NAME=str(tiny_flux_model), OUTPUT_DIR=str(flux_run / "out"), RUN_NAME=RUN,
+                                         PROMPT="a qwe toy", MERGED_DIR=str(tmp_path / "merged"), RESOLUTION="64",
+                                         EXPORT_FORMAT="checkpoint", EXPORT_FILE=str(tmp_path / "export.safetensors")),
+                       unset=["NUM_INFERENCE_STEPS"])
     text = capsys.readouterr().out
     assert f"{RUN} at step 3" in text and f"checkpoint export of {RUN}" in text and "(FLUX.1)" in text
     assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import (REPO, assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args, recipe_run,
-                           run_in_process)
+from tests.helpers import (assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args,
+                           planned_at_real_size, recipe_run, run_in_process)
 from utils.families import family_of
 from utils.families.stable_diffusion_xl import ENCODER_PARTS, StableDiffusionXL
 from utils.images import upright_size
@@ -217,18 +217,11 @@ def test_the_notebooks_code_generates_merges_and_exports_sdxl_adapters(xl_run, t
                                                                        capsys):
     """The notebook's cells with MODEL_NAME an SDXL pipeline, run in this process (test_inference.py runs the whole
     notebook through nbconvert for SD)."""
-    import nbformat
+    from tests.helpers import run_notebook_cells
 
-    env = dict(MODEL_NAME=str(tiny_xl_model), OUTPUT_DIR=str(xl_run / "out"), RUN_NAME=RUN, PROMPT="a qwe toy",
-               MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2", RESOLUTION="64",
-               EXPORT_FILE=str(tmp_path / "export.safetensors"))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    notebook = nbformat.read(REPO / "dreambooth_inference.ipynb", as_version=4)
-    namespace = {}
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            exec(compile(cell.source, "dreambooth_inference.ipynb", "exec"), namespace)
+    run_notebook_cells(monkeypatch, dict(MODEL_NAME=str(tiny_xl_model), OUTPUT_DIR=str(xl_run / "out"), RUN_NAME=RUN,
+                                         PROMPT="a qwe toy", MERGED_DIR=str(tmp_path / "merged"), NUM_INFERENCE_STEPS="2",
+                                         RESOLUTION="64", EXPORT_FILE=str(tmp_path / "export.safetensors")))
     text = capsys.readouterr().out
     assert f"{RUN} at step 3" in text and f"comfyui export of {RUN}" in text
     assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
@@ -245,13 +238,10 @@ def sdxl_configs(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_real_sdxl_widths_pass_the_block_shape_check_and_are_planned(sdxl_configs, subject, tmp_path):
-    args = base_args(sdxl_configs, subject, tmp_path / "out", resolution=None, train_text_encoder=True, dry_run=True,
-                     boft_n_butterfly_factor=1, mixed_precision="bf16")
-    result = run_in_process(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for line in ("trained at 1024 px", "UNet: BOFT on 560 layers, 150,865,920 trainable parameters",
-                 "text encoder: BOFT on 24 layers", "text encoder 2: BOFT on 64 layers"):
-        assert line in result.stdout, result.stdout
+    planned_at_real_size(sdxl_configs, subject, tmp_path / "out",
+                         ("trained at 1024 px", "UNet: BOFT on 560 layers, 150,865,920 trainable parameters",
+                          "text encoder: BOFT on 24 layers", "text encoder 2: BOFT on 64 layers"),
+                         boft_n_butterfly_factor=1)
     refused = run_in_process(base_args(sdxl_configs, subject, tmp_path / "out", boft_block_num=3, dry_run=True))
     assert refused.returncode == 2 and "--boft_block_num=3" in refused.stderr
     assert "[640, 1280, 2048]" in refused.stderr  # the UNet's targeted widths, cross-attention keys included
