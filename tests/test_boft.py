@@ -125,6 +125,42 @@ def test_fast_forward_matches_the_dense_product_of_factors(side, factors, block_
                  outputs_and_grads(layer, x, reference))
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("factors, block_num", [(2, 8), (3, 8), (4, 16)])
+def test_grouped_factors_rotate_and_differentiate_as_factor_by_factor(factors, block_num, transpose, monkeypatch):
+    layer = random_boft_layer(block_num=block_num, factors=factors)
+    boft_r = layer.boft_R["default"]
+    plan = peft_seam.rotation_plan(layer, boft_r, transpose)
+    rows = torch.randn(3, 100, 64, generator=torch.Generator().manual_seed(7))
+    assert rotation.grouping_pays(factors, boft_r.shape[2], 300)
+
+    def rotated(grouped: bool):
+        monkeypatch.setattr(rotation, "grouping_pays", lambda *arguments: grouped)
+        x, r = rows.clone().requires_grad_(), boft_r.detach().clone().requires_grad_()
+        y = rotation.rotate_rows(x, rotation.cayley(r), plan)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        return y.detach(), x.grad, r.grad
+
+    assert_close(rotated(True), rotated(False))
+
+
+def test_grouped_blocks_are_the_diagonal_blocks_of_the_dense_rotation():
+    layer = random_boft_layer(block_num=16, factors=3)  # blocks of 4, grouped in 16
+    with torch.no_grad():
+        grouped = rotation.grouped_blocks(*_blocks_and_permutations(layer))
+    assert grouped.shape == (4, 16, 16)
+    assert_close([torch.block_diag(*grouped)], [dense_rotation(layer)])
+
+
+def test_factors_are_grouped_only_where_it_clearly_pays():
+    assert not rotation.grouping_pays(1, 32, 10**6)  # one factor is a block product already
+    assert rotation.grouping_pays(2, 32, 2176) and rotation.grouping_pays(4, 32, 2176)  # FLUX.1 at 512 px
+    assert rotation.grouping_pays(2, 40, 2048)  # SD 1.5's widest activations at 256 px
+    assert not rotation.grouping_pays(2, 32, 8)  # fewer rows than the probe that builds the blocks
+    assert not rotation.grouping_pays(4, 80, 512)  # 640-wide blocks at 512 rows: the probe costs more than it saves
+    assert not rotation.grouping_pays(4, 160, 4096)  # 1280-wide dense blocks cost more than 4 factors
+
+
 @pytest.mark.parametrize("in_features, out_features, factors", [(2048, 640, 1), (1280, 1280, 2), (768, 768, 1)])
 def test_sdxl_widths_fast_forward_and_merge_match_stock_peft(in_features, out_features, factors):
     """SDXL's cross-attention keys read 2048-wide text states; its layers are 640 and 1280 wide, its text encoders

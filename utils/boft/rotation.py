@@ -2,6 +2,8 @@
 Cayley map, butterfly permutations applied as gathers of half-block chunks, and rows @ R or rows @ R^T computed factor
 by factor without ever forming the dense n x n rotation. utils/boft/peft_seam.py applies these to peft's layers."""
 
+import functools
+
 import torch
 
 class TorchBlockDiagonal:
@@ -114,17 +116,67 @@ class RotateRows(torch.autograd.Function):
 
 def rotate_rows(rows, blocks, plan):
     """rows @ R or rows @ R^T, as a plan says: (steps, transpose), the steps a list of
-    (factor, column permutation before, column permutation after) in the order they apply (None: identity), for rows of shape (..., in) and blocks
-    (m, D, H, H) from cayley(). Nothing dense is formed."""
+    (factor, column permutation before, column permutation after) in the order they apply (None: identity), for rows
+    of shape (..., in) and blocks (m, D, H, H) from cayley(). Nothing dense is formed: with more than one factor, the
+    rotation is applied factor by factor or, where fewer operations pay (grouping_pays), as the one block-diagonal
+    matrix the factors make together (grouped_blocks)."""
     steps, transpose = plan
     flat = rows.reshape(-1, rows.shape[-1])
+    m, _, h, _ = blocks.shape
+    if grouping_pays(m, h, flat.shape[0]):
+        blocks, steps, transpose = grouped_blocks(blocks, plan)[None], ONE_FACTOR, False
     return RotateRows.apply(flat, blocks, steps, transpose).view(rows.shape)
+
+
+# The plan of a rotation that is one block product: no permutation.
+ONE_FACTOR = [(0, None, None)]
+
+
+def grouped_blocks(blocks, plan):
+    """The m butterfly factors of a rotation as one block-diagonal matrix: blocks (D / 2^(m-1), G, G) with
+    G = H * 2^(m-1). Factor i mixes columns only within aligned groups of H * 2^i, so the product of all of them is
+    block diagonal in groups of G. Each block is read off by rotating G probe rows, row k holding a one at offset k
+    of every group (the groups do not interact), through the factors; gradients reach the factors through the same
+    rotation's backward."""
+    m, d, h, _ = blocks.shape
+    group = h * 2 ** (m - 1)
+    probe = _probe_rows(group, d * h // group, blocks.device, blocks.dtype)
+    rotated = RotateRows.apply(probe, blocks, *plan)
+    return rotated.view(group, -1, group).transpose(0, 1)  # [g, k, l] = (rows @ R)[g*G + k, g*G + l]
+
+
+@functools.lru_cache(maxsize=16)
+def _probe_rows(group: int, groups: int, device, dtype):
+    probe = torch.zeros(group, groups, group, device=device, dtype=dtype)
+    probe[torch.arange(group), :, torch.arange(group)] = 1
+    return probe.view(group, groups * group)
 
 
 # Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
 # equivalents; fitted to SD 1.5's layers on a 2-core CPU (benchmarks/boft_step.py). It only decides which side is
 # faster, never what is computed.
 ELEMENT_OVERHEAD = 300
+
+
+# Nanoseconds to rotate one element, forward and backward, as (fixed, per unit of block size): factor by factor
+# (for each factor, blocks of the block size) and grouped (once, blocks of the group); fitted on 2 CPU cores to
+# single layers of SD 1.5's and FLUX.1's shapes (python -m benchmarks.rotation_paths). Grouping must save this
+# fraction at least: below it the fit cannot tell the paths apart.
+FACTOR_NANOSECONDS = (1.8, 0.127)
+GROUPED_NANOSECONDS = (2.4, 0.05)
+GROUPING_MARGIN = 0.85
+
+
+def grouping_pays(n_factors: int, block_size: int, rows: int) -> bool:
+    """Whether rotating `rows` rows through the grouped factors is clearly cheaper than factor by factor, counting
+    the probe rows that build the grouped blocks (which go factor by factor). Per element both scale with the
+    width alike, so it does not enter."""
+    if n_factors == 1:
+        return False
+    group = block_size * 2 ** (n_factors - 1)
+    factor_by_factor = n_factors * (FACTOR_NANOSECONDS[0] + FACTOR_NANOSECONDS[1] * block_size)
+    grouped = GROUPED_NANOSECONDS[0] + GROUPED_NANOSECONDS[1] * group
+    return rows * grouped + group * factor_by_factor < GROUPING_MARGIN * rows * factor_by_factor
 
 
 def cheaper_side(out_features: int, in_features: int, tokens: int, n_factors: int, block_size: int,
