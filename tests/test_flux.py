@@ -129,9 +129,11 @@ def test_flags_flux_cannot_honour_are_refused_before_anything_loads(tiny_flux_mo
 
 @pytest.mark.e2e
 def test_flux_flags_on_stable_diffusion_are_refused(tiny_model, subject, tmp_path):
-    for flag, value in (("weighting_scheme", "logit_normal"), ("guidance_scale", 1.0), ("max_sequence_length", 77)):
+    both = "FLUX.1 and Stable Diffusion 3/3.5"
+    for flag, value, takers in (("weighting_scheme", "logit_normal", both), ("guidance_scale", 1.0, "FLUX.1"),
+                                ("max_sequence_length", 77, both)):
         result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", dry_run=True, **{flag: value}))
-        assert_clean_error(result, f"--{flag} applies to FLUX.1; Stable Diffusion 1.x/2.x does not read it")
+        assert_clean_error(result, f"--{flag} applies to {takers}; Stable Diffusion 1.x/2.x does not read it")
 
 
 @pytest.mark.e2e
@@ -305,7 +307,8 @@ def test_the_bfl_layout_is_the_one_diffusers_single_file_loader_reads():
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    from utils.families.flux_layout import to_original
+    from utils.families.flux_layout import BFL
+    from utils.families.transformer_layout import to_original
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
@@ -314,7 +317,7 @@ def test_the_bfl_layout_is_the_one_diffusers_single_file_loader_reads():
     generator = torch.Generator().manual_seed(0)
     state = {name: torch.randn(value.shape, generator=generator).to(torch.bfloat16)
              for name, value in transformer.state_dict().items()}  # bf16: 1 GB for one block of each kind
-    original = to_original(state)
+    original = to_original(BFL, state)
     assert "double_blocks.0.txt_attn.qkv.weight" in original and "single_blocks.0.linear1.bias" in original
     back = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
     assert set(back) == set(state)
@@ -326,7 +329,8 @@ def test_flux_exports_bfls_single_file_and_comfyuis_fused_differences(flux_run, 
     from safetensors.torch import load_file
 
     from tests.test_export import merged_pipeline, run_export
-    from utils.families.flux_layout import layer_map
+    from utils.families.flux_layout import BFL
+    from utils.families.transformer_layout import layer_map
 
     merged = merged_pipeline(tiny_flux_model, flux_run / "out", RUN)
     out = run_export(tiny_flux_model, flux_run / "out", RUN, "checkpoint", tmp_path / "flux.safetensors", "--dtype",
@@ -339,7 +343,7 @@ def test_flux_exports_bfls_single_file_and_comfyuis_fused_differences(flux_run, 
     comfy = load_file(run_export(tiny_flux_model, flux_run / "out", RUN, "comfyui", tmp_path / "c.safetensors",
                                  "--dtype", "fp32"))
     changes = merged.weight_changes()["transformer"]
-    _, fused = layer_map(merged.state_dict_of("transformer"))
+    _, fused = layer_map(BFL, merged.state_dict_of("transformer"))
     qkv = comfy["diffusion_model.double_blocks.0.img_attn.qkv.diff"]
     parts = fused["double_blocks.0.img_attn.qkv"]
     stacked = torch.cat([changes[f"{p}.weight"][1] - changes[f"{p}.weight"][0] for p in parts])

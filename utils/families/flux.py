@@ -251,18 +251,21 @@ class Flux(ModelFamily):
 
     def single_file_tensors(self, state_of, pipeline):
         """The merged transformer in Black Forest Labs' layout (their single files hold the transformer alone)."""
-        from utils.families.flux_layout import to_original
+        from utils.families.flux_layout import BFL
+        from utils.families.transformer_layout import to_original
 
-        return to_original(state_of("transformer"))
+        return to_original(BFL, state_of("transformer"))
 
     def difference_tensors(self, changes, state_of):
         """The transformer's differences under BFL's names (`diffusion_model.double_blocks.0.img_attn.qkv.diff`,
         a fused layer's stacked from its parts'), which ComfyUI maps onto its model; CLIP-L's under kohya's."""
-        from utils.families.flux_layout import fused_differences
+        from utils.families.flux_layout import BFL
+        from utils.families.transformer_layout import fused_differences
 
         encoders = {part: changed for part, changed in changes.items() if part != "transformer"}
         tensors = super().difference_tensors(encoders, state_of)
-        tensors.update(fused_differences(changes.get("transformer", {}), state_of("transformer"), "diffusion_model."))
+        tensors.update(fused_differences(BFL, changes.get("transformer", {}), state_of("transformer"),
+                                         "diffusion_model."))
         return tensors
 
     def base_model_version(self, pipeline):
