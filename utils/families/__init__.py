@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and FLUX.1, behind one abstract interface.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, FLUX.1 and SD3, behind one abstract interface.
 
 The trainer, class images, validation, inference, evaluation and export ask a `ModelFamily` for everything that
 depends on the model: its components and how they load, the layers BOFT wraps (and which text encoders it may
@@ -7,8 +7,9 @@ train), the flags only it reads, how prompts become the denoiser's conditioning,
 weight, the forward call), the sampling scheduler and its defaults, the pipeline class, the default resolution, the
 step's activations for --dry_run, and the export key maps. A family is one file here (stable_diffusion.py: SD 1.x
 and 2.x; stable_diffusion_xl.py: SDXL's two text encoders and size-and-crop conditioning; flux.py: FLUX.1's
-rectified-flow transformer, with its single-file layout in flux_layout.py) plus its tests; the DDPM families share
-their maths (diffusion.py), the flow-matching ones theirs (flow_matching.py). `family_of` picks a family from the
+rectified-flow transformer, with its single-file layout in flux_layout.py; stable_diffusion_3.py: SD3's MMDiT and
+three text encoders, its layout in sd3_layout.py) plus its tests; the DDPM families share their maths (diffusion.py),
+the flow-matching ones theirs (flow_matching.py) and the single-file layouts' machinery (transformer_layout.py). `family_of` picks a family from the
 pipeline class named in the model's model_index.json, never from its name.
 """
 
@@ -65,7 +66,7 @@ class Objective(ABC):
 
 # Flags that only some families read: given for another family they are a usage error, not silently ignored.
 FAMILY_FLAGS = ("tokenizer_name", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
-                "max_sequence_length")
+                "max_sequence_length", "precondition_outputs")
 
 
 class ModelFamily(ABC):
@@ -205,9 +206,10 @@ class ModelFamily(ABC):
 def _families() -> list[ModelFamily]:
     from utils.families.flux import Flux
     from utils.families.stable_diffusion import StableDiffusion
+    from utils.families.stable_diffusion_3 import StableDiffusion3
     from utils.families.stable_diffusion_xl import StableDiffusionXL
 
-    return [StableDiffusion(), StableDiffusionXL(), Flux()]
+    return [StableDiffusion(), StableDiffusionXL(), Flux(), StableDiffusion3()]
 
 
 def load_vae(source: str, revision=None, vae_name=None, dtype=None):

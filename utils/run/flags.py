@@ -142,12 +142,13 @@ WEIGHTING_SCHEMES = ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
 
 
 def _flow_matching_group(parser):
-    """diffusers' flags for the flow-matching transformers (FLUX.1); other families refuse them."""
-    group = parser.add_argument_group("flow matching (FLUX.1)")
+    """diffusers' flags for the flow-matching transformers (FLUX.1, SD3); other families refuse them."""
+    group = parser.add_argument_group("flow matching (FLUX.1, SD3)")
     group.add_argument(
         "--weighting_scheme", default=None, choices=WEIGHTING_SCHEMES,
-        help="How training timesteps are drawn and weighted: none (uniform; the default, as diffusers' FLUX "
-        "script), logit_normal or mode (non-uniform draws), cosmap or sigma_sqrt (uniform draws, weighted loss).")
+        help="How training timesteps are drawn and weighted: none (uniform), logit_normal or mode (non-uniform "
+        "draws), cosmap or sigma_sqrt (uniform draws, weighted loss). Default as diffusers' scripts: none for "
+        "FLUX.1, logit_normal for SD3.")
     group.add_argument("--logit_mean", type=float, default=None, help="Mean of logit_normal (default 0).")
     group.add_argument("--logit_std", type=float, default=None, help="Standard deviation of logit_normal (default 1).")
     group.add_argument("--mode_scale", type=float, default=None, help="Scale of the mode scheme (default 1.29).")
@@ -158,7 +159,11 @@ def _flow_matching_group(parser):
     group.add_argument(
         "--max_sequence_length", type=int, default=None,
         help="T5 tokens a prompt is encoded to (at most 512; default 512 for FLUX.1 [dev], 256 for [schnell], "
-        "as their pipelines).")
+        "as their pipelines; 77 for SD3, as diffusers' SD3 script).")
+    group.add_argument(
+        "--precondition_outputs", type=int, default=None, choices=[0, 1],
+        help="SD3: 1 (the default, as diffusers' SD3 script) regresses the clean latents x_t - sigma * prediction "
+        "on the latents; 0 regresses the prediction on the velocity noise - latents, as FLUX.1 does.")
 
 
 def _training_group(parser):

@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion, SDXL and FLUX.1 pipelines with random weights, and a synthetic subject to train on.
+"""Tiny Stable Diffusion, SDXL, FLUX.1 and SD3 pipelines with random weights, and a synthetic subject to train on.
 
 Tests, the demo and CI cannot download real weights, so they build a pipeline with the real component classes
 (UNet2DConditionModel, CLIPTextModel(WithProjection), CLIPTokenizer, AutoencoderKL, DDPMScheduler) at toy sizes,
@@ -8,6 +8,7 @@ save it with `save_pretrained`, and load it back through the same `from_pretrain
     python -m utils.testing.tiny_model data/tiny-sd --subject data/demo  # and a synthetic subject
     python -m utils.testing.tiny_model data/tiny-sdxl --family sdxl      # an SDXL pipeline
     python -m utils.testing.tiny_model data/tiny-flux --family flux      # a FLUX.1 [dev] pipeline
+    python -m utils.testing.tiny_model data/tiny-sd3 --family sd3        # an SD3.5 Medium-shaped pipeline
 """
 
 import argparse
@@ -164,12 +165,32 @@ def _tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
+def _tiny_shifted_vae(shift_factor: float, scaling_factor: float):
+    """A VAE that shifts and scales its latents, as the flow-matching families' do (no quant convolutions)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        sample_size=64, shift_factor=shift_factor, scaling_factor=scaling_factor, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _tiny_t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
 def build_tiny_flux_pipeline(guidance_embeds: bool = True, seed: int = 0):
     """A FluxPipeline with random weights: FLUX.1's structure (double- and single-stream blocks over 2 x 2 packed
     16-channel latents, CLIP-L pooled and T5 sequence conditioning, a guidance embedding for [dev], none for
     [schnell]) at toy size, with a VAE that shifts and scales its latents as FLUX's does."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer_2 = _tiny_t5_tokenizer()
@@ -178,19 +199,43 @@ def build_tiny_flux_pipeline(guidance_embeds: bool = True, seed: int = 0):
         num_attention_heads=FLUX_HEADS, joint_attention_dim=T5_HIDDEN_SIZE, pooled_projection_dim=TEXT_HIDDEN_SIZE,
         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-        sample_size=64, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
-    )
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=T5_HIDDEN_SIZE, d_kv=8, d_ff=64, num_layers=2,
-                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                 decoder_start_token_id=0))
+    vae = _tiny_shifted_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    t5 = _tiny_t5(tokenizer_2, T5_HIDDEN_SIZE)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=CLIPTextModel(_tiny_text_config()),
                         tokenizer=_tiny_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2,
                         transformer=transformer)
+
+
+SD3_HEADS, SD3_HEAD_DIM = 2, 16  # 32 wide (SD3.5 Medium: 24 x 64)
+# T5 is wider than both CLIPs side by side (32 + 48), which the pipeline zero-pads to T5's width, as in SD3 (4096).
+SD3_T5_HIDDEN_SIZE = 96
+
+
+def build_tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline with random weights: SD3.5 Medium's structure (joint blocks over 2 x 2 patches,
+    the first with a second image self-attention, RMS q/k norms; CLIP-L and CLIP-G with projections and T5) at toy
+    size, with a VAE that shifts and scales its latents as SD3's does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer_3 = _tiny_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=SD3_HEAD_DIM,
+        num_attention_heads=SD3_HEADS, joint_attention_dim=SD3_T5_HIDDEN_SIZE, caption_projection_dim=SD3_HEADS *
+        SD3_HEAD_DIM, pooled_projection_dim=2 * TEXT_HIDDEN_SIZE, pos_embed_max_size=16, dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
+        vae=_tiny_shifted_vae(shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(_tiny_text_config()), tokenizer=_tiny_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(XL_SECOND_TEXT_HIDDEN_SIZE)),
+        tokenizer_2=_tiny_tokenizer(), text_encoder_3=_tiny_t5(tokenizer_3, SD3_T5_HIDDEN_SIZE),
+        tokenizer_3=tokenizer_3,
+    )
 
 
 def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
@@ -230,7 +275,8 @@ def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
 # family -> (builder, whether it takes a prediction type: the DDPM families do, flow matching has none)
 BUILDERS = {"sd": (build_tiny_pipeline, True), "sdxl": (build_tiny_xl_pipeline, True),
             "flux": (lambda: build_tiny_flux_pipeline(guidance_embeds=True), False),
-            "flux-schnell": (lambda: build_tiny_flux_pipeline(guidance_embeds=False), False)}
+            "flux-schnell": (lambda: build_tiny_flux_pipeline(guidance_embeds=False), False),
+            "sd3": (build_tiny_sd3_pipeline, False)}
 
 
 def save_tiny_pipeline(folder, prediction_type: str | None = None, family: str = "sd") -> Path:
@@ -265,7 +311,8 @@ def main(argv=None):
     parser.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
                         help="sd and sdxl (default epsilon); flow-matching families have none")
     parser.add_argument("--family", default="sd", choices=list(BUILDERS),
-                        help="sd: SD 1.x/2.x structure; sdxl; flux: FLUX.1 [dev]; flux-schnell: without guidance")
+                        help="sd: SD 1.x/2.x structure; sdxl; flux: FLUX.1 [dev]; flux-schnell: without guidance; "
+                        "sd3: SD3.5 Medium's structure")
     parser.add_argument("--subject", help="also write a synthetic subject's photos to this folder")
     parser.add_argument("--metric_models", help="also write tiny random DINO and CLIP models to this folder (dino/, "
                         "clip/), for utils.evaluate's --dino_model and --clip_model offline")
