@@ -247,6 +247,50 @@ def assert_unmerged_merged_and_saved_agree(pipe, pipeline_class, merged_folder, 
     assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3
 
 
+def assert_stock_peft_reproduces_validation(pipeline, out: Path, parts, run: str, **call) -> None:
+    """`pipeline` (a diffusers pipeline loaded without peft) with stock peft's PeftModel.from_pretrained of `run`'s
+    step-3 adapters on every part gives the run's validation image of "a red qwe toy" (within 2/255); `call`: the
+    pipeline arguments validation used."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from PIL import Image
+
+    from utils.boft import peft_seam
+
+    peft_seam.install()
+    for part in parts:
+        setattr(pipeline, part, PeftModel.from_pretrained(getattr(pipeline, part), out / part / "3" / run,
+                                                          adapter_name=run))
+    image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64,
+                     generator=[torch.Generator().manual_seed(0)], **call).images[0]
+    saved = np.asarray(Image.open(out / "validation" / run / "3" / "00_a_red_qwe_toy_0.png"), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
+
+
+def assert_resumes_exactly(recipe_root: Path, out: Path, argv, parts, run: str) -> None:
+    """A run from the recipe run's step-2 checkpoint (copied to `out` with its adapters and latent cache; `argv`:
+    the recipe's flags writing to `out`, with --resume_from_checkpoint latest) ends with the adapters the
+    uninterrupted run has at step 3, bit for bit."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(recipe_root / "out" / "checkpoints", out / "checkpoints")
+    for part in parts:
+        shutil.copytree(recipe_root / "out" / part / "2", out / part / "2")
+    shutil.copytree(recipe_root / "out" / "latent_cache", out / "latent_cache")
+    result = run_trainer(argv)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Resumed from" in result.stderr
+    for part in parts:
+        resumed = load_file(out / part / "3" / run / "adapter_model.safetensors")
+        reference = load_file(recipe_root / "out" / part / "3" / run / "adapter_model.safetensors")
+        assert resumed.keys() == reference.keys()
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
 def planned_at_real_size(configs, subject, output_dir, lines, **flags):
     """--dry_run on a folder of a real model's configurations (no weights) at its own resolution, with every text
     encoder BOFT may train, in bf16: it passes, and its plan holds every one of `lines`; returns the result."""

@@ -7,12 +7,12 @@ import math
 import shutil
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import (assert_clean_error, assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args,
+from tests.helpers import (assert_clean_error, assert_recipe_outputs, assert_resumes_exactly,
+                           assert_stock_peft_reproduces_validation, assert_unmerged_merged_and_saved_agree, base_args,
                            planned_at_real_size, recipe_run, run_in_process, run_trainer)
 from utils.families import Components, family_of
 from utils.families.flux import Flux, image_ids, pack, unpack
@@ -191,42 +191,19 @@ def test_flux_trains_with_prior_preservation_and_clip(flux_run):
 
 @pytest.mark.e2e
 def test_flux_resumes_exactly(flux_run, tiny_flux_model, subject, tmp_path):
-    """Steps 1-2 from the run's checkpoint give the adapters of the uninterrupted run at step 3."""
-    from safetensors.torch import load_file
-
     out = tmp_path / "out"
-    shutil.copytree(flux_run / "out" / "checkpoints", out / "checkpoints")
-    for part in PARTS:
-        shutil.copytree(flux_run / "out" / part / "2", out / part / "2")
-    shutil.copytree(flux_run / "out" / "latent_cache", out / "latent_cache")
-    result = run_trainer(flux_args(tiny_flux_model, subject, flux_run, out, resume_from_checkpoint="latest",
-                                   validation_prompt=None))
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Resumed from" in result.stderr
-    for part in PARTS:
-        resumed = load_file(out / part / "3" / RUN / "adapter_model.safetensors")
-        reference = load_file(flux_run / "out" / part / "3" / RUN / "adapter_model.safetensors")
-        assert resumed.keys() == reference.keys()
-        assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert_resumes_exactly(flux_run, out, flux_args(tiny_flux_model, subject, flux_run, out, validation_prompt=None,
+                                                    resume_from_checkpoint="latest"), PARTS, RUN)
+
 
 
 @pytest.mark.e2e
 def test_flux_adapters_reproduce_the_validation_image_with_stock_peft(flux_run, tiny_flux_model):
     from diffusers import FluxPipeline
-    from peft import PeftModel
 
-    from utils.boft import peft_seam
+    assert_stock_peft_reproduces_validation(FluxPipeline.from_pretrained(tiny_flux_model), flux_run / "out", PARTS, RUN,
+                                            max_sequence_length=32)  # T5 read as in training
 
-    out = flux_run / "out"
-    pipeline = FluxPipeline.from_pretrained(tiny_flux_model)
-    peft_seam.install()
-    for part in PARTS:
-        setattr(pipeline, part, PeftModel.from_pretrained(getattr(pipeline, part), out / part / "3" / RUN,
-                                                          adapter_name=RUN))
-    image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64, max_sequence_length=32,
-                     generator=[torch.Generator().manual_seed(0)]).images[0]  # T5 read as in training
-    saved = np.asarray(Image.open(out / "validation" / RUN / "3" / "00_a_red_qwe_toy_0.png"), dtype=np.int16)
-    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
 
 
 @pytest.mark.e2e
@@ -281,7 +258,6 @@ def test_flux_lora_export_loads_in_diffusers_and_gives_the_merged_weights(flux_r
     from diffusers import FluxPipeline
 
     from tests.test_export import merged_pipeline, run_export
-    from utils import export
 
     lora = run_export(tiny_flux_model, flux_run / "out", RUN, "lora", tmp_path / "l.safetensors", "--rank", 64,
                       "--dtype", "fp32")

@@ -5,13 +5,12 @@ end to end on a tiny random pipeline of SD3.5 Medium's structure."""
 import shutil
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.helpers import (assert_clean_error, assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args,
-                           planned_at_real_size, recipe_run, run_in_process, run_trainer)
+from tests.helpers import (assert_clean_error, assert_recipe_outputs, assert_resumes_exactly,
+                           assert_stock_peft_reproduces_validation, assert_unmerged_merged_and_saved_agree, base_args,
+                           planned_at_real_size, recipe_run, run_in_process)
 from utils.families import Components, family_of
 from utils.families.stable_diffusion_3 import StableDiffusion3
 from utils.run.config import TimestepSampling
@@ -173,42 +172,19 @@ def test_sd3_trains_with_prior_preservation_and_both_clips(sd3_run):
 
 @pytest.mark.e2e
 def test_sd3_resumes_exactly(sd3_run, tiny_sd3_model, subject, tmp_path):
-    """Steps 1-2 from the run's checkpoint give the adapters of the uninterrupted run at step 3."""
-    from safetensors.torch import load_file
-
     out = tmp_path / "out"
-    shutil.copytree(sd3_run / "out" / "checkpoints", out / "checkpoints")
-    for part in PARTS:
-        shutil.copytree(sd3_run / "out" / part / "2", out / part / "2")
-    shutil.copytree(sd3_run / "out" / "latent_cache", out / "latent_cache")
-    result = run_trainer(sd3_args(tiny_sd3_model, subject, sd3_run, out, resume_from_checkpoint="latest",
-                                  validation_prompt=None))
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Resumed from" in result.stderr
-    for part in PARTS:
-        resumed = load_file(out / part / "3" / RUN / "adapter_model.safetensors")
-        reference = load_file(sd3_run / "out" / part / "3" / RUN / "adapter_model.safetensors")
-        assert resumed.keys() == reference.keys()
-        assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert_resumes_exactly(sd3_run, out, sd3_args(tiny_sd3_model, subject, sd3_run, out, validation_prompt=None,
+                                                  resume_from_checkpoint="latest"), PARTS, RUN)
+
 
 
 @pytest.mark.e2e
 def test_sd3_adapters_reproduce_the_validation_image_with_stock_peft(sd3_run, tiny_sd3_model):
     from diffusers import StableDiffusion3Pipeline
-    from peft import PeftModel
 
-    from utils.boft import peft_seam
+    assert_stock_peft_reproduces_validation(StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model), sd3_run / "out",
+                                            PARTS, RUN, max_sequence_length=24, guidance_scale=4.5)
 
-    out = sd3_run / "out"
-    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model)
-    peft_seam.install()
-    for part in PARTS:
-        setattr(pipeline, part, PeftModel.from_pretrained(getattr(pipeline, part), out / part / "3" / RUN,
-                                                          adapter_name=RUN))
-    image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64, max_sequence_length=24,
-                     guidance_scale=4.5, generator=[torch.Generator().manual_seed(0)]).images[0]
-    saved = np.asarray(Image.open(out / "validation" / RUN / "3" / "00_a_red_qwe_toy_0.png"), dtype=np.int16)
-    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
 
 
 @pytest.mark.e2e

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.helpers import (assert_recipe_outputs, assert_unmerged_merged_and_saved_agree, base_args,
-                           planned_at_real_size, recipe_run, run_in_process)
+from tests.helpers import (assert_recipe_outputs, assert_stock_peft_reproduces_validation,
+                           assert_unmerged_merged_and_saved_agree, base_args, planned_at_real_size, recipe_run,
+                           run_in_process)
 from utils.families import family_of
 from utils.families.stable_diffusion_xl import ENCODER_PARTS, StableDiffusionXL
 from utils.images import upright_size
@@ -170,21 +171,11 @@ def test_sdxl_trains_with_prior_preservation_and_both_text_encoders(xl_run):
 @pytest.mark.e2e
 def test_sdxl_adapters_reproduce_the_validation_image_with_stock_peft(xl_run, tiny_xl_model):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
-    from peft import PeftModel
 
-    from utils.boft import peft_seam
-
-    out = xl_run / "out"
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_xl_model, add_watermarker=False)
-    peft_seam.install()
-    for part in PARTS:
-        setattr(pipeline, part, PeftModel.from_pretrained(getattr(pipeline, part), out / part / "3" / RUN,
-                                                          adapter_name=RUN))
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64,
-                     generator=[torch.Generator().manual_seed(0)]).images[0]
-    saved = np.asarray(Image.open(out / "validation" / RUN / "3" / "00_a_red_qwe_toy_0.png"), dtype=np.int16)
-    assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
+    assert_stock_peft_reproduces_validation(pipeline, xl_run / "out", PARTS, RUN)
+
 
 
 @pytest.mark.e2e

@@ -9,7 +9,8 @@ step's activations for --dry_run, and the export key maps. A family is one file 
 and 2.x; stable_diffusion_xl.py: SDXL's two text encoders and size-and-crop conditioning; flux.py: FLUX.1's
 rectified-flow transformer, with its single-file layout in flux_layout.py; stable_diffusion_3.py: SD3's MMDiT and
 three text encoders, its layout in sd3_layout.py) plus its tests; the DDPM families share their maths (diffusion.py),
-the flow-matching ones theirs (flow_matching.py) and the single-file layouts' machinery (transformer_layout.py). `family_of` picks a family from the
+the flow-matching ones theirs and their pipelines' sampling, loading and export (flow_matching.py), and the
+single-file layouts' machinery (transformer_layout.py). `family_of` picks a family from the
 pipeline class named in the model's model_index.json, never from its name.
 """
 

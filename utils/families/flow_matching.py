@@ -1,9 +1,10 @@
-"""The training maths of the flow-matching families (FLUX.1; SD3.5 and FLUX.2 next): rectified flow.
+"""What the flow-matching transformer families (FLUX.1, SD3) share: rectified flow, and their pipelines' sampling,
+loading and export.
 
 Latents are shifted and scaled as the family's VAE says; a timestep is an index into the training scheduler's
 (shifted) schedule, drawn per example with diffusers' weighting schemes (uniform, logit-normal, mode; cosmap and
 sigma_sqrt draw uniformly and weight the loss instead); the noisy input is x_t = (1 - sigma) x + sigma eps and the
-target the velocity eps - x. A family adds its own input packing and forward call (flux.py).
+target the velocity eps - x. A family adds its own input packing and forward call (flux.py, stable_diffusion_3.py).
 """
 
 import math
@@ -47,3 +48,54 @@ class RectifiedFlow(Objective):
         noisy = (1 - sigma) * latents + sigma * noise
         weight = compute_loss_weighting_for_sd3(self.sampling.weighting_scheme, sigma)
         return TrainingTerms(noisy, self.schedule_timesteps[indices].to(latents.device), noise - latents, weight)
+
+
+class FlowMatchingTransformer:
+    """The ModelFamily members the flow-matching transformer families share (listed before ModelFamily among a
+    family's bases): sampling with the flow-matching Euler scheduler (there is no DPM-Solver variant to swap in), the
+    pipeline class named first in `pipeline_class_names`, diffusers' own LoRA names, and the makers' single-file
+    layout (`single_file_layout`, a transformer_layout.Layout) for the merged checkpoint and ComfyUI's differences."""
+
+    single_file_layout = None  # the family's transformer_layout.Layout
+
+    def sampling_scheduler(self, scheduler_config):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def _pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_names[0])
+
+    def pipeline(self, components, scheduler):
+        return self._pipeline_class()(vae=components.vae, transformer=components.denoiser, scheduler=scheduler,
+                                      **components.text_encoders, **components.tokenizers)
+
+    def load_pipeline(self, source, revision=None, dtype=None, vae_name=None):
+        from utils.families import load_vae
+
+        replaced = {"vae": load_vae(source, revision, vae_name, dtype)} if vae_name else {}
+        return self._pipeline_class().from_pretrained(source, revision=revision, dtype=dtype, **replaced)
+
+    def lora_keys(self, part, module):
+        """diffusers' own LoRA names (`transformer.<module>.lora_A.weight`, no alpha: scale 1), which the pipeline's
+        load_lora_weights reads (and ComfyUI's FLUX key map maps onto its fused layers)."""
+        return f"{part}.{module}.lora_A.weight", f"{part}.{module}.lora_B.weight", None
+
+    def single_file_tensors(self, state_of, pipeline):
+        """The merged transformer in its makers' single-file layout (their single files hold the transformer alone)."""
+        from utils.families.transformer_layout import to_original
+
+        return to_original(self.single_file_layout, state_of("transformer"))
+
+    def difference_tensors(self, changes, state_of):
+        """The transformer's differences under its makers' names after `diffusion_model.` (a fused layer's stacked
+        from its parts'), which ComfyUI maps onto its model; the text encoders' under kohya's."""
+        from utils.families.transformer_layout import fused_differences
+
+        encoders = {part: changed for part, changed in changes.items() if part != "transformer"}
+        tensors = super().difference_tensors(encoders, state_of)
+        tensors.update(fused_differences(self.single_file_layout, changes.get("transformer", {}),
+                                         state_of("transformer"), "diffusion_model."))
+        return tensors

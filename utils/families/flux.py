@@ -17,7 +17,8 @@ import torch
 
 from utils.errors import UserError
 from utils.families import Components, ModelFamily, load_vae
-from utils.families.flow_matching import RectifiedFlow
+from utils.families.flow_matching import FlowMatchingTransformer, RectifiedFlow
+from utils.families.flux_layout import BFL
 from utils.families.stable_diffusion import PROMPT_FLAGS, TEXT_ENCODER_TARGET_MODULES, text_encoder_class, tokenize
 from utils.families.stable_diffusion import warn_if_truncated
 
@@ -132,7 +133,7 @@ class FluxConditioning:
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled, "txt_ids": self.text_ids}
 
 
-class Flux(ModelFamily):
+class Flux(FlowMatchingTransformer, ModelFamily):
     name = FAMILY
     pipeline_class_names = ("FluxPipeline",)
     component_folders = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -146,6 +147,7 @@ class Flux(ModelFamily):
     accepted_flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
                       "max_sequence_length")
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
+    single_file_layout = BFL  # flux1-dev.safetensors' names: fused qkv and linear1, double_blocks / single_blocks
     takes_negative_prompt = False  # guidance-distilled: the guidance is an embedding, not a second pass
     # diffusers' FLUX DreamBooth recipe for AdamW (README_flux.md), bf16 and checkpointing to fit the 12 B transformer
     launcher_recipe = ("--learning_rate=1e-4", "--max_train_steps=500", "--guidance_scale=1", "--mixed_precision=bf16",
@@ -219,54 +221,12 @@ class Flux(ModelFamily):
             guidance=torch.full((rows,), 1.0, **meta) if transformer.config.guidance_embeds else None)
         return lambda: transformer(**arguments)
 
-    def sampling_scheduler(self, scheduler_config):
-        """FLUX samples with its own flow-matching Euler scheduler (there is no DPM-Solver variant to swap in)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
     def generation_arguments(self, config):
         guidance_embeds = guidance_embeds_of(config.pretrained_model_name_or_path, config.revision)
         return {"max_sequence_length": max_sequence_length(config, guidance_embeds)}
 
     def sampling_defaults(self, pipeline):
         return SAMPLING_DEFAULTS[bool(pipeline.transformer.config.guidance_embeds)]
-
-    def pipeline(self, components, scheduler):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline(vae=components.vae, transformer=components.denoiser, scheduler=scheduler,
-                            **components.text_encoders, **components.tokenizers)
-
-    def load_pipeline(self, source, revision=None, dtype=None, vae_name=None):
-        from diffusers import FluxPipeline
-
-        replaced = {"vae": load_vae(source, revision, vae_name, dtype)} if vae_name else {}
-        return FluxPipeline.from_pretrained(source, revision=revision, dtype=dtype, **replaced)
-
-    def lora_keys(self, part, module):
-        """diffusers' own LoRA names (`transformer.<module>.lora_A.weight`, no alpha: scale 1), which
-        FluxPipeline.load_lora_weights reads, and which ComfyUI's FLUX LoRA loader maps onto its fused layers."""
-        return f"{part}.{module}.lora_A.weight", f"{part}.{module}.lora_B.weight", None
-
-    def single_file_tensors(self, state_of, pipeline):
-        """The merged transformer in Black Forest Labs' layout (their single files hold the transformer alone)."""
-        from utils.families.flux_layout import BFL
-        from utils.families.transformer_layout import to_original
-
-        return to_original(BFL, state_of("transformer"))
-
-    def difference_tensors(self, changes, state_of):
-        """The transformer's differences under BFL's names (`diffusion_model.double_blocks.0.img_attn.qkv.diff`,
-        a fused layer's stacked from its parts'), which ComfyUI maps onto its model; CLIP-L's under kohya's."""
-        from utils.families.flux_layout import BFL
-        from utils.families.transformer_layout import fused_differences
-
-        encoders = {part: changed for part, changed in changes.items() if part != "transformer"}
-        tensors = super().difference_tensors(encoders, state_of)
-        tensors.update(fused_differences(BFL, changes.get("transformer", {}), state_of("transformer"),
-                                         "diffusion_model."))
-        return tensors
 
     def base_model_version(self, pipeline):
         return "flux1"

@@ -20,7 +20,8 @@ import torch
 
 from utils.errors import UserError
 from utils.families import Components, ModelFamily, TrainingTerms, load_vae
-from utils.families.flow_matching import RectifiedFlow
+from utils.families.flow_matching import FlowMatchingTransformer, RectifiedFlow
+from utils.families.sd3_layout import STABILITY
 from utils.families.stable_diffusion import PROMPT_FLAGS, TEXT_ENCODER_TARGET_MODULES, text_encoder_class, tokenize
 from utils.families.stable_diffusion import warn_if_truncated
 
@@ -136,7 +137,7 @@ class SD3Conditioning:
                 "pooled_projections": pooled.to(self.dtype)}
 
 
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(FlowMatchingTransformer, ModelFamily):
     name = FAMILY
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     component_folders = ("transformer", "vae", *SUPPORTED_ENCODERS, *TOKENIZER_PARTS, "scheduler")
@@ -149,6 +150,7 @@ class StableDiffusion3(ModelFamily):
     accepted_flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length",
                       "precondition_outputs")
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    single_file_layout = STABILITY  # sd3.5_large.safetensors' names: joint_blocks, fused qkv, attn2
     # the LoRA command of diffusers' SD3 DreamBooth README (4e-4, 500 steps), in bf16 with checkpointing so that
     # SD3.5 Large's 8 B transformer trains on one card
     launcher_recipe = ("--learning_rate=4e-4", "--max_train_steps=500", "--mixed_precision=bf16",
@@ -217,12 +219,6 @@ class StableDiffusion3(ModelFamily):
             timestep=torch.full((rows,), 500.0, **meta), return_dict=False)
         return lambda: transformer(**arguments)
 
-    def sampling_scheduler(self, scheduler_config):
-        """SD3 samples with its own flow-matching Euler scheduler (there is no DPM-Solver variant to swap in)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
     def generation_arguments(self, config):
         """T5's length as in training, and the model card's guidance (the pipeline's own default, 7, is neither
         card's), as inference samples."""
@@ -231,44 +227,6 @@ class StableDiffusion3(ModelFamily):
 
     def sampling_defaults(self, pipeline):
         return SAMPLING_DEFAULTS[bool(pipeline.transformer.config.dual_attention_layers)]
-
-    def pipeline(self, components, scheduler):
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline(vae=components.vae, transformer=components.denoiser, scheduler=scheduler,
-                                        **components.text_encoders, **components.tokenizers)
-
-    def load_pipeline(self, source, revision=None, dtype=None, vae_name=None):
-        from diffusers import StableDiffusion3Pipeline
-
-        replaced = {"vae": load_vae(source, revision, vae_name, dtype)} if vae_name else {}
-        return StableDiffusion3Pipeline.from_pretrained(source, revision=revision, dtype=dtype, **replaced)
-
-    def lora_keys(self, part, module):
-        """diffusers' own LoRA names (`transformer.<module>.lora_A.weight`, no alpha: scale 1), which
-        StableDiffusion3Pipeline.load_lora_weights reads."""
-        return f"{part}.{module}.lora_A.weight", f"{part}.{module}.lora_B.weight", None
-
-    def single_file_tensors(self, state_of, pipeline):
-        """The merged transformer in Stability AI's single-file layout (`joint_blocks.N.x_block.attn.qkv`),
-        as SD3Transformer2DModel.from_single_file reads it."""
-        from utils.families.sd3_layout import STABILITY
-        from utils.families.transformer_layout import to_original
-
-        return to_original(STABILITY, state_of("transformer"))
-
-    def difference_tensors(self, changes, state_of):
-        """The transformer's differences under Stability AI's names (`diffusion_model.joint_blocks.0.x_block.attn.
-        qkv.diff`, a fused layer's stacked from its parts'), which ComfyUI maps onto its model; the CLIPs' under
-        kohya's."""
-        from utils.families.sd3_layout import STABILITY
-        from utils.families.transformer_layout import fused_differences
-
-        encoders = {part: changed for part, changed in changes.items() if part != "transformer"}
-        tensors = super().difference_tensors(encoders, state_of)
-        tensors.update(fused_differences(STABILITY, changes.get("transformer", {}), state_of("transformer"),
-                                         "diffusion_model."))
-        return tensors
 
     def base_model_version(self, pipeline):
         return "sd3"
