@@ -47,7 +47,7 @@ lock:
 	  --custom-compile-command "make lock" -o $(LOCK)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # The unit tests alone (under a minute): everything but the end-to-end layer (marked e2e in each test module); the
 # slowest are listed, so that a unit test growing slow is seen.
