@@ -53,10 +53,56 @@ class RectifiedFlow(Objective):
 class FlowMatchingTransformer:
     """The ModelFamily members the flow-matching transformer families share (listed before ModelFamily among a
     family's bases): sampling with the flow-matching Euler scheduler (there is no DPM-Solver variant to swap in), the
-    pipeline class named first in `pipeline_class_names`, diffusers' own LoRA names, and the makers' single-file
-    layout (`single_file_layout`, a transformer_layout.Layout) for the merged checkpoint and ComfyUI's differences."""
+    pipeline class named first in `pipeline_class_names`, loading a transformer, text encoders and tokenizers as the
+    family declares them, diffusers' own LoRA names, and the makers' single-file layout (`single_file_layout`, a
+    transformer_layout.Layout) for the merged checkpoint and ComfyUI's differences."""
 
     single_file_layout = None  # the family's transformer_layout.Layout
+    transformer_class_name = None  # the diffusers class of its transformer/
+    supported_encoders = None  # {text encoder part: the transformers classes accepted there}
+    tokenizer_parts = None  # its tokenizer folders
+
+    def _encoder_class(self, source, revision, part):
+        from utils.families.stable_diffusion import text_encoder_class
+
+        return text_encoder_class(source, revision, part, self.supported_encoders[part], self.name)
+
+    def _transformer_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class_name)
+
+    def load(self, source, revision=None, tokenizer_name=None, vae_name=None, dtype=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from transformers import AutoTokenizer
+
+        from utils.families import Components, load_vae
+
+        return Components(
+            vae=load_vae(source, revision, vae_name),
+            denoiser=self._transformer_class().from_pretrained(source, subfolder="transformer", revision=revision,
+                                                               dtype=dtype),
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler",
+                                                                            revision=revision),
+            text_encoders={part: self._encoder_class(source, revision, part).from_pretrained(
+                source, subfolder=part, revision=revision, dtype=dtype) for part in self.supported_encoders},
+            tokenizers={part: AutoTokenizer.from_pretrained(source, subfolder=part, revision=revision)
+                        for part in self.tokenizer_parts},
+        )
+
+    def empty_models(self, source, revision=None):
+        from accelerate import init_empty_weights
+
+        classes = {part: self._encoder_class(source, revision, part) for part in self.supported_encoders}
+        configs = {part: cls.config_class.from_pretrained(source, subfolder=part, revision=revision)
+                   for part, cls in classes.items()}
+        transformer_class = self._transformer_class()
+        with init_empty_weights(include_buffers=True):  # SD3's position embedding is a buffer
+            transformer = transformer_class.from_config(transformer_class.load_config(source, subfolder="transformer",
+                                                                                      revision=revision))
+        with init_empty_weights():
+            encoders = {part: classes[part](configs[part]) for part in self.supported_encoders}
+        return transformer, encoders
 
     def sampling_scheduler(self, scheduler_config):
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -16,10 +16,10 @@ import logging
 import torch
 
 from utils.errors import UserError
-from utils.families import Components, ModelFamily, load_vae
+from utils.families import Components, ModelFamily
 from utils.families.flow_matching import FlowMatchingTransformer, RectifiedFlow
 from utils.families.flux_layout import BFL
-from utils.families.stable_diffusion import PROMPT_FLAGS, TEXT_ENCODER_TARGET_MODULES, text_encoder_class, tokenize
+from utils.families.stable_diffusion import PROMPT_FLAGS, TEXT_ENCODER_TARGET_MODULES, tokenize
 from utils.families.stable_diffusion import warn_if_truncated
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ T5_MAX_LENGTH = 512  # T5's position limit as FLUX's pipeline enforces it
 DEFAULT_MAX_LENGTH = {True: 512, False: 256}  # by guidance embedding: [dev] 512, [schnell] 256, as their pipelines
 DEFAULT_TRAINING_GUIDANCE = 3.5  # diffusers' train_dreambooth_lora_flux.py default
 SAMPLING_DEFAULTS = {True: (28, 3.5), False: (4, 0.0)}  # (steps, guidance) of [dev] and [schnell], as BFL's cards
-
-
-def encoder_class(source, revision, part):
-    return text_encoder_class(source, revision, part, SUPPORTED_ENCODERS[part], FAMILY)
 
 
 def transformer_config(source, revision=None) -> dict:
@@ -147,6 +143,9 @@ class Flux(FlowMatchingTransformer, ModelFamily):
     accepted_flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
                       "max_sequence_length")
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
+    transformer_class_name = "FluxTransformer2DModel"
+    supported_encoders = SUPPORTED_ENCODERS
+    tokenizer_parts = ("tokenizer", "tokenizer_2")
     single_file_layout = BFL  # flux1-dev.safetensors' names: fused qkv and linear1, double_blocks / single_blocks
     takes_negative_prompt = False  # guidance-distilled: the guidance is an embedding, not a second pass
     # diffusers' FLUX DreamBooth recipe for AdamW (README_flux.md), bf16 and checkpointing to fit the 12 B transformer
@@ -162,34 +161,6 @@ class Flux(FlowMatchingTransformer, ModelFamily):
                                                                        flags.revision):
             logger.warning("--guidance_scale %g is not used: %s has no guidance embedding (FLUX.1 [schnell] is "
                            "distilled without one)", flags.guidance_scale, flags.pretrained_model_name_or_path)
-
-    def load(self, source, revision=None, tokenizer_name=None, vae_name=None, dtype=None) -> Components:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import AutoTokenizer
-
-        return Components(
-            vae=load_vae(source, revision, vae_name),
-            denoiser=FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", revision=revision,
-                                                            dtype=dtype),
-            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler",
-                                                                            revision=revision),
-            text_encoders={part: encoder_class(source, revision, part).from_pretrained(
-                source, subfolder=part, revision=revision, dtype=dtype) for part in SUPPORTED_ENCODERS},
-            tokenizers={part: AutoTokenizer.from_pretrained(source, subfolder=part, revision=revision)
-                        for part in ("tokenizer", "tokenizer_2")},
-        )
-
-    def empty_models(self, source, revision=None):
-        from accelerate import init_empty_weights
-        from diffusers import FluxTransformer2DModel
-
-        classes = {part: encoder_class(source, revision, part) for part in SUPPORTED_ENCODERS}
-        configs = {part: cls.config_class.from_pretrained(source, subfolder=part, revision=revision)
-                   for part, cls in classes.items()}
-        with init_empty_weights():
-            transformer = FluxTransformer2DModel.from_config(transformer_config(source, revision))
-            encoders = {part: classes[part](configs[part]) for part in SUPPORTED_ENCODERS}
-        return transformer, encoders
 
     def prompt_ids(self, components, prompts, config):
         """CLIP-L's token ids (what a trained CLIP reads every step); T5's are encoded once (`conditioning`)."""

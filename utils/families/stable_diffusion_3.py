@@ -19,10 +19,10 @@ import functools
 import torch
 
 from utils.errors import UserError
-from utils.families import Components, ModelFamily, TrainingTerms, load_vae
+from utils.families import Components, ModelFamily, TrainingTerms
 from utils.families.flow_matching import FlowMatchingTransformer, RectifiedFlow
 from utils.families.sd3_layout import STABILITY
-from utils.families.stable_diffusion import PROMPT_FLAGS, TEXT_ENCODER_TARGET_MODULES, text_encoder_class, tokenize
+from utils.families.stable_diffusion import PROMPT_FLAGS, TEXT_ENCODER_TARGET_MODULES, tokenize
 from utils.families.stable_diffusion import warn_if_truncated
 
 FAMILY = "Stable Diffusion 3/3.5"
@@ -40,10 +40,6 @@ DEFAULT_MAX_LENGTH = 77  # T5 tokens, diffusers' train_dreambooth_lora_sd3.py de
 DEFAULT_WEIGHTING_SCHEME = "logit_normal"  # ... and its timestep sampling
 # (steps, guidance) of Stability AI's model cards: SD3.5 Medium (its blocks have attn2) and Large
 SAMPLING_DEFAULTS = {True: (40, 4.5), False: (28, 3.5)}
-
-
-def encoder_class(source, revision, part):
-    return text_encoder_class(source, revision, part, SUPPORTED_ENCODERS[part], FAMILY)
 
 
 @functools.lru_cache
@@ -150,6 +146,9 @@ class StableDiffusion3(FlowMatchingTransformer, ModelFamily):
     accepted_flags = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "max_sequence_length",
                       "precondition_outputs")
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    transformer_class_name = "SD3Transformer2DModel"
+    supported_encoders = SUPPORTED_ENCODERS
+    tokenizer_parts = TOKENIZER_PARTS
     single_file_layout = STABILITY  # sd3.5_large.safetensors' names: joint_blocks, fused qkv, attn2
     # the LoRA command of diffusers' SD3 DreamBooth README (4e-4, 500 steps), in bf16 with checkpointing so that
     # SD3.5 Large's 8 B transformer trains on one card
@@ -161,35 +160,6 @@ class StableDiffusion3(FlowMatchingTransformer, ModelFamily):
         if flags.max_sequence_length is not None and flags.max_sequence_length > T5_MAX_LENGTH:
             raise UserError(f"--max_sequence_length {flags.max_sequence_length}: SD3's T5 reads at most "
                             f"{T5_MAX_LENGTH} tokens")
-
-    def load(self, source, revision=None, tokenizer_name=None, vae_name=None, dtype=None) -> Components:
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import AutoTokenizer
-
-        return Components(
-            vae=load_vae(source, revision, vae_name),
-            denoiser=SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", revision=revision,
-                                                           dtype=dtype),
-            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler",
-                                                                            revision=revision),
-            text_encoders={part: encoder_class(source, revision, part).from_pretrained(
-                source, subfolder=part, revision=revision, dtype=dtype) for part in SUPPORTED_ENCODERS},
-            tokenizers={part: AutoTokenizer.from_pretrained(source, subfolder=part, revision=revision)
-                        for part in TOKENIZER_PARTS},
-        )
-
-    def empty_models(self, source, revision=None):
-        from accelerate import init_empty_weights
-        from diffusers import SD3Transformer2DModel
-
-        classes = {part: encoder_class(source, revision, part) for part in SUPPORTED_ENCODERS}
-        configs = {part: cls.config_class.from_pretrained(source, subfolder=part, revision=revision)
-                   for part, cls in classes.items()}
-        with init_empty_weights(include_buffers=True):  # the position embedding is a buffer
-            transformer = SD3Transformer2DModel.from_config(
-                SD3Transformer2DModel.load_config(source, subfolder="transformer", revision=revision))
-            encoders = {part: classes[part](configs[part]) for part in SUPPORTED_ENCODERS}
-        return transformer, encoders
 
     def prompt_ids(self, components, prompts, config):
         """Both CLIPs' token ids, one row per CLIP (what trained CLIPs read every step); T5's are encoded once."""
