@@ -12,7 +12,8 @@ TORCH_LOCK := requirements-torch-cpu.lock
 TORCH ?= torch==2.13.0
 UV ?= uv==0.13.9
 TOOLS := .venv-tools
-# make demo DEMO_FAMILY=sdxl (or flux, sd3): the same demo on a tiny SDXL (FLUX.1 [dev], SD3) pipeline, in folders of its own.
+# make demo DEMO_FAMILY=sdxl (or flux, sd3, klein): the same demo on a tiny SDXL (FLUX.1 [dev], SD3, FLUX.2 [klein])
+# pipeline, in folders of its own.
 DEMO_FAMILY ?= sd
 DEMO_SUFFIX := $(if $(filter-out sd,$(DEMO_FAMILY)),-$(DEMO_FAMILY),)
 DEMO_OUT ?= data/output/demo$(DEMO_SUFFIX)
@@ -72,6 +73,7 @@ benchmark: install
 	$(BIN)/python -m benchmarks.boft_step --quick
 
 clean:
-	rm -rf $(VENV) $(TOOLS) data/tiny-sd data/tiny-sdxl data/tiny-flux data/tiny-sd3 data/demo_subject \
+	rm -rf $(VENV) $(TOOLS) data/tiny-sd data/tiny-sdxl data/tiny-flux data/tiny-sd3 data/tiny-klein data/demo_subject \
 	  data/class_data/demo_toy data/class_data/demo_toy-sdxl data/class_data/demo_toy-flux data/class_data/demo_toy-sd3 \
-	  data/output/demo data/output/demo-sdxl data/output/demo-flux data/output/demo-sd3 $(DEMO_OUT)
+	  data/class_data/demo_toy-klein data/output/demo data/output/demo-sdxl data/output/demo-flux data/output/demo-sd3 \
+	  data/output/demo-klein $(DEMO_OUT)

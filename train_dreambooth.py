@@ -94,7 +94,7 @@ def preflight(config, family, layout):
     the denoiser and text encoders built on the meta device for --dry_run's plan)."""
     if problem := checkpoints.rerun_problem(layout, config):
         raise UserError(problem)
-    check_vae(config.pretrained_vae_model_name_or_path)
+    check_vae(config.pretrained_vae_model_name_or_path, family)
     denoiser, text_encoders = family.empty_models(config.pretrained_model_name_or_path, config.revision)
     check_adapter_shape(denoiser, family.denoiser_target_modules, config.boft, family.denoiser_label)
     for part in family.trainable_text_encoders if config.train_text_encoder else ():

@@ -44,6 +44,11 @@ def tiny_sd3_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_klein_model(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-klein", family="klein")
+
+
+@pytest.fixture(scope="session")
 def subject(tmp_path_factory) -> Path:
     return make_synthetic_subject(tmp_path_factory.mktemp("subject") / "toy", num_images=3)
 

@@ -241,7 +241,7 @@ def assert_unmerged_merged_and_saved_agree(pipe, pipeline_class, merged_folder, 
     merged = pipe.generate("a qwe toy", **generation)[0]
     saved = pipeline_class.from_pretrained(pipe.save_merged(merged_folder))
     assert not any("boft" in key for part in parts for key in getattr(saved, part).state_dict())
-    image = saved("a qwe toy", guidance_scale=guidance_scale, generator=[torch.Generator().manual_seed(0)],
+    image = saved(prompt="a qwe toy", guidance_scale=guidance_scale, generator=[torch.Generator().manual_seed(0)],
                   **generation).images[0]
     assert np.abs(unmerged - base).max() > 1e-2
     assert np.abs(unmerged - merged).max() <= 1e-3 and np.abs(unmerged - image).max() <= 1e-3
@@ -262,7 +262,7 @@ def assert_stock_peft_reproduces_validation(pipeline, out: Path, parts, run: str
     for part in parts:
         setattr(pipeline, part, PeftModel.from_pretrained(getattr(pipeline, part), out / part / "3" / run,
                                                           adapter_name=run))
-    image = pipeline("a red qwe toy", num_inference_steps=3, height=64, width=64,
+    image = pipeline(prompt="a red qwe toy", num_inference_steps=3, height=64, width=64,
                      generator=[torch.Generator().manual_seed(0)], **call).images[0]
     saved = np.asarray(Image.open(out / "validation" / run / "3" / "00_a_red_qwe_toy_0.png"), dtype=np.int16)
     assert np.abs(np.asarray(image, dtype=np.int16) - saved).max() <= 2
@@ -293,9 +293,10 @@ def assert_resumes_exactly(recipe_root: Path, out: Path, argv, parts, run: str) 
 
 def planned_at_real_size(configs, subject, output_dir, lines, **flags):
     """--dry_run on a folder of a real model's configurations (no weights) at its own resolution, with every text
-    encoder BOFT may train, in bf16: it passes, and its plan holds every one of `lines`; returns the result."""
-    result = run_in_process(base_args(configs, subject, output_dir, resolution=None, train_text_encoder=True,
-                                      dry_run=True, mixed_precision="bf16", **flags))
+    encoder BOFT may train (unless train_text_encoder=None), in bf16: it passes, and its plan holds every one of `lines`; returns the result."""
+    flags = {"train_text_encoder": True, **flags}  # None: a family that trains no text encoder
+    result = run_in_process(base_args(configs, subject, output_dir, resolution=None, dry_run=True,
+                                      mixed_precision="bf16", **flags))
     assert result.returncode == 0, result.stderr[-3000:]
     for line in lines:
         assert line in result.stdout, result.stdout

@@ -129,9 +129,9 @@ def test_flags_flux_cannot_honour_are_refused_before_anything_loads(tiny_flux_mo
 
 @pytest.mark.e2e
 def test_flux_flags_on_stable_diffusion_are_refused(tiny_model, subject, tmp_path):
-    both = "FLUX.1 and Stable Diffusion 3/3.5"
-    for flag, value, takers in (("weighting_scheme", "logit_normal", both), ("guidance_scale", 1.0, "FLUX.1"),
-                                ("max_sequence_length", 77, both)):
+    flow_matching = "FLUX.1, Stable Diffusion 3/3.5 and FLUX.2 [klein]"
+    for flag, value, takers in (("weighting_scheme", "logit_normal", flow_matching), ("guidance_scale", 1.0, "FLUX.1"),
+                                ("max_sequence_length", 77, flow_matching)):
         result = run_in_process(base_args(tiny_model, subject, tmp_path / "out", dry_run=True, **{flag: value}))
         assert_clean_error(result, f"--{flag} applies to {takers}; Stable Diffusion 1.x/2.x does not read it")
 

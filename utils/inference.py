@@ -271,7 +271,7 @@ class BoftPipeline:
         generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
         with peft_seam.folded(*self.peft_models.values()):  # an unmerged adapter costs nothing while generating
             return self.pipeline(
-                prompt,
+                prompt=prompt,
                 num_images_per_prompt=num_images,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
@@ -342,7 +342,7 @@ def check_model_and_adapter(args):
     if problem := removed_model_problem(args.pretrained_model_name_or_path):
         raise UserError(problem)
     family = family_of(args.pretrained_model_name_or_path, args.revision)
-    check_vae(args.pretrained_vae_model_name_or_path)
+    check_vae(args.pretrained_vae_model_name_or_path, family)
     resolve_adapter(args.output_dir, args.adapter_name, args.step)
     return family
 

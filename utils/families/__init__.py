@@ -1,4 +1,5 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, FLUX.1 and SD3, behind one abstract interface.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, FLUX.1, SD3 and FLUX.2 [klein], behind one
+abstract interface.
 
 The trainer, class images, validation, inference, evaluation and export ask a `ModelFamily` for everything that
 depends on the model: its components and how they load, the layers BOFT wraps (and which text encoders it may
@@ -8,7 +9,8 @@ weight, the forward call), the sampling scheduler and its defaults, the pipeline
 step's activations for --dry_run, and the export key maps. A family is one file here (stable_diffusion.py: SD 1.x
 and 2.x; stable_diffusion_xl.py: SDXL's two text encoders and size-and-crop conditioning; flux.py: FLUX.1's
 rectified-flow transformer, with its single-file layout in flux_layout.py; stable_diffusion_3.py: SD3's MMDiT and
-three text encoders, its layout in sd3_layout.py) plus its tests; the DDPM families share their maths (diffusion.py),
+three text encoders, its layout in sd3_layout.py; flux2_klein.py: FLUX.2 [klein]'s transformer over normalised
+patchified latents and Qwen3, its layout within) plus its tests; the DDPM families share their maths (diffusion.py),
 the flow-matching ones theirs and their pipelines' sampling, loading and export (flow_matching.py), and the
 single-file layouts' machinery (transformer_layout.py). `family_of` picks a family from the
 pipeline class named in the model's model_index.json, never from its name.
@@ -92,6 +94,7 @@ class ModelFamily(ABC):
     takes_negative_prompt = True  # its pipeline's classifier-free guidance reads a negative prompt
     launcher_recipe: tuple[str, ...] = ()  # flags train_dreambooth.sh adds for this family (utils/recipe.py)
     vae_overflows_in_fp16 = False  # the VAE stays fp32 under mixed precision unless another VAE is given
+    vae_class_name = "AutoencoderKL"  # the diffusers class of its vae/ (and of a replacement VAE)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -103,7 +106,8 @@ class ModelFamily(ABC):
         """Flags this family cannot honour, as a UserError, before anything loads; families add their own checks."""
         for name in FAMILY_FLAGS:
             if getattr(flags, name) is not None and name not in self.accepted_flags:
-                takers = " and ".join(f.name for f in _families() if name in f.accepted_flags)
+                takers = [f.name for f in _families() if name in f.accepted_flags]
+                takers = " and ".join([", ".join(takers[:-1]), takers[-1]] if len(takers) > 2 else takers)
                 raise UserError(f"--{name} applies to {takers}; {self.name} does not read it: drop the flag")
         if problem := self.resolution_problem(resolution, "trains"):
             raise UserError(problem)
@@ -206,20 +210,23 @@ class ModelFamily(ABC):
 
 def _families() -> list[ModelFamily]:
     from utils.families.flux import Flux
+    from utils.families.flux2_klein import Flux2Klein
     from utils.families.stable_diffusion import StableDiffusion
     from utils.families.stable_diffusion_3 import StableDiffusion3
     from utils.families.stable_diffusion_xl import StableDiffusionXL
 
-    return [StableDiffusion(), StableDiffusionXL(), Flux(), StableDiffusion3()]
+    return [StableDiffusion(), StableDiffusionXL(), Flux(), StableDiffusion3(), Flux2Klein()]
 
 
-def load_vae(source: str, revision=None, vae_name=None, dtype=None):
-    """The pipeline's own VAE, or a replacement (a folder or hub id holding an AutoencoderKL at its top level)."""
-    from diffusers import AutoencoderKL
+def load_vae(source: str, revision=None, vae_name=None, dtype=None, class_name="AutoencoderKL"):
+    """The pipeline's own VAE, or a replacement (a folder or hub id holding one at its top level), of the family's
+    VAE class `class_name`."""
+    import diffusers
 
+    vae_class = getattr(diffusers, class_name)
     if vae_name:
-        return AutoencoderKL.from_pretrained(vae_name, dtype=dtype)
-    return AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, dtype=dtype)
+        return vae_class.from_pretrained(vae_name, dtype=dtype)
+    return vae_class.from_pretrained(source, subfolder="vae", revision=revision, dtype=dtype)
 
 
 def hub_offline() -> bool:
@@ -255,15 +262,17 @@ def read_model_index(name_or_path: str, revision=None) -> dict:
                        "a pipeline folder in diffusers layout (as written by save_pretrained)")
 
 
-def check_vae(vae_name) -> None:
-    """A replacement VAE (--pretrained_vae_model_name_or_path; None: the model's own) is an AutoencoderKL."""
+def check_vae(vae_name, family: ModelFamily) -> None:
+    """A replacement VAE (--pretrained_vae_model_name_or_path; None: the model's own) is of the family's VAE class."""
     if vae_name is None:
         return
+    wanted = family.vae_class_name
     class_name = read_config(vae_name, "config.json", None, "VAE", "--pretrained_vae_model_name_or_path",
-                             "a folder holding an AutoencoderKL (its config.json and weights)").get("_class_name")
-    if class_name != "AutoencoderKL":
+                             f"a folder holding an {wanted} (its config.json and weights)").get("_class_name")
+    if class_name != wanted:
         found = class_name or "model of no named class"
-        raise UserError(f"--pretrained_vae_model_name_or_path {vae_name} holds a {found}, not an AutoencoderKL (a VAE)")
+        raise UserError(f"--pretrained_vae_model_name_or_path {vae_name} holds a {found}, not an {wanted} (the VAE "
+                        f"{family.name} decodes with)")
 
 
 def family_of(name_or_path: str, revision=None) -> ModelFamily:

@@ -1,10 +1,11 @@
-"""What the flow-matching transformer families (FLUX.1, SD3) share: rectified flow, and their pipelines' sampling,
-loading and export.
+"""What the flow-matching transformer families (FLUX.1, SD3, FLUX.2 [klein]) share: rectified flow, and their
+pipelines' sampling, loading and export.
 
-Latents are shifted and scaled as the family's VAE says; a timestep is an index into the training scheduler's
-(shifted) schedule, drawn per example with diffusers' weighting schemes (uniform, logit-normal, mode; cosmap and
-sigma_sqrt draw uniformly and weight the loss instead); the noisy input is x_t = (1 - sigma) x + sigma eps and the
-target the velocity eps - x. A family adds its own input packing and forward call (flux.py, stable_diffusion_3.py).
+Latents are shifted and scaled as the family's VAE says (FLUX.2 [klein] normalises them by its VAE's statistics
+instead); a timestep is an index into the training scheduler's (shifted) schedule, drawn per example with diffusers'
+weighting schemes (uniform, logit-normal, mode; cosmap and sigma_sqrt draw uniformly and weight the loss instead);
+the noisy input is x_t = (1 - sigma) x + sigma eps and the target the velocity eps - x. A family adds its own input
+packing and forward call (flux.py, stable_diffusion_3.py, flux2_klein.py).
 """
 
 import math
@@ -38,11 +39,15 @@ class RectifiedFlow(Objective):
         u = draw_schedule_fraction(generator, self.sampling)
         return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
 
+    def normalised(self, latents, noise):
+        """(the latents as the transformer reads them, the noise in the same space): here shifted and scaled as
+        the VAE's config says, the noise as drawn."""
+        return (latents - self.shift_factor) * self.scaling_factor, noise
+
     def terms(self, mean, std, latent_eps, noise, timesteps) -> TrainingTerms:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        latents = (mean + std * latent_eps.to(mean.dtype) - self.shift_factor) * self.scaling_factor
-        noise = noise.to(latents.dtype)
+        latents, noise = self.normalised(mean + std * latent_eps.to(mean.dtype), noise.to(mean.dtype))
         indices = timesteps.to("cpu")
         sigma = self.sigmas[indices].to(latents.device, latents.dtype).view(-1, *[1] * (latents.ndim - 1))
         noisy = (1 - sigma) * latents + sigma * noise
@@ -79,7 +84,7 @@ class FlowMatchingTransformer:
         from utils.families import Components, load_vae
 
         return Components(
-            vae=load_vae(source, revision, vae_name),
+            vae=load_vae(source, revision, vae_name, class_name=self.vae_class_name),
             denoiser=self._transformer_class().from_pretrained(source, subfolder="transformer", revision=revision,
                                                                dtype=dtype),
             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler",
@@ -121,7 +126,7 @@ class FlowMatchingTransformer:
     def load_pipeline(self, source, revision=None, dtype=None, vae_name=None):
         from utils.families import load_vae
 
-        replaced = {"vae": load_vae(source, revision, vae_name, dtype)} if vae_name else {}
+        replaced = {"vae": load_vae(source, revision, vae_name, dtype, self.vae_class_name)} if vae_name else {}
         return self._pipeline_class().from_pretrained(source, revision=revision, dtype=dtype, **replaced)
 
     def lora_keys(self, part, module):

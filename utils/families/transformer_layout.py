@@ -85,8 +85,9 @@ def to_original(layout: Layout, state: dict) -> dict:
         scale = kind == "weight" and layer.endswith(layout.scale_layers) and layout.scale_layers
         out[f"{layer}.{'scale' if scale else kind}"] = tensor
     for layer in layout.swapped(state):
-        for kind in KINDS:
-            out[f"{layer}.{kind}"] = _swap_halves(out[f"{layer}.{kind}"])
+        for name in (f"{layer}.{kind}" for kind in KINDS):
+            if name in out:  # FLUX.2's layers have no biases
+                out[name] = _swap_halves(out[name])
     return out
 
 

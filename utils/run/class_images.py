@@ -103,7 +103,7 @@ def generate_indices(config, family, indices: list[int], device, show_progress: 
     arguments = family.generation_arguments(config)
     for batch in tqdm(batches, desc="Class images", disable=not show_progress):
         images = pipeline(
-            [config.class_prompt] * len(batch),
+            prompt=[config.class_prompt] * len(batch),
             height=config.resolution,
             width=config.resolution,
             num_inference_steps=config.class_inference_steps,

@@ -25,7 +25,7 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
     encoders = {part: sum(p.numel() for p in model.parameters()) for part, model in text_encoders.items()}
     frozen = sum(n for part, n in encoders.items() if part not in trained_parts)
     resident = sum(p.numel() for p in denoiser.parameters()) + sum(encoders[part] for part in trained_parts)
-    weights = resident * weight_bytes + vae_parameter_count(config) * vae_bytes
+    weights = resident * weight_bytes + vae_parameter_count(config, family) * vae_bytes
     adapters = sum(trainable.values())
     adapter_bytes, optimizer_bytes = 2 * adapters * 4, adapters * (2 if config.use_8bit_adam else 8)
     batch = per_process_batch(config.train_batch_size, config.num_examples, config.num_processes)
@@ -62,11 +62,12 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
     return lines
 
 
-def vae_parameter_count(config) -> int:
+def vae_parameter_count(config, family) -> int:
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
 
+    vae_class = getattr(diffusers, family.vae_class_name)
     with init_empty_weights():
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae",
-                                                                  revision=config.revision))
+        vae = vae_class.from_config(vae_class.load_config(config.pretrained_model_name_or_path, subfolder="vae",
+                                                          revision=config.revision))
     return sum(p.numel() for p in vae.parameters())

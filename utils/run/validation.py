@@ -38,7 +38,7 @@ def generate_validation_images(pipeline, prompts, num_images, seed, steps, resol
         batch = jobs[start : start + batch_size]
         with autocast():
             images += pipeline(
-                [prompt for prompt, _ in batch],
+                prompt=[prompt for prompt, _ in batch],
                 num_inference_steps=steps,
                 height=resolution,
                 width=resolution,

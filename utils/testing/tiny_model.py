@@ -1,4 +1,4 @@
-"""Tiny Stable Diffusion, SDXL, FLUX.1 and SD3 pipelines with random weights, and a synthetic subject to train on.
+"""Tiny Stable Diffusion, SDXL, FLUX.1, SD3 and FLUX.2 [klein] pipelines with random weights, and a synthetic subject to train on.
 
 Tests, the demo and CI cannot download real weights, so they build a pipeline with the real component classes
 (UNet2DConditionModel, CLIPTextModel(WithProjection), CLIPTokenizer, AutoencoderKL, DDPMScheduler) at toy sizes,
@@ -9,6 +9,7 @@ save it with `save_pretrained`, and load it back through the same `from_pretrain
     python -m utils.testing.tiny_model data/tiny-sdxl --family sdxl      # an SDXL pipeline
     python -m utils.testing.tiny_model data/tiny-flux --family flux      # a FLUX.1 [dev] pipeline
     python -m utils.testing.tiny_model data/tiny-sd3 --family sd3        # an SD3.5 Medium-shaped pipeline
+    python -m utils.testing.tiny_model data/tiny-klein --family klein    # a FLUX.2 [klein] base pipeline
 """
 
 import argparse
@@ -238,6 +239,61 @@ def build_tiny_sd3_pipeline(seed: int = 0):
     )
 
 
+# Qwen3's chat template as far as Flux2KleinPipeline uses it: one user turn, the assistant's turn opened, thinking off.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- if enable_thinking is defined and enable_thinking is "
+    "false %}<think>\n\n</think>\n\n{%- endif %}{%- endif %}")
+QWEN_HIDDEN_SIZE = 16
+QWEN_LAYERS = 28  # the pipeline reads the hidden states of layers 9, 18 and 27
+
+
+def _tiny_qwen_tokenizer():
+    """A byte-level BPE over CLIP's byte alphabet with no merges (every byte a token), Qwen's special tokens and a
+    chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocabulary = {token: i for i, token in enumerate(_byte_alphabet() + specials)}
+    backend = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_klein_pipeline(seed: int = 0):
+    """A Flux2KleinPipeline with random weights: FLUX.2 [klein] base's structure (double- and single-stream blocks
+    over patchified latents normalised by the VAE's batch norm, four-axis rotary ids, no guidance embedding; Qwen3
+    read at three layers through its chat template) at toy size."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_qwen_tokenizer()
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=QWEN_HIDDEN_SIZE, intermediate_size=32, num_hidden_layers=QWEN_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+        tie_word_embeddings=True))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=FLUX_HEAD_DIM,
+        num_attention_heads=FLUX_HEADS, joint_attention_dim=3 * QWEN_HIDDEN_SIZE, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(16, 16, 16, 16), latent_channels=4, norm_num_groups=8,
+                             layers_per_block=1, sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+    vae.bn.running_mean.uniform_(-0.5, 0.5)  # statistics away from (0, 1), so that the normalisation shows
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=False)
+
+
 def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
     """A tiny DINO-style ViT and a tiny CLIP, random weights, with their processors: (dino folder, clip folder)."""
     from transformers import (
@@ -276,7 +332,7 @@ def save_tiny_metric_models(folder, seed: int = 0) -> tuple[Path, Path]:
 BUILDERS = {"sd": (build_tiny_pipeline, True), "sdxl": (build_tiny_xl_pipeline, True),
             "flux": (lambda: build_tiny_flux_pipeline(guidance_embeds=True), False),
             "flux-schnell": (lambda: build_tiny_flux_pipeline(guidance_embeds=False), False),
-            "sd3": (build_tiny_sd3_pipeline, False)}
+            "sd3": (build_tiny_sd3_pipeline, False), "klein": (build_tiny_klein_pipeline, False)}
 
 
 def save_tiny_pipeline(folder, prediction_type: str | None = None, family: str = "sd") -> Path:
@@ -312,7 +368,7 @@ def main(argv=None):
                         help="sd and sdxl (default epsilon); flow-matching families have none")
     parser.add_argument("--family", default="sd", choices=list(BUILDERS),
                         help="sd: SD 1.x/2.x structure; sdxl; flux: FLUX.1 [dev]; flux-schnell: without guidance; "
-                        "sd3: SD3.5 Medium's structure")
+                        "sd3: SD3.5 Medium's structure; klein: FLUX.2 [klein] base's")
     parser.add_argument("--subject", help="also write a synthetic subject's photos to this folder")
     parser.add_argument("--metric_models", help="also write tiny random DINO and CLIP models to this folder (dino/, "
                         "clip/), for utils.evaluate's --dino_model and --clip_model offline")
