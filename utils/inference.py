@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from utils.checks import DTYPE_NAMES, add_adapter_arguments
+from utils.quantization import KINDS as QUANTIZATION_KINDS
 
 
 def build_parser():
@@ -33,6 +34,10 @@ def build_parser():
     parser.add_argument("--resolution", type=int, default=None, help="Default: the model's own.")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available).")
     parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--base_quantization", default=None, choices=QUANTIZATION_KINDS,
+                        help="Hold the base's denoiser (and T5's or Qwen3's) weights quantized with bitsandbytes, to "
+                        "generate on a smaller GPU; the adapter is applied unmerged (--merge and --save_merged need "
+                        "the full-precision base).")
     parser.add_argument("--merge", action="store_true", help="Merge the adapter into the weights before generating.")
     parser.add_argument("--save_merged", default=None, help="Also save the merged pipeline to this folder.")
     parser.add_argument("--out", default="generated.png", help="PNG to write.")
@@ -45,12 +50,14 @@ if __name__ == "__main__":  # --help and usage mistakes answer before torch and 
 # The rest is imported once the command line parses.
 import torch
 
+from utils import quiet
 from utils.atomic import atomic_folder
 from utils.boft import peft_seam
 from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import check_vae, family_of
 from utils.layout import RunLayout
+from utils.quantization import merge_refused, quantize_pipeline
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
@@ -106,9 +113,9 @@ class BoftPipeline:
     when it becomes active (and the base model's put back for the base model or an adapter without them), so any
     number of subjects share one pipeline and each gives the image it gives loaded alone."""
 
-    def __init__(self, pipeline, family):
+    def __init__(self, pipeline, family, quantization=None):
         peft_seam.install()
-        self.pipeline, self.family = pipeline, family
+        self.pipeline, self.family, self.quantization = pipeline, family, quantization
         self.sampling_defaults = family.sampling_defaults(pipeline)  # (steps, guidance) when the caller gives none
         self.peft_models = {}  # part -> PeftModel wrapping the pipeline's own module
         self.active = None
@@ -117,18 +124,20 @@ class BoftPipeline:
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm", vae_name=None,
-                        family=None):
+                        family=None, quantization=None):
         """The base model's pipeline (of its family: utils/families, read from the model unless given), on the best
         device unless told; `vae_name`: a VAE in place of the model's (the run's --pretrained_vae_model_name_or_path).
         `scheduler`: "dpm" samples with the family's sampling scheduler (SD: DPM-Solver), "pipeline" with the
-        model's own."""
+        model's own. `quantization` ("nf4", "int8"): the frozen base held quantized (utils/quantization.py)."""
         device, torch_dtype = choose_device_and_dtype(device, dtype)
         family = family or family_of(name_or_path, revision)
         pipeline = family.load_pipeline(name_or_path, revision, torch_dtype, vae_name)
+        if quantization:
+            quantize_pipeline(family, pipeline, quantization, torch_dtype, device)
         if scheduler == "dpm":
             pipeline.scheduler = family.sampling_scheduler(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline.to(device), family)
+        return cls(pipeline.to(device), family, quantization)
 
     @property
     def adapters(self) -> list[str]:
@@ -197,6 +206,8 @@ class BoftPipeline:
         """Fold the active adapter into the base weights (no BOFT cost when generating); set_adapter undoes it."""
         if self.active is None:
             raise UserError("no adapter is active: load one, or set_adapter(name), before merging")
+        if self.quantization:
+            raise merge_refused()
         for peft_model in self.peft_models.values():
             if self.active in peft_model.peft_config and not peft_seam.is_merged(peft_model):
                 peft_model.base_model.merge_adapter([self.active])
@@ -304,6 +315,11 @@ def check_arguments(args):
                         f"{args.guidance_scale}")
     if args.device and (problem := device_problem(args.device)):
         raise UserError(problem)
+    if args.base_quantization and (args.merge or args.save_merged):
+        raise UserError(f"--base_quantization with {'--merge' if args.merge else '--save_merged'}: "
+                        f"{merge_refused()}")
+    if args.base_quantization and not quiet.bitsandbytes_installed():
+        raise UserError(f"--base_quantization {args.base_quantization} needs bitsandbytes: pip install bitsandbytes")
     if args.save_merged and Path(args.save_merged).exists() and not Path(args.save_merged).is_dir():
         raise UserError(f"--save_merged {args.save_merged} is a file; give a folder for the merged pipeline")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -353,7 +369,8 @@ def main(argv=None, args=None):
     try:
         family = check_arguments(args)  # before any weight loads
         pipe = BoftPipeline.from_pretrained(args.pretrained_model_name_or_path, args.revision, args.device, args.dtype,
-                                            vae_name=args.pretrained_vae_model_name_or_path, family=family)
+                                            vae_name=args.pretrained_vae_model_name_or_path, family=family,
+                                            quantization=args.base_quantization)
         step = pipe.load_adapter(args.output_dir, args.adapter_name, args.step)
         if args.merge:
             pipe.merge()

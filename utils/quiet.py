@@ -7,7 +7,7 @@ category and module, never by sentence, so that the next release's wording is co
 TRANSFORMERS_VERBOSITY / DIFFUSERS_VERBOSITY set by the user win.
 
 bitsandbytes (0.8 s and a log line at import, which peft triggers by importing it whenever it is installed) is
-hidden from imports until `import_bitsandbytes()` asks for it: --use_8bit_adam does.
+hidden from imports until `import_bitsandbytes()` asks for it: --use_8bit_adam and --base_quantization do.
 """
 
 import logging
@@ -58,14 +58,16 @@ def bitsandbytes_installed() -> bool:
     return True
 
 
-def import_bitsandbytes():
-    """bitsandbytes, imported now (quietly): the one way this project loads it."""
+def import_bitsandbytes(needed_by: str = "--use_8bit_adam"):
+    """bitsandbytes, imported now (quietly): the one way this project loads it; `needed_by` names the flag that
+    asked, for the message when it cannot load."""
     if sys.modules.get(DEFERRED_MODULE, False) is None:
         del sys.modules[DEFERRED_MODULE]
     try:
         import bitsandbytes
-    except ImportError as error:
+    except Exception as error:  # an ImportError, or a broken native library raising something else
         from utils.errors import UserError
 
-        raise UserError(f"--use_8bit_adam needs bitsandbytes ({error}): pip install bitsandbytes") from None
+        raise UserError(f"{needed_by} needs bitsandbytes, which cannot be imported here ({type(error).__name__}: "
+                        f"{error}): pip install bitsandbytes") from None
     return bitsandbytes

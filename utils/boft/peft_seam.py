@@ -29,6 +29,7 @@ from utils.boft.rotation import (
 )
 from utils.boft.shapes import BoftSettings, check_adapter_shape
 from utils.errors import UserError
+from utils.quantization import is_quantized, merge_refused
 
 # peft minor versions whose BOFT internals this module was written against (requirements.txt pins the same range).
 RECOGNISED_PEFT_VERSIONS = ("0.21",)
@@ -236,14 +237,20 @@ def layer_blocks(layer, adapter: str):
 
 
 def boft_linear(layer, x, adapter: str, side: str):
-    """y = s * (x R) W^T + b, peft's BOFT Linear, with R applied on the weight or on the activations."""
-    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    """y = s * (x R) W^T + b, peft's BOFT Linear, with R applied on the weight or on the activations (always on
+    the activations over a quantized base, whose own kernel then multiplies by its weight)."""
+    base = layer.base_layer
+    weight, bias = base.weight, base.bias
     boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
     blocks = layer_blocks(layer, adapter)
     if side == "weight":  # W_eff = diag(s) W R^T
         rotated = rotate_rows(weight.to(blocks.dtype), blocks, rotation_plan(layer, boft_r, True))
         return F.linear(x, (rotated * boft_s.view(-1, 1)).to(weight.dtype), bias).to(x.dtype)
     rotated_x = rotate_rows(x, blocks.to(x.dtype), rotation_plan(layer, boft_r, False))
+    if is_quantized(base):
+        result = base(rotated_x)
+        result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result - bias, boft_s.view(-1))
+        return result.to(x.dtype)
     result = F.linear(rotated_x, weight)
     result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result, boft_s.view(-1))
     return result.to(x.dtype)
@@ -260,9 +267,9 @@ def fast_boft_forward(layer, x, *args, **kwargs):
     if layer.disable_adapters or layer.merged or adapter is None or args or kwargs:
         return _peft_layer_module().Linear.forward(layer, x, *args, **kwargs)
     m, _, h, _ = layer.boft_R[adapter].shape
-    out_features, in_features = layer.base_layer.weight.shape
     training = torch.is_grad_enabled() and any(r.requires_grad for r in layer.boft_R.values())
-    side = cheaper_side(out_features, in_features, x.numel() // in_features, m, h, training)
+    side = "activation" if is_quantized(layer.base_layer) else cheaper_side(
+        layer.out_features, layer.in_features, x.numel() // layer.in_features, m, h, training)
     return boft_linear(layer, x, adapter, side)
 
 
@@ -284,8 +291,8 @@ def folded(*models):
         for model in models:
             for layer in model.modules():
                 adapter = _active_adapter(layer) if getattr(layer, "_fast_boft", False) else None
-                if adapter is None or layer.merged or layer.disable_adapters:
-                    continue
+                if adapter is None or layer.merged or layer.disable_adapters or is_quantized(layer.base_layer):
+                    continue  # a quantized weight is not folded: the forward rotates its input
                 weight = layer.base_layer.weight
                 swapped.append((layer, weight.data))
                 weight.data = merged_weight(layer, adapter)
@@ -302,6 +309,8 @@ def structured_merge(layer, safe_merge: bool = False, adapter_names=None) -> Non
     """peft's BOFT merge (W <- diag(s) W R^T), with the rotation applied to W's rows instead of built densely."""
     from peft.tuners.tuners_utils import check_adapters_to_merge
 
+    if is_quantized(layer.base_layer):
+        raise merge_refused()
     weight = layer.base_layer.weight
     for name in check_adapters_to_merge(layer, adapter_names):
         if name not in layer.boft_R:
@@ -328,14 +337,15 @@ def structured_unmerge(layer) -> None:
 
 
 def use_fast_forward(peft_model) -> int:
-    """Route every plain-Linear BOFT layer through fast_boft_forward and structured_merge; return how many (none
-    when peft was not recognised: stock peft stays)."""
+    """Route every BOFT layer over a plain or quantized (bitsandbytes) Linear through fast_boft_forward and
+    structured_merge; return how many (none when peft was not recognised: stock peft stays)."""
     if not install():
         return 0
     layer_class = _peft_layer_module().Linear
     count = 0
     for module in peft_model.modules():
-        if isinstance(module, layer_class) and type(module.get_base_layer()) is torch.nn.Linear:
+        base = module.get_base_layer() if isinstance(module, layer_class) else None
+        if type(base) is torch.nn.Linear or is_quantized(base):
             if all(hasattr(module, a) for a in _PEFT_LAYER_ATTRIBUTES):
                 module.forward = types.MethodType(fast_boft_forward, module)
                 module.merge = types.MethodType(structured_merge, module)

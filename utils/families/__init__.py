@@ -316,10 +316,12 @@ def vae_dtype(family, mixed_precision, vae_replaced: bool):
 
 def cast_frozen(model, dtype):
     """Frozen weights take the mixed-precision dtype; trainable (adapter) parameters are fp32 (peft creates them in
-    the dtype of the weights they adapt, which a base loaded in bf16 has)."""
+    the dtype of the weights they adapt, which a base loaded in bf16 has). Quantized weights (integer codes) stay."""
     import torch
 
     for parameter in model.parameters():
+        if not parameter.is_floating_point():
+            continue
         parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else dtype)
 
 

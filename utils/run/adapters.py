@@ -4,6 +4,7 @@ import logging
 
 from utils.boft import peft_seam
 from utils.families import cast_frozen, enable_xformers, vae_dtype, weight_dtype
+from utils.quantization import quantize_base
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +17,9 @@ def wrap_with_adapters(config, family, components, device, mixed_precision) -> d
     components.vae.requires_grad_(False).to(device, vae_dtype(family, mixed_precision,
                                                               bool(config.pretrained_vae_model_name_or_path)))
     denoiser = family.denoiser_part
+    if config.base_quantization:  # before the adapters, which then wrap the quantized layers
+        logger.info(quantize_base(family, {denoiser: components.denoiser, **components.text_encoders},
+                                  config.base_quantization, dtype, device))
     trained = {denoiser: peft_seam.add_boft_adapter(components.denoiser, family.denoiser_target_modules, config.boft,
                                                     config.run_name, family.denoiser_label)}
     components.denoiser = trained[denoiser]

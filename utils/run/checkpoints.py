@@ -39,6 +39,7 @@ COMPATIBILITY_SETTINGS = (
     "train_batch_size",
     "gradient_accumulation_steps",
     "num_processes",
+    "base_quantization",  # absent from older checkpoints: None, as unquantized runs have it
 )
 
 

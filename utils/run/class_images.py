@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from utils.atomic import atomic_file, remove_partials
 from utils.checks import unwritable_ancestor
 from utils.images import list_images
+from utils.quantization import quantize_pipeline
 from utils.errors import UserError
 from utils.run.lock import FileLock
 
@@ -95,7 +96,10 @@ def generate_indices(config, family, indices: list[int], device, show_progress: 
     class_dir = Path(config.class_data_dir)
     dtype = generation_dtype(config.prior_generation_precision, device.type)
     pipeline = family.load_pipeline(config.pretrained_model_name_or_path, config.revision, dtype,
-                                    config.pretrained_vae_model_name_or_path).to(device)
+                                    config.pretrained_vae_model_name_or_path)
+    if config.base_quantization:  # the class images come from the base the run trains on
+        logger.info(quantize_pipeline(family, pipeline, config.base_quantization, dtype, device))
+    pipeline = pipeline.to(device)
     if config.class_scheduler == "dpm":
         pipeline.scheduler = family.sampling_scheduler(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)

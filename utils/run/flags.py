@@ -16,6 +16,7 @@ from utils import quiet
 from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE
 from utils.layout import RunLayout, check_run_name
+from utils.quantization import KINDS as QUANTIZATION_KINDS
 
 MIN_RESOLUTION = 32  # a latent of 4 x 4: anything smaller leaves the UNet's downsampling nothing to work on
 DEFAULT_ADAPTER_NAME = "dreambooth_boft"
@@ -142,13 +143,14 @@ WEIGHTING_SCHEMES = ["none", "logit_normal", "mode", "cosmap", "sigma_sqrt"]
 
 
 def _flow_matching_group(parser):
-    """diffusers' flags for the flow-matching transformers (FLUX.1, SD3); other families refuse them."""
-    group = parser.add_argument_group("flow matching (FLUX.1, SD3)")
+    """diffusers' flags for the flow-matching transformers (FLUX.1, SD3, FLUX.2 [klein]); a family that does not
+    read one refuses it."""
+    group = parser.add_argument_group("flow matching (FLUX.1, SD3, FLUX.2 [klein])")
     group.add_argument(
         "--weighting_scheme", default=None, choices=WEIGHTING_SCHEMES,
         help="How training timesteps are drawn and weighted: none (uniform), logit_normal or mode (non-uniform "
         "draws), cosmap or sigma_sqrt (uniform draws, weighted loss). Default as diffusers' scripts: none for "
-        "FLUX.1, logit_normal for SD3.")
+        "FLUX.1 and FLUX.2 [klein], logit_normal for SD3.")
     group.add_argument("--logit_mean", type=float, default=None, help="Mean of logit_normal (default 0).")
     group.add_argument("--logit_std", type=float, default=None, help="Standard deviation of logit_normal (default 1).")
     group.add_argument("--mode_scale", type=float, default=None, help="Scale of the mode scheme (default 1.29).")
@@ -158,8 +160,8 @@ def _flow_matching_group(parser):
         "default; its README trains with 1). [schnell] has no guidance embedding.")
     group.add_argument(
         "--max_sequence_length", type=int, default=None,
-        help="T5 tokens a prompt is encoded to (at most 512; default 512 for FLUX.1 [dev], 256 for [schnell], "
-        "as their pipelines; 77 for SD3, as diffusers' SD3 script).")
+        help="T5 (klein: Qwen3) tokens a prompt is encoded to (at most 512; default 512 for FLUX.1 [dev] and "
+        "FLUX.2 [klein], 256 for [schnell], as their pipelines; 77 for SD3, as diffusers' SD3 script).")
     group.add_argument(
         "--precondition_outputs", type=int, default=None, choices=[0, 1],
         help="SD3: 1 (the default, as diffusers' SD3 script) regresses the clean latents x_t - sigma * prediction "
@@ -194,6 +196,11 @@ def _training_group(parser):
     group.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    group.add_argument(
+        "--base_quantization", default=None, choices=QUANTIZATION_KINDS,
+        help="Hold the frozen denoiser's Linear weights (and T5's or Qwen3's) quantized with bitsandbytes: nf4 "
+        "(4-bit NormalFloat, as QLoRA) or int8 (LLM.int8()); BOFT trains in full precision on top. Merging is then "
+        "done on the full-precision base (utils.inference --merge, utils.export).")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     group.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     group.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
@@ -400,6 +407,9 @@ def _check_values(args, problems):
         )
     if args.use_8bit_adam and not quiet.bitsandbytes_installed():
         problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
+    if args.base_quantization and not quiet.bitsandbytes_installed():
+        problems.append(f"--base_quantization {args.base_quantization} needs bitsandbytes: pip install bitsandbytes "
+                        "(or drop the flag)")
     if not 0 <= args.boft_dropout < 1:
         problems.append(f"--boft_dropout must be in [0, 1), got {args.boft_dropout}")
     if args.with_prior_preservation:

@@ -5,6 +5,7 @@ from utils.families import vae_dtype, weight_dtype
 from utils.run.activations import activation_bytes
 from utils.images import list_images
 from utils.run.data import per_process_batch
+from utils.quantization import quantizable_layers, quantized_bytes
 
 GB = 2**30
 
@@ -22,10 +23,12 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
     weight_bytes = dtype.itemsize
     vae_bytes = vae_dtype(family, mixed_precision, bool(config.pretrained_vae_model_name_or_path)).itemsize
     trained_parts = family.trainable_text_encoders if config.train_text_encoder else ()
-    encoders = {part: sum(p.numel() for p in model.parameters()) for part, model in text_encoders.items()}
+    quantization = config.base_quantization
+    encoders = {part: model_bytes(model, weight_bytes, quantization if part not in family.trainable_text_encoders
+                                  else None) for part, model in text_encoders.items()}
     frozen = sum(n for part, n in encoders.items() if part not in trained_parts)
-    resident = sum(p.numel() for p in denoiser.parameters()) + sum(encoders[part] for part in trained_parts)
-    weights = resident * weight_bytes + vae_parameter_count(config, family) * vae_bytes
+    weights = (model_bytes(denoiser, weight_bytes, quantization) + sum(encoders[part] for part in trained_parts)
+               + vae_parameter_count(config, family) * vae_bytes)
     adapters = sum(trainable.values())
     adapter_bytes, optimizer_bytes = 2 * adapters * 4, adapters * (2 if config.use_8bit_adam else 8)
     batch = per_process_batch(config.train_batch_size, config.num_examples, config.num_processes)
@@ -45,11 +48,12 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
         f"  optimizer steps: {config.max_train_steps} ({config.num_examples} examples per epoch, batch "
         f"{batch} x {config.num_processes} process(es) x {config.gradient_accumulation_steps} accumulation)",
         f"  memory per process, before activations: weights {weights / GB:.2f} GB "
-        f"({mixed_precision or 'fp32'}{', the VAE in fp32' if vae_bytes > weight_bytes else ''}), adapters and "
+        f"({mixed_precision or 'fp32'}{', the VAE in fp32' if vae_bytes > weight_bytes else ''}"
+        f"{f', the {family.denoiser_label} Linear layers in {quantization}' if quantization else ''}), adapters and "
         f"their gradients {adapter_bytes / GB:.3f} GB, optimizer state {optimizer_bytes / GB:.3f} GB",
     ]
     if frozen:
-        lines.append(f"  on a GPU the frozen text encoders ({frozen * weight_bytes / GB:.2f} GB) leave it once the prompts "
+        lines.append(f"  on a GPU the frozen text encoders ({frozen / GB:.2f} GB) leave it once the prompts "
                      "are encoded, and come back for validation")
     rows = batch * (2 if config.with_prior_preservation else 1)
     kept = activation_bytes(family, denoiser, config.resolution, rows, dtype, config)
@@ -60,6 +64,16 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
                  f"configured (gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}), plus the "
                  "framework's workspace")
     return lines
+
+
+def model_bytes(model, weight_bytes: int, quantization=None) -> int:
+    """What a frozen model's weights take on the accelerator (a meta-device model will do): `weight_bytes` a
+    parameter, but the quantizable Linear weights quantized when `quantization` is given."""
+    total = sum(p.numel() for p in model.parameters()) * weight_bytes
+    if quantization:
+        full = sum(layer.weight.numel() for layer in quantizable_layers(model).values()) * weight_bytes
+        total += quantized_bytes(model, quantization) - full
+    return total
 
 
 def vae_parameter_count(config, family) -> int:
