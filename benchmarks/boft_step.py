@@ -1,6 +1,6 @@
 """Time one denoiser training step (batch 2, AdamW step included) with BOFT: the fast forward, stock peft, the floor.
 
-The floor is the frozen denoiser (a UNet, or FLUX.1's transformer) with the gradient flowing to its input: what any
+The floor is the frozen denoiser (a UNet, or a transformer) with the gradient flowing to its input: what any
 adapter costs at least. Each configuration runs in a fresh process (so peak RSS is its own) that alternates BOFT
 steps with floor steps of the same denoiser, adapters disabled; ratios divide medians from that one process, so a
 shared machine's drift hits both alike. The floor's own row (time and peak RSS) comes from a process that holds only
@@ -11,6 +11,8 @@ trainer does on a CPU.
     python -m benchmarks.boft_step --arch sd15 sd21 --resolution 128 256 512 --factors 1 2 4
     python -m benchmarks.boft_step --arch sdxl --factors 1            # SDXL base (2.6 B parameters, 11 GB fp32)
     python -m benchmarks.boft_step --arch flux1 --resolution 256      # FLUX.1's widths, one block of each kind
+    python -m benchmarks.boft_step --arch klein4b sd35m --block_size 32 --resolution 256 512 --modes fast
+                                                                      # FLUX.2 [klein] 4B's and SD3.5 Medium's widths
     python -m benchmarks.boft_step --profile --resolution 256         # the top operations of one BOFT step
     python -m benchmarks.boft_step --accumulation 4 --factors 1 2     # 4 micro-batches a step, against 4 floor steps
     python -m benchmarks.boft_step --device cuda --resolution 512 --precision fp16   # on a GPU, under fp16 autocast
@@ -33,6 +35,8 @@ import torch
 from benchmarks.arithmetic import (counted_floor, inverse_multiply_adds, lower_bound, measured_inverse_seconds,
                                    with_measured_inverse)
 from benchmarks.flux_architecture import build_flux_transformer, flux_step_inputs
+from benchmarks.klein_architecture import build_klein_transformer, klein_step_inputs
+from benchmarks.sd3_architecture import build_sd3_transformer, sd3_step_inputs
 from benchmarks.sd_architectures import added_conditioning, build_unet
 from utils.run.cpu_allocator import keep_freed_memory
 
@@ -58,7 +62,7 @@ def peak_rss_mb() -> int:
     return 0
 
 
-def make_model(unet, mode: str, n_factors: int, block_num: int, targets):
+def make_model(unet, mode: str, n_factors: int, block_num: int, targets, block_size: int = 0):
     """(model, optimizer, rotation cache or None): the frozen UNet for the floor, else the UNet with a BOFT adapter
     (the fast forward with the trainer's RotationCache)."""
     if mode == "floor":
@@ -69,7 +73,8 @@ def make_model(unet, mode: str, n_factors: int, block_num: int, targets):
 
     if not peft_seam.install():
         raise SystemExit("peft is not recognised by utils/boft/peft_seam.py: nothing to benchmark")
-    config = BOFTConfig(boft_block_num=block_num, boft_block_size=0, boft_n_butterfly_factor=n_factors,
+    config = BOFTConfig(boft_block_num=0 if block_size else block_num, boft_block_size=block_size,
+                        boft_n_butterfly_factor=n_factors,
                         boft_dropout=0.1, target_modules=list(targets))
     model = get_peft_model(unet, config)
     rotations = None
@@ -117,29 +122,41 @@ def floor_step(model, inputs, micro_batches=1, precision="fp32") -> float:
         return one_step(model, None, inputs, micro_batches, precision=precision)
 
 
-ARCHITECTURES = ["sd15", "sd21", "sdxl", "flux1"]
-FLUX_TEXT_TOKENS = 64  # a DreamBooth prompt's T5 tokens (--max_sequence_length 64); FLUX's default pads to 512
+ARCHITECTURES = ["sd15", "sd21", "sdxl", "flux1", "klein4b", "sd35m"]
+FLUX_TEXT_TOKENS = 64  # a DreamBooth prompt's T5 (klein: Qwen3) tokens; the pipelines' defaults pad to 512 (SD3: 77)
 
 
-def set_up(arch, resolution, mode, n_factors, block_num, device="cpu"):
+def transformer_set_up(arch):
+    """(transformer, its family's BOFT targets, inputs(transformer, batch, px, text tokens, generator)) of a
+    transformer architecture, at one or two blocks of the real widths."""
+    from utils.families import flux, flux2_klein, stable_diffusion_3
+
+    if arch == "flux1":
+        return build_flux_transformer(), flux.TRANSFORMER_TARGET_MODULES, flux_step_inputs
+    if arch == "klein4b":
+        return build_klein_transformer("4b"), flux2_klein.TRANSFORMER_TARGET_MODULES, klein_step_inputs
+    return build_sd3_transformer("medium"), stable_diffusion_3.TRANSFORMER_TARGET_MODULES, sd3_step_inputs
+
+
+def set_up(arch, resolution, mode, n_factors, block_num, device="cpu", block_size=0):
     """(model, optimizer or None, rotation cache or None, (latents, forward)) at batch 2 for an architecture and a
     BOFT forward, on `device`."""
-    from utils.families.flux import TRANSFORMER_TARGET_MODULES
     from utils.families.stable_diffusion import UNET_TARGET_MODULES
     from utils.families.stable_diffusion_xl import UNET_TARGET_MODULES as XL_UNET_TARGET_MODULES
 
     generator = torch.Generator().manual_seed(0)
     on_device = lambda value: value.to(device) if isinstance(value, torch.Tensor) else value
-    if arch == "flux1":
-        denoiser = build_flux_transformer().to(device)
-        model, optimizer, rotations = make_model(denoiser, mode, n_factors, block_num, TRANSFORMER_TARGET_MODULES)
-        latents, arguments = flux_step_inputs(denoiser, 2, resolution, FLUX_TEXT_TOKENS, generator)
+    if arch in ("flux1", "klein4b", "sd35m"):
+        denoiser, targets, step_inputs = transformer_set_up(arch)
+        denoiser.to(device)
+        model, optimizer, rotations = make_model(denoiser, mode, n_factors, block_num, targets, block_size)
+        latents, arguments = step_inputs(denoiser, 2, resolution, FLUX_TEXT_TOKENS, generator)
         arguments = {name: on_device(value) for name, value in arguments.items()}
         return model, optimizer, rotations, (latents.to(device), lambda m, x: m(hidden_states=x, **arguments)[0])
     unet, text_dim = build_unet(arch)
     unet.to(device)
     targets = XL_UNET_TARGET_MODULES if arch == "sdxl" else UNET_TARGET_MODULES
-    model, optimizer, rotations = make_model(unet, mode, n_factors, block_num, targets)
+    model, optimizer, rotations = make_model(unet, mode, n_factors, block_num, targets, block_size)
     size = resolution // 8
     latents, timesteps = torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500])
     context = torch.randn(2, 77, text_dim, generator=generator)
@@ -151,9 +168,9 @@ def set_up(arch, resolution, mode, n_factors, block_num, device="cpu"):
 
 
 def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
-                precision="fp32") -> dict:
+                precision="fp32", block_size=0) -> dict:
     keep_freed_memory()
-    model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num, device)
+    model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num, device, block_size)
     bound = attainable = None
     if optimizer is not None:
         floor_flops, extra = counted_floor(lambda: floor_step(model, inputs), model, micro_batches)
@@ -173,12 +190,12 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
             "peak_rss_mb": peak_memory_mb(device), "bound": bound, "with_measured_inverse": attainable}
 
 
-def profile_one(arch, resolution, n_factors, block_num, rows=15) -> str:
+def profile_one(arch, resolution, n_factors, block_num, rows=15, block_size=0) -> str:
     """The top operations (by their own CPU time) of one fast BOFT step, after the untimed rounds."""
     from torch.profiler import ProfilerActivity, profile
 
     keep_freed_memory()
-    model, optimizer, rotations, inputs = set_up(arch, resolution, "fast", n_factors, block_num)
+    model, optimizer, rotations, inputs = set_up(arch, resolution, "fast", n_factors, block_num, block_size=block_size)
     for _ in range(WARM_UP_ROUNDS):
         one_step(model, optimizer, inputs, rotations=rotations)
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -187,22 +204,23 @@ def profile_one(arch, resolution, n_factors, block_num, rows=15) -> str:
 
 
 def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
-                          precision="fp32") -> dict:
+                          precision="fp32", block_size=0) -> dict:
     command = [sys.executable, "-m", "benchmarks.boft_step", "--one", arch, str(resolution), mode, str(n_factors),
-               "--block_num", str(block_num), "--repeats", str(repeats), "--accumulation", str(micro_batches),
-               "--device", device, "--precision", precision]
+               "--block_num", str(block_num), "--block_size", str(block_size), "--repeats", str(repeats),
+               "--accumulation", str(micro_batches), "--device", device, "--precision", precision]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision):
-    floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches, device, precision)
+def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision, block_size=0):
+    floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches, device, precision,
+                                  block_size)
     print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.3f} | 1.00 | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
           flush=True)
     for m in factors:
         for mode in modes:
             measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches, device,
-                                             precision)
+                                             precision, block_size)
             ratio = measured["seconds"] / measured["floor_seconds"]
             print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.3f} | {ratio:.3f} "
                   f"| {measured['bound']:.3f} | {measured['with_measured_inverse']:.3f} | {measured['peak_rss_mb']} |",
@@ -215,6 +233,7 @@ def main(argv=None):
     parser.add_argument("--resolution", nargs="+", type=int, default=[256])
     parser.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--block_num", type=int, default=8)
+    parser.add_argument("--block_size", type=int, default=0, help="BOFT blocks of this size (instead of --block_num)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft"])
     parser.add_argument("--accumulation", type=int, default=1, metavar="K",
@@ -230,16 +249,18 @@ def main(argv=None):
     if args.one:
         arch, resolution, mode, n_factors = args.one
         print(json.dumps(measure_one(arch, int(resolution), mode, int(n_factors), args.block_num, args.repeats,
-                                     args.accumulation, args.device, args.precision)))
+                                     args.accumulation, args.device, args.precision, args.block_size)))
         return
     if args.quick:
         args.arch, args.resolution, args.factors, args.repeats = ["sd15"], [128], [1], 2
     if args.profile:
-        print(profile_one(args.arch[0], args.resolution[0], args.factors[0], args.block_num))
+        print(profile_one(args.arch[0], args.resolution[0], args.factors[0], args.block_num,
+                          block_size=args.block_size))
         return
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"{torch.get_num_threads()} CPU threads"
-    print(f"torch {torch.__version__}, {where}, {args.precision}, block_num {args.block_num}, batch 2, "
+    shape = f"block_size {args.block_size}" if args.block_size else f"block_num {args.block_num}"
+    print(f"torch {torch.__version__}, {where}, {args.precision}, {shape}, batch 2, "
           f"{args.accumulation} micro-batch(es) per step, median of {args.repeats} steps; x floor: against floor "
           "steps interleaved in the same process")
     memory = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
@@ -249,7 +270,7 @@ def main(argv=None):
     for arch in args.arch:
         for resolution in args.resolution:
             run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation,
-                args.device, args.precision)
+                args.device, args.precision, args.block_size)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,29 @@ def save_klein_configs(folder, variant: str = "4b") -> Path:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline", "is_distilled": False,
                                                          "_diffusers_version": "0.42.1"}))
     return folder
+
+
+def build_klein_transformer(variant: str = "4b", seed: int = 0, **depth):
+    """A Flux2Transformer2DModel of klein base's widths with random weights, one double- and one single-stream block
+    of the real ones by default (so that a step fits a CPU)."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(**{**KLEIN_TRANSFORMERS[variant], **(depth or dict(num_layers=1,
+                                                                                      num_single_layers=1))})
+
+
+def klein_step_inputs(transformer, batch: int, resolution: int, text_tokens: int, generator) -> tuple:
+    """(the patchified latents as tokens, the other keyword arguments of a training forward call) at `resolution`."""
+    import torch
+
+    from utils.families.flux2_klein import image_ids, text_ids
+
+    side = resolution // 16
+    latents = torch.randn(batch, side * side, transformer.config.in_channels, generator=generator)
+    arguments = dict(encoder_hidden_states=torch.randn(batch, text_tokens, transformer.config.joint_attention_dim,
+                                                       generator=generator),
+                     timestep=torch.tensor([0.01, 0.5])[:batch], guidance=None, img_ids=image_ids(side, side, "cpu"),
+                     txt_ids=text_ids(text_tokens, "cpu"), return_dict=False)
+    return latents, arguments

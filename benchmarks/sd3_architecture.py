@@ -43,3 +43,30 @@ def save_sd3_configs(folder, variant: str = "large") -> Path:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
                                                          "_diffusers_version": "0.42.1"}))
     return folder
+
+
+def build_sd3_transformer(variant: str = "medium", seed: int = 0, num_layers: int = 2):
+    """An SD3Transformer2DModel of SD3.5's widths with random weights and `num_layers` joint blocks (Medium's first
+    ones have the second self-attention; the last block reads the text only)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    config = dict(SD35_TRANSFORMERS[variant], num_layers=num_layers)
+    config["dual_attention_layers"] = [i for i in config["dual_attention_layers"] if i < num_layers - 1]
+    return SD3Transformer2DModel(**config)
+
+
+def sd3_step_inputs(transformer, batch: int, resolution: int, t5_tokens: int, generator) -> tuple:
+    """(the latents, the other keyword arguments of a training forward call) at `resolution`: 77 CLIP tokens and
+    `t5_tokens` T5 tokens."""
+    import torch
+
+    size = resolution // 8
+    latents = torch.randn(batch, transformer.config.in_channels, size, size, generator=generator)
+    arguments = dict(encoder_hidden_states=torch.randn(batch, 77 + t5_tokens, transformer.config.joint_attention_dim,
+                                                       generator=generator),
+                     pooled_projections=torch.randn(batch, transformer.config.pooled_projection_dim,
+                                                    generator=generator),
+                     timestep=torch.tensor([10.0, 500.0])[:batch], return_dict=False)
+    return latents, arguments

@@ -138,6 +138,25 @@ def test_the_bfl_layout_is_the_one_diffusers_single_file_loader_reads(tiny_klein
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
+def test_a_distilled_model_samples_as_its_card_says_in_validation_too(tiny_klein_model, tmp_path):
+    """Validation's pipeline is built from the run's components, which lose model_index.json's is_distilled: the
+    family passes the distilled model's guidance (1: no unconditional pass) itself."""
+    import json
+
+    from diffusers import Flux2KleinPipeline
+
+    distilled = tmp_path / "klein-distilled"
+    shutil.copytree(tiny_klein_model, distilled)
+    index = json.loads((distilled / "model_index.json").read_text())
+    (distilled / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    family = Flux2Klein()
+    config = SimpleNamespace(pretrained_model_name_or_path=str(distilled), revision=None, max_sequence_length=None)
+    assert family.generation_arguments(config) == {"max_sequence_length": 512, "guidance_scale": 1.0}
+    assert family.sampling_defaults(Flux2KleinPipeline.from_pretrained(distilled)) == (4, 1.0)
+    base = SimpleNamespace(pretrained_model_name_or_path=str(tiny_klein_model), revision=None, max_sequence_length=40)
+    assert family.generation_arguments(base) == {"max_sequence_length": 40, "guidance_scale": 4.0}
+
+
 def test_the_launcher_recipe_is_pefts_image_generation_benchmark(tiny_klein_model, capsys):
     from utils import recipe
 

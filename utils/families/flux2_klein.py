@@ -14,6 +14,7 @@ and PEFT's image-generation benchmark read (10, 20, 30), but the pipeline genera
 should be trained on the conditioning it is used with.
 """
 
+import functools
 import logging
 
 import torch
@@ -74,6 +75,14 @@ def _blocks(state: dict) -> list:
 
 BFL_FLUX2 = Layout(top_level=TOP_LEVEL, blocks=_blocks, swapped=lambda state: ("final_layer.adaLN_modulation.1",),
                    scale_layers=("query_norm", "key_norm"))
+
+
+@functools.lru_cache
+def is_distilled(source, revision=None) -> bool:
+    """Whether a klein folder holds a step-distilled model (model_index.json's is_distilled), read once."""
+    from utils.families import read_model_index
+
+    return bool(read_model_index(source, revision).get("is_distilled"))
 
 
 def max_sequence_length(config) -> int:
@@ -237,7 +246,10 @@ class Flux2Klein(FlowMatchingTransformer, ModelFamily):
         return lambda: transformer(**arguments)
 
     def generation_arguments(self, config):
-        return {"max_sequence_length": max_sequence_length(config)}
+        """Qwen3's length as in training, and the guidance of the model's kind: validation's pipeline is built from
+        the run's components, which do not carry model_index.json's is_distilled (that turns guidance off)."""
+        _, guidance = SAMPLING_DEFAULTS[is_distilled(config.pretrained_model_name_or_path, config.revision)]
+        return {"max_sequence_length": max_sequence_length(config), "guidance_scale": guidance}
 
     def sampling_defaults(self, pipeline):
         return SAMPLING_DEFAULTS[bool(pipeline.config.is_distilled)]
