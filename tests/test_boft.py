@@ -345,6 +345,22 @@ def test_the_rotation_cache_inverts_every_layer_at_once_one_batch_per_block_size
     assert calls[-1] == 8  # only the changed layer again
 
 
+def test_the_rotation_cache_inverts_only_the_adapter_in_use(monkeypatch):
+    """Several subjects loaded for generation: a forward with one active inverts its blocks alone."""
+    layers = [_fast_layer(factors=2), _fast_layer(factors=2)]
+    for layer in layers:
+        layer.update_layer("other", BOFTConfig(boft_block_num=8, boft_block_size=0, boft_n_butterfly_factor=2,
+                                               boft_dropout=0.0, target_modules=["0"], init_weights=False))
+    cache = peft_seam.RotationCache(torch.nn.ModuleList(layers))
+    calls = counting_inverses(monkeypatch)
+    cache.inverse(layers[0], "default", layers[0].boft_R["default"])
+    assert calls == [2 * 16]  # both layers' "default" (2 factors x 8 blocks each), not "other"
+    cache.inverse(layers[1], "other", layers[1].boft_R["other"])
+    assert calls == [2 * 16, 2 * 16]
+    cache.inverse(layers[1], "default", layers[1].boft_R["default"])
+    assert len(calls) == 2  # still current
+
+
 def test_folding_generates_as_merged_and_puts_the_very_weights_back():
     layer = _fast_layer(factors=2)
     layer.eval()

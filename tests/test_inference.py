@@ -79,6 +79,39 @@ def test_switching_between_subjects_and_the_base_model(trained, tiny_model):
 
 
 @pytest.mark.e2e
+def test_generating_folds_once_per_adapter_switch_and_puts_the_base_back_exactly(trained, tiny_model, monkeypatch):
+    """utils.evaluate generates batch after batch: the adapter is folded into the weights once, not per call; the
+    weights the fold replaced come back bit for bit when the adapter changes, and merging after generating merges."""
+    from utils.boft import peft_seam
+
+    pipe = BoftPipeline.from_pretrained(tiny_model, device="cpu")
+    base = {part: getattr(pipe.pipeline, part).state_dict() for part in ("unet", "text_encoder")}
+    base = {part: {k: v.clone() for k, v in state.items()} for part, state in base.items()}
+    pipe.load_adapter(trained, "teapot")
+    pipe.load_adapter(trained, "toy")
+    layers = sum(len(peft_seam.adapted_weight_names(m, "toy")) for m in pipe.peft_models.values())
+    folds, merged_weight = [], peft_seam.merged_weight
+    monkeypatch.setattr(peft_seam, "merged_weight", lambda layer, adapter: folds.append(adapter) or
+                        merged_weight(layer, adapter))
+    first = pipe.generate("a qwe toy", **GENERATION)[0]
+    second = pipe.generate("a qwe toy", **GENERATION)[0]
+    assert len(folds) == layers and np.array_equal(first, second)  # folded once for both
+    pipe.set_adapter("teapot")
+    pipe.generate("a qwe toy", **GENERATION)
+    assert folds.count("teapot") == sum(len(peft_seam.adapted_weight_names(m, "teapot"))
+                                        for m in pipe.peft_models.values())
+    pipe.set_adapter(None)
+    for part, state in base.items():
+        now = pipe.state_dict_of(part)
+        assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items()), part
+    pipe.set_adapter("toy")
+    pipe.generate("a qwe toy", **GENERATION)
+    pipe.merge()  # a real merge, not the fold's
+    assert all(peft_seam.is_merged(m) for m in pipe.peft_models.values())
+    assert np.abs(pipe.generate("a qwe toy", **GENERATION)[0] - first).max() <= 1e-4
+
+
+@pytest.mark.e2e
 def test_subjects_with_trained_biases_share_a_pipeline_and_each_gives_its_own_image(trained, tiny_model, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -121,6 +121,7 @@ class BoftPipeline:
         self.active = None
         self.biases = {}  # adapter -> part -> {parameter name: trained bias}
         self.base_biases = {}  # part -> {parameter name: the base model's bias}
+        self.fold = None  # (adapter, peft_seam.Fold): the active adapter folded for generating, until it changes
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision=None, device=None, dtype=None, scheduler="dpm", vae_name=None,
@@ -208,11 +209,27 @@ class BoftPipeline:
             raise UserError("no adapter is active: load one, or set_adapter(name), before merging")
         if self.quantization:
             raise merge_refused()
+        self._unfold()
         for peft_model in self.peft_models.values():
             if self.active in peft_model.peft_config and not peft_seam.is_merged(peft_model):
                 peft_model.base_model.merge_adapter([self.active])
 
+    def _unfold(self):
+        """The weights as they were before generating folded the active adapter in (exactly)."""
+        if self.fold is not None:
+            self.fold[1].restore()
+            self.fold = None
+
+    def _fold_active(self):
+        """Fold the active adapter once, for every generate() until the adapter changes (utils.evaluate generates
+        batch after batch with one adapter)."""
+        if self.fold is not None and self.fold[0] == self.active:
+            return
+        self._unfold()
+        self.fold = (self.active, peft_seam.Fold(*self.peft_models.values()))
+
     def _unmerge(self):
+        self._unfold()
         for peft_model in self.peft_models.values():
             if peft_seam.is_merged(peft_model):
                 peft_model.base_model.unmerge_adapter()
@@ -229,6 +246,7 @@ class BoftPipeline:
 
     def state_dict_of(self, part: str) -> dict:
         """A pipeline part's weights as the plain model names them (merged ones where an adapter is merged)."""
+        self._unfold()
         if part in self.peft_models:
             return peft_seam.base_state_dict(self.peft_models[part])
         return getattr(self.pipeline, part).state_dict()
@@ -280,18 +298,18 @@ class BoftPipeline:
             raise UserError(f"{self.family.name} takes no negative prompt (it is guidance-distilled): drop it")
         extra = {"negative_prompt": negative_prompt} if self.family.takes_negative_prompt else {}
         generators = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
-        with peft_seam.folded(*self.peft_models.values()):  # an unmerged adapter costs nothing while generating
-            return self.pipeline(
-                prompt=prompt,
-                num_images_per_prompt=num_images,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                height=height,
-                width=width,
-                output_type=output_type,
-                **extra,
-            ).images
+        self._fold_active()  # an unmerged adapter costs nothing while generating
+        return self.pipeline(
+            prompt=prompt,
+            num_images_per_prompt=num_images,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=height,
+            width=width,
+            output_type=output_type,
+            **extra,
+        ).images
 
 
 def inference_command(config) -> str:

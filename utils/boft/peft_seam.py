@@ -214,13 +214,14 @@ class RotationCache:
 
     def inverse(self, layer, adapter: str, boft_r):
         if not self._is_current(layer, adapter, boft_r):
-            self._invert_stale()
+            self._invert_stale(adapter)
         return self._inverses[(id(layer), adapter)][1]
 
-    def _invert_stale(self) -> None:
-        """Invert, together, every adapter whose parameters changed since its inverse."""
-        stale = [(layer, adapter, boft_r) for layer in self._layers for adapter, boft_r in layer.boft_R.items()
-                 if not self._is_current(layer, adapter, boft_r)]
+    def _invert_stale(self, adapter: str) -> None:
+        """Invert, together, every layer's `adapter` whose parameters changed since its inverse (not the other
+        adapters loaded beside it: another subject's blocks are inverted when it is used)."""
+        stale = [(layer, adapter, layer.boft_R[adapter]) for layer in self._layers if adapter in layer.boft_R
+                 and not self._is_current(layer, adapter, layer.boft_R[adapter])]
         for (layer, adapter, boft_r), inverse in zip(stale, invert_together([r for _, _, r in stale])):
             self._inverses[(id(layer), adapter)] = ((boft_r.data_ptr(), boft_r._version), inverse)
 
@@ -280,28 +281,43 @@ def merged_weight(layer, adapter: str):
     return (layer.boft_s[adapter].float() * rotated).to(weight.dtype)
 
 
-@contextmanager
-@torch.no_grad()
-def folded(*models):
-    """For the duration, each fast BOFT layer of `models` computes with its active adapter folded into its weight
-    (as merged), so that generating costs what the base model costs; on exit the very same weight tensors are put
-    back, untouched. For generating: nothing may train inside."""
-    swapped = []
-    try:
+class Fold:
+    """Each fast BOFT layer of `models` computing with its active adapter folded into its weight (as merged), so
+    that generating costs what the base model costs, until `restore()` puts the very weights back, bit for bit. The
+    merged weight is written into the weight's own storage, one layer at a time; the original waits in CPU memory,
+    so that on an accelerator a fold takes no second copy of the adapted weights there. For generating: nothing
+    may train while folded. A quantized layer is not folded (its forward rotates its input)."""
+
+    @torch.no_grad()
+    def __init__(self, *models):
+        self.kept = []  # (layer, its original weight on the CPU)
         for model in models:
             for layer in model.modules():
                 adapter = _active_adapter(layer) if getattr(layer, "_fast_boft", False) else None
                 if adapter is None or layer.merged or layer.disable_adapters or is_quantized(layer.base_layer):
-                    continue  # a quantized weight is not folded: the forward rotates its input
+                    continue
                 weight = layer.base_layer.weight
-                swapped.append((layer, weight.data))
-                weight.data = merged_weight(layer, adapter)
+                merged = merged_weight(layer, adapter)
+                self.kept.append((layer, weight.detach().to("cpu", copy=True)))
+                weight.copy_(merged)
                 layer.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for layer, original in reversed(self.kept):
+            layer.base_layer.weight.copy_(original)
+            layer.merged_adapters.pop()
+        self.kept = []
+
+
+@contextmanager
+def folded(*models):
+    """A Fold of `models` for the duration (validation); the weights are put back even when generating fails."""
+    fold = Fold(*models)
+    try:
         yield
     finally:
-        for layer, original in reversed(swapped):
-            layer.base_layer.weight.data = original
-            layer.merged_adapters.pop()
+        fold.restore()
 
 
 @torch.no_grad()
