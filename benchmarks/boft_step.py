@@ -19,8 +19,13 @@ trainer does on a CPU.
 Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, the
 lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
 counted at the layer shapes and token counts of the step), the same bound with the Cayley inverses at the time this
-machine measures for them, peak RSS (on a GPU: peak GPU memory allocated). --profile prints the top operations of one
-BOFT step instead.
+machine measures for them, the ATen operations one step dispatches (each a kernel launch on a GPU; counted with a
+TorchDispatchMode after the untimed rounds) and how many the adapter adds over the floor's, peak RSS (on a GPU:
+peak GPU memory allocated). `--modes lora` adds LoRA rank 4 on the same layers. --profile prints the top operations
+of one BOFT step instead.
+
+    python -m benchmarks.boft_step --arch sd15 sdxl --resolution 128 --factors 1 2 4 --modes lora fast peft --repeats 1
+                                                                      # operations a step beside LoRA's
 """
 
 import argparse
@@ -62,14 +67,22 @@ def peak_rss_mb() -> int:
     return 0
 
 
+LORA_RANK = 4  # the LoRA beside BOFT: rank 4 on the same layers (diffusers' DreamBooth LoRA default)
+
+
 def make_model(unet, mode: str, n_factors: int, block_num: int, targets, block_size: int = 0):
-    """(model, optimizer, rotation cache or None): the frozen UNet for the floor, else the UNet with a BOFT adapter
-    (the fast forward with the trainer's RotationCache)."""
+    """(model, optimizer, rotation cache or None): the frozen UNet for the floor, LoRA on the same layers for
+    "lora", else the UNet with a BOFT adapter (the fast forward with the trainer's RotationCache)."""
     if mode == "floor":
         return unet.requires_grad_(False), None, None
-    from peft import BOFTConfig, get_peft_model
+    from peft import BOFTConfig, LoraConfig, get_peft_model
 
     from utils.boft import peft_seam
+
+    if mode == "lora":
+        model = get_peft_model(unet, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(targets)))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(trained, lr=1e-5, fused=True), None
 
     if not peft_seam.install():
         raise SystemExit("peft is not recognised by utils/boft/peft_seam.py: nothing to benchmark")
@@ -172,7 +185,8 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
     keep_freed_memory()
     model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num, device, block_size)
     bound = attainable = None
-    if optimizer is not None:
+    boft = mode in ("fast", "peft")
+    if boft:
         floor_flops, extra = counted_floor(lambda: floor_step(model, inputs), model, micro_batches)
         bound = lower_bound(floor_flops, extra)
     floor_times, boft_times = [], []
@@ -183,11 +197,32 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
         if i >= WARM_UP_ROUNDS:
             floor_times.append(floor_seconds)
             boft_times.append(boft_seconds)
-    if optimizer is not None:  # a step of all its micro-batches takes one inverse
+    if boft:  # a step of all its micro-batches takes one inverse
         attainable = with_measured_inverse(bound, floor_flops * micro_batches, statistics.median(floor_times),
                                            inverse_multiply_adds(model), measured_inverse_seconds(model))
+    operations = operation_count(lambda: one_step(model, optimizer, inputs, micro_batches, rotations, precision)
+                                 if optimizer is not None else floor_step(model, inputs, micro_batches, precision))
+    floor_operations = operation_count(lambda: floor_step(model, inputs, micro_batches, precision))
     return {"seconds": statistics.median(boft_times), "floor_seconds": statistics.median(floor_times),
-            "peak_rss_mb": peak_memory_mb(device), "bound": bound, "with_measured_inverse": attainable}
+            "peak_rss_mb": peak_memory_mb(device), "bound": bound, "with_measured_inverse": attainable,
+            "operations": operations, "floor_operations": floor_operations}
+
+
+def operation_count(step) -> int:
+    """The ATen operations one call of `step` dispatches (forward, backward, optimizer; after the warm-up rounds):
+    on a GPU each is a kernel launch, which at a few microseconds each bounds the small layers' steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return Counter.count
 
 
 def profile_one(arch, resolution, n_factors, block_num, rows=15, block_size=0) -> str:
@@ -212,19 +247,28 @@ def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def row(arch, resolution, mode, factors, measured, floor_operations) -> str:
+    ratio = measured["seconds"] / measured["floor_seconds"]
+    bounds = [f"{measured[key]:.3f}" if measured[key] is not None else "-" for key in ("bound", "with_measured_inverse")]
+    added = measured["operations"] - floor_operations
+    return (f"| {arch} | {resolution} | {mode} | {factors} | {measured['seconds']:.3f} | {ratio:.3f} | {bounds[0]} "
+            f"| {bounds[1]} | {measured['operations']:,} (+{added:,}) | {measured['peak_rss_mb']} |")
+
+
 def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision, block_size=0):
     floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches, device, precision,
                                   block_size)
-    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.3f} | 1.00 | 1.00 | 1.00 | {floor['peak_rss_mb']} |",
-          flush=True)
+    print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.3f} | 1.00 | 1.00 | 1.00 | "
+          f"{floor['operations']:,} | {floor['peak_rss_mb']} |", flush=True)
+    if "lora" in modes:
+        lora = measure_in_subprocess(arch, resolution, "lora", 0, block_num, repeats, micro_batches, device,
+                                     precision, block_size)
+        print(row(arch, resolution, f"LoRA r={LORA_RANK}", "-", lora, floor["operations"]), flush=True)
     for m in factors:
-        for mode in modes:
+        for mode in (mode for mode in modes if mode != "lora"):
             measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches, device,
                                              precision, block_size)
-            ratio = measured["seconds"] / measured["floor_seconds"]
-            print(f"| {arch} | {resolution} | {mode} | {m} | {measured['seconds']:.3f} | {ratio:.3f} "
-                  f"| {measured['bound']:.3f} | {measured['with_measured_inverse']:.3f} | {measured['peak_rss_mb']} |",
-                  flush=True)
+            print(row(arch, resolution, mode, m, measured, floor["operations"]), flush=True)
 
 
 def main(argv=None):
@@ -235,7 +279,8 @@ def main(argv=None):
     parser.add_argument("--block_num", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=0, help="BOFT blocks of this size (instead of --block_num)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft"])
+    parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft", "lora"],
+                        help=f"BOFT forwards to measure, and lora: LoRA rank {LORA_RANK} on the same layers")
     parser.add_argument("--accumulation", type=int, default=1, metavar="K",
                         help="a step is K micro-batches and one optimizer step, against K floor steps")
     parser.add_argument("--device", default="cpu", help="where the UNet runs, e.g. cuda")
@@ -264,9 +309,9 @@ def main(argv=None):
           f"{args.accumulation} micro-batch(es) per step, median of {args.repeats} steps; x floor: against floor "
           "steps interleaved in the same process")
     memory = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
-    print(f"| arch | px | BOFT forward | factors | s/step | x floor | arithmetic bound | bound with measured inverse "
-          f"| {memory} |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| arch | px | adapter | factors | s/step | x floor | arithmetic bound | bound with measured inverse "
+          f"| ATen ops a step (added over the floor) | {memory} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for resolution in args.resolution:
             run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation,
