@@ -69,15 +69,27 @@ def trained(tiny_model, subject, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gpu_setup_venv(tmp_path_factory) -> Path:
-    """A fresh venv made with the pip commands of the README's GPU set-up, the torch the suite runs with standing
-    for the CUDA build (here pip finds the same CPU wheel)."""
+    """A fresh venv made with the pip commands of the README's GPU set-up. The torch the suite runs with stands for
+    the user's CUDA build, already there as on a GPU machine: the venv sees it through a .pth file (its files
+    linked, not copied: pip never uninstalls outside the environment), so the README's `pip install torch` finds
+    it installed and the lock installs everything else, as it does beside a CUDA torch."""
     import subprocess
     import sys
+    import sysconfig
 
     import torch
 
-    venv = tmp_path_factory.mktemp("gpu-setup") / "venv"
+    root = tmp_path_factory.mktemp("gpu-setup")
+    venv, users_torch = root / "venv", root / "users-torch"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site_packages = Path(torch.__file__).parents[1]
+    users_torch.mkdir()
+    for entry in site_packages.iterdir():
+        if entry.name in ("torch", "torchgen", "functorch") or (entry.name.startswith("torch-")
+                                                                 and entry.name.endswith(".dist-info")):
+            (users_torch / entry.name).symlink_to(entry)
+    venv_site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    (venv_site / "users-torch.pth").write_text(f"{users_torch}\n")
     for command in readme_gpu_setup_installs():
         command = [f"torch=={torch.__version__.split('+')[0]}" if word == "torch" else word for word in command]
         subprocess.run([str(venv / "bin" / command[0]), *command[1:]], cwd=REPO, check=True, timeout=900,
