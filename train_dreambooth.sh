@@ -3,10 +3,12 @@
 #   ./train_dreambooth.sh IDX [extra train_dreambooth.py flags...]
 #   ACCELERATE_ARGS="--num_processes 2" ./train_dreambooth.sh 11 --max_train_steps=400   (2 GPUs; on a CPU add --cpu)
 # The resolution is the model family's (512 for SD 1.x/2.x, 1024 for SDXL, FLUX.1 and SD3) unless a --resolution flag
-# is given, and a family may add flags of its own to the recipe (FLUX.1, SD3: their family file's launcher_recipe):
+# is given, and a family may add flags of its own to the recipe (FLUX.1, SD3, FLUX.2 [klein]: their family file's
+# launcher_recipe; klein's sets 512 px):
 #   MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 ./train_dreambooth.sh 5
 #   MODEL_NAME=black-forest-labs/FLUX.1-dev ./train_dreambooth.sh 5
 #   MODEL_NAME=stabilityai/stable-diffusion-3.5-medium ./train_dreambooth.sh 5
+#   BLOCK_NUM=0 BLOCK_SIZE=4 N_BUTTERFLY_FACTOR=2 MODEL_NAME=black-forest-labs/FLUX.2-klein-base-4B ./train_dreambooth.sh 5
 # Environment overrides: MODEL_NAME, OUTPUT_DIR, BLOCK_NUM, BLOCK_SIZE, N_BUTTERFLY_FACTOR, REPORT_TO,
 # DATASET_DIR (subjects' photo folders), CLASS_DATA_DIR (class image folders), ACCELERATE_ARGS, PYTHON.
 # It launches through utils/launch.py: accelerate launch's flags and code, the trainer's exit status passed on

@@ -1,6 +1,7 @@
 """python -m utils.recipe MODEL: the flags train_dreambooth.sh adds to its recipe for MODEL's family, on one line
-(none for Stable Diffusion 1.x/2.x and SDXL, whose recipe is the guide's; FLUX.1's and SD3's from diffusers' READMEs). The family is read from the model's
-model_index.json, as the trainer reads it; a model the trainer would refuse is refused here (exit 2)."""
+(none for Stable Diffusion 1.x/2.x and SDXL, whose recipe is the guide's; FLUX.1's and SD3's from diffusers' READMEs,
+FLUX.2 [klein]'s from PEFT's image-generation benchmark). The family is read from the model's model_index.json, as the
+trainer reads it; a model the trainer would refuse is refused here (exit 2)."""
 
 import sys
 
