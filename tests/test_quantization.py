@@ -55,7 +55,7 @@ def test_the_quantizable_layers_take_what_the_plan_says_and_the_kept_ones_stay(k
     assert planned < full / (2 if kind == "int8" else 3)  # the tiny layers' fixed scale tables included
 
 
-def boft_pair(kind):
+def boft_pair(kind, bias="none"):
     """A BOFT adapter with random rotations on a quantized base, under stock peft's forward and under ours."""
     from peft import BOFTConfig, get_peft_model
 
@@ -66,7 +66,7 @@ def boft_pair(kind):
     base = Block()
     quantization.quantize(base, kind, torch.float32, "cpu")
     stock = get_peft_model(base, BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["to_q"],
-                                            boft_dropout=0.0, bias="none"))
+                                            boft_dropout=0.0, bias=bias))
     for name, parameter in stock.named_parameters():
         if "boft_R" in name:
             parameter.data.normal_(0, 0.1)
@@ -75,16 +75,17 @@ def boft_pair(kind):
     return stock, fast
 
 
-@pytest.mark.parametrize("kind", quantization.KINDS)
-def test_fast_boft_on_a_quantized_base_is_stock_pefts_and_leaves_the_weights_alone(kind):
-    stock, fast = boft_pair(kind)
+@pytest.mark.parametrize("kind, bias", [("nf4", "none"), ("int8", "none"), ("nf4", "boft_only")])
+def test_fast_boft_on_a_quantized_base_is_stock_pefts_and_leaves_the_weights_alone(kind, bias):
+    stock, fast = boft_pair(kind, bias)
     x = torch.randn(5, 32)
     expected, got = stock(x), fast(x)
     assert torch.allclose(got, expected, atol=1e-5)
     expected.square().sum().backward()
     got.square().sum().backward()
     gradients = [dict((n, p.grad) for n, p in model.named_parameters() if p.requires_grad) for model in (stock, fast)]
-    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == 2  # boft_R and boft_s
+    # boft_R and boft_s, and with --boft_bias boft_only the quantized layer's own (full-precision) bias
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == (3 if bias == "boft_only" else 2)
     assert all(torch.allclose(gradients[1][n], g, atol=1e-5) for n, g in gradients[0].items())
     codes = fast.base_model.model.to_q.base_layer.weight.data.clone()
     torch.optim.SGD([p for p in fast.parameters() if p.requires_grad], lr=0.1).step()
