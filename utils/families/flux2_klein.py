@@ -22,6 +22,7 @@ import torch
 from utils.errors import UserError
 from utils.families import Components, ModelFamily
 from utils.families.flow_matching import FlowMatchingTransformer, RectifiedFlow
+from utils.families.flux_layout import DOUBLE_BLOCK_FUSED  # BFL fuses a double block's q, k, v as in FLUX.1
 from utils.families.stable_diffusion import PROMPT_FLAGS
 from utils.families.transformer_layout import Layout, block_count
 
@@ -60,8 +61,6 @@ DOUBLE_BLOCK = {
     "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
     "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
 }
-DOUBLE_BLOCK_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-                      "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
 SINGLE_BLOCK = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
                 "attn.norm_k": "norm.key_norm"}
 
@@ -139,11 +138,16 @@ def warn_if_truncated(tokenizer, prompt: str, what: str, max_length: int) -> Non
                    len(words), lost)
 
 
+def qwen_inputs(tokenizer, prompts: list, max_length: int):
+    """The templated prompts' token ids and attention mask, padded or cut to max_length, as the pipeline's."""
+    return tokenizer([templated(tokenizer, p) for p in prompts], return_tensors="pt", padding="max_length",
+                     truncation=True, max_length=max_length)
+
+
 def encode_prompts(text_encoder, tokenizer, prompts: list, max_length: int, device) -> torch.Tensor:
     """(prompts, max_length, 3 x hidden): Qwen3's hidden states of QWEN_LAYERS side by side, token by token, as
     Flux2KleinPipeline.encode_prompt makes them."""
-    inputs = tokenizer([templated(tokenizer, p) for p in prompts], return_tensors="pt", padding="max_length",
-                       truncation=True, max_length=max_length)
+    inputs = qwen_inputs(tokenizer, prompts, max_length)
     output = text_encoder(input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device),
                           output_hidden_states=True, use_cache=False)
     hidden = torch.stack([output.hidden_states[k] for k in QWEN_LAYERS], dim=2)  # (prompts, tokens, 3, hidden)
@@ -225,8 +229,8 @@ class Flux2Klein(FlowMatchingTransformer, ModelFamily):
         tokenizer, length = components.tokenizers["tokenizer"], max_sequence_length(config)
         for part, prompt in prompts.items():
             warn_if_truncated(tokenizer, prompt, PROMPT_FLAGS.get(part, "the prompt"), length)
-        return {part: tokenizer(templated(tokenizer, prompt), return_tensors="pt", padding="max_length",
-                                truncation=True, max_length=length).input_ids[0] for part, prompt in prompts.items()}
+        ids = qwen_inputs(tokenizer, list(prompts.values()), length).input_ids
+        return dict(zip(prompts, ids))
 
     def conditioning(self, components, prompts, trained, device, dtype, config):
         return KleinConditioning(components, prompts, device, dtype, max_sequence_length(config))
