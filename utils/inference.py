@@ -50,14 +50,13 @@ if __name__ == "__main__":  # --help and usage mistakes answer before torch and 
 # The rest is imported once the command line parses.
 import torch
 
-from utils import quiet
 from utils.atomic import atomic_folder
 from utils.boft import peft_seam
 from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE, UserError
 from utils.families import check_vae, family_of
 from utils.layout import RunLayout
-from utils.quantization import merge_refused, quantize_pipeline
+from utils.quantization import merge_refused, missing_backend, quantize_pipeline
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
@@ -336,8 +335,8 @@ def check_arguments(args):
     if args.base_quantization and (args.merge or args.save_merged):
         raise UserError(f"--base_quantization with {'--merge' if args.merge else '--save_merged'}: "
                         f"{merge_refused()}")
-    if args.base_quantization and not quiet.bitsandbytes_installed():
-        raise UserError(f"--base_quantization {args.base_quantization} needs bitsandbytes: pip install bitsandbytes")
+    if problem := missing_backend(args.base_quantization):
+        raise UserError(problem)
     if args.save_merged and Path(args.save_merged).exists() and not Path(args.save_merged).is_dir():
         raise UserError(f"--save_merged {args.save_merged} is a file; give a folder for the merged pipeline")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):

@@ -29,6 +29,16 @@ def quantized_weight_bytes(kind: str, out_features: int, in_features: int) -> in
     return -(-n // 2) + blocks + 4 * -(-blocks // NF4_SCALE_GROUP) + 4 * NF4_SCALE_GROUP
 
 
+def missing_backend(kind: str | None) -> str | None:
+    """Why --base_quantization `kind` cannot be used here, asked before anything loads (bitsandbytes' metadata,
+    without importing it), or None."""
+    from utils import quiet
+
+    if kind and not quiet.bitsandbytes_installed():
+        return f"--base_quantization {kind} needs bitsandbytes: pip install bitsandbytes (or drop the flag)"
+    return None
+
+
 def import_backend(kind: str):
     """bitsandbytes for --base_quantization `kind` (a UserError naming what to install when it cannot load)."""
     from utils import quiet
@@ -96,13 +106,17 @@ def quantize(model, kind: str, compute_dtype, device) -> int:
     return len(layers)
 
 
+def quantized_part(family, part: str) -> bool:
+    """Whether --base_quantization holds this part of the family's models quantized: the denoiser, and the text
+    encoders the family never trains (T5, Qwen3)."""
+    return part == family.denoiser_part or part not in family.trainable_text_encoders
+
+
 def quantize_base(family, models: dict, kind: str, compute_dtype, device) -> str:
-    """Quantize the frozen base of a run or pipeline: `models` {part: model} holds the denoiser and the text
-    encoders; the denoiser and the encoders the family never trains (T5, Qwen3) are quantized. Returns what was
-    done, for the log."""
-    parts = [family.denoiser_part] + [part for part in models if part != family.denoiser_part
-                                      and part not in family.trainable_text_encoders]
-    counts = {part: quantize(models[part], kind, compute_dtype, device) for part in parts}
+    """Quantize the frozen base of a run or pipeline (`models`: {part: model}, the denoiser and the text encoders)
+    where quantized_part says. Returns what was done, for the log."""
+    counts = {part: quantize(model, kind, compute_dtype, device) for part, model in models.items()
+              if quantized_part(family, part)}
     return f"--base_quantization {kind}: " + ", ".join(f"{n} Linear layers of the {part.replace('_', ' ')}"
                                                        for part, n in counts.items())
 

@@ -16,7 +16,7 @@ from utils import quiet
 from utils.checks import removed_model_problem, unwritable_ancestor
 from utils.errors import USAGE_EXIT_CODE
 from utils.layout import RunLayout, check_run_name
-from utils.quantization import KINDS as QUANTIZATION_KINDS
+from utils.quantization import KINDS as QUANTIZATION_KINDS, missing_backend
 
 MIN_RESOLUTION = 32  # a latent of 4 x 4: anything smaller leaves the UNet's downsampling nothing to work on
 DEFAULT_ADAPTER_NAME = "dreambooth_boft"
@@ -407,9 +407,8 @@ def _check_values(args, problems):
         )
     if args.use_8bit_adam and not quiet.bitsandbytes_installed():
         problems.append("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag)")
-    if args.base_quantization and not quiet.bitsandbytes_installed():
-        problems.append(f"--base_quantization {args.base_quantization} needs bitsandbytes: pip install bitsandbytes "
-                        "(or drop the flag)")
+    if problem := missing_backend(args.base_quantization):
+        problems.append(problem)
     if not 0 <= args.boft_dropout < 1:
         problems.append(f"--boft_dropout must be in [0, 1), got {args.boft_dropout}")
     if args.with_prior_preservation:

@@ -5,7 +5,7 @@ from utils.families import vae_dtype, weight_dtype
 from utils.run.activations import activation_bytes
 from utils.images import list_images
 from utils.run.data import per_process_batch
-from utils.quantization import quantizable_layers, quantized_bytes
+from utils.quantization import quantizable_layers, quantized_bytes, quantized_part
 
 GB = 2**30
 
@@ -24,8 +24,8 @@ def plan_lines(config, family, mixed_precision, num_images: int, denoiser, text_
     vae_bytes = vae_dtype(family, mixed_precision, bool(config.pretrained_vae_model_name_or_path)).itemsize
     trained_parts = family.trainable_text_encoders if config.train_text_encoder else ()
     quantization = config.base_quantization
-    encoders = {part: model_bytes(model, weight_bytes, quantization if part not in family.trainable_text_encoders
-                                  else None) for part, model in text_encoders.items()}
+    encoders = {part: model_bytes(model, weight_bytes, quantization if quantized_part(family, part) else None)
+                for part, model in text_encoders.items()}
     frozen = sum(n for part, n in encoders.items() if part not in trained_parts)
     weights = (model_bytes(denoiser, weight_bytes, quantization) + sum(encoders[part] for part in trained_parts)
                + vae_parameter_count(config, family) * vae_bytes)
