@@ -248,11 +248,10 @@ def boft_linear(layer, x, adapter: str, side: str):
         rotated = rotate_rows(weight.to(blocks.dtype), blocks, rotation_plan(layer, boft_r, True))
         return F.linear(x, (rotated * boft_s.view(-1, 1)).to(weight.dtype), bias).to(x.dtype)
     rotated_x = rotate_rows(x, blocks.to(x.dtype), rotation_plan(layer, boft_r, False))
-    if is_quantized(base):
-        result = base(rotated_x)
-        result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result - bias, boft_s.view(-1))
-        return result.to(x.dtype)
-    result = F.linear(rotated_x, weight)
+    if is_quantized(base):  # its kernel adds the bias, which the scale must not touch
+        result = base(rotated_x) if bias is None else base(rotated_x) - bias
+    else:
+        result = F.linear(rotated_x, weight)
     result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result, boft_s.view(-1))
     return result.to(x.dtype)
 
