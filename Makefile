@@ -22,7 +22,7 @@ DEMO_CLASS := data/class_data/demo_toy$(DEMO_SUFFIX)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-fast demo benchmark clean
+.PHONY: install lock test test-fast demo benchmark clean slurm-for-tests
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,21 @@ test: install
 # slowest are listed, so that a unit test growing slow is seen.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e" --durations=5 tests
+
+# Debian's Slurm for tests/test_slurm.py (a single-node cluster the tests start and stop themselves; without Slurm
+# those tests skip). Root only; the packages' services are kept from starting (policy-rc.d), none is left running.
+slurm-for-tests:
+	@if command -v slurmctld >/dev/null 2>&1 || [ -x /usr/sbin/slurmctld ]; then \
+	  echo "Slurm is installed"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "Slurm is not installed and this is not root on Debian: tests/test_slurm.py will skip"; \
+	else \
+	  added=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	    chmod +x /usr/sbin/policy-rc.d; added=1; }; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    slurmctld slurmd slurm-client munge >/dev/null; } || echo "Slurm could not be installed: tests/test_slurm.py will skip"; \
+	  [ -z "$$added" ] || rm -f /usr/sbin/policy-rc.d; \
+	fi
 
 demo: install
 	$(BIN)/python -m utils.testing.tiny_model $(DEMO_MODEL) --family $(DEMO_FAMILY) --subject data/demo_subject

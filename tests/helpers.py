@@ -110,6 +110,19 @@ def group_ends(pgid, timeout=120) -> bool:
     return False
 
 
+def large_photos(folder, count=3, side=7000) -> Path:
+    """Photos that take a loader worker about a second each to decode and resize (7000 x 7000 PNG, 0.7 MB)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    ramp = np.linspace(0, 255, side, dtype=np.uint8)
+    for i in range(count):
+        channels = [np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side)), np.full((side, side), 60 * i, np.uint8)]
+        Image.fromarray(np.stack(channels, -1)).save(folder / f"{i:02d}.png", compress_level=1)
+    return folder
+
+
 def process_stats():
     """(pid, the fields of /proc/PID/stat after the command name) of every process."""
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -114,6 +114,7 @@ def test_generate_then_score_end_to_end(trained, tiny_model, subject, metric_mod
         rows = list(csv.DictReader(file))
     assert [r["prompt"] for r in rows] == ["a qwe toy in the snow", "a red qwe toy", "overall"]
     assert all(-1 <= float(r["dino"]) <= 1 for r in rows)
+    assert 0 < float(rows[-1]["prior_drift"]) <= 1 and rows[0]["prior_drift"] == ""  # one number, for the folder
     assert "Prior drift" in (folder / "scores.md").read_text() and "| overall |" in scored.stdout
     assert Image.open(folder / "grid.png").size == (3 * 128, 3 * 128)  # real row + two prompt rows
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (REPO, adapter_weights, assert_quiet, base_args, cli_env, group_ends, start_in_session,
-                           wait_for)
+from tests.helpers import (REPO, adapter_weights, assert_quiet, base_args, cli_env, group_ends, large_photos,
+                           start_in_session, wait_for)
 from utils.layout import RunLayout
 from utils.run import checkpoints
 
@@ -50,19 +50,6 @@ def test_sigterm_through_accelerate_launch_saves_with_two_workers(target, tiny_m
     assert "DataLoader worker" not in output and "Traceback" not in output, output[-3000:]
     assert layout.checkpoint(step).is_dir() and layout.adapter("unet", step).is_dir()
     assert (layout.checkpoint(step) / checkpoints.STATE_FILE).is_file()  # complete: resumable
-
-
-def large_photos(folder, count=3, side=7000) -> Path:
-    """Photos that take a loader worker about a second each to decode and resize (7000 x 7000 PNG, 0.7 MB)."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    ramp = np.linspace(0, 255, side, dtype=np.uint8)
-    for i in range(count):
-        channels = [np.tile(ramp, (side, 1)), np.tile(ramp[:, None], (1, side)), np.full((side, side), 60 * i, np.uint8)]
-        Image.fromarray(np.stack(channels, -1)).save(folder / f"{i:02d}.png", compress_level=1)
-    return folder
 
 
 @pytest.mark.parametrize("photos", ["small", "large"])

@@ -248,6 +248,18 @@ def test_launcher_gives_objects_the_object_prompts(fake_python):
     assert "a qwe stuffed animal floating in an ocean of milk" in argv
 
 
+def test_launcher_describes_a_subject_as_a_run_would_use_it(tmp_path):
+    env = cli_env(BLOCK_NUM="0", BLOCK_SIZE="32", MODEL_NAME="my/model", OUTPUT_DIR=str(tmp_path / "out"),
+                  DATASET_DIR=str(tmp_path / "photos"))
+    described = launch("--subject", "2", env=env)
+    assert described.returncode == 0, described.stderr
+    assert described.stdout.split("\t") == ["bear_plushie", "stuffed animal", "bear_plushie_boft_0321", "my/model",
+                                             str(tmp_path / "out"), f"{tmp_path / 'photos'}/bear_plushie\n"]
+    default = launch("--subject", "10").stdout.rstrip("\n").split("\t")
+    assert default[2] == "dog_boft_801" and default[4] == str(REPO / "data" / "output" / "boft")
+    assert launch("--subject", "30").returncode == 2
+
+
 @pytest.mark.parametrize("argv", [[], ["30"], ["-1"], ["dog"]])
 def test_launcher_rejects_a_bad_or_missing_index(argv):
     result = launch(*argv)

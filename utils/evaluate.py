@@ -12,7 +12,8 @@ base model's images of the same prompt and seeds in OUT/eval/base/class/{key}/, 
 settings (model, revision, VAE, scheduler, resolution, steps, guidance, seed, count): CLIP-I between the two is the
 prior-drift score. `generate` replaces a step's folder whole and records its settings in settings.json; `score`
 takes only images those settings made, and the base set they name (or one given with matching settings).
-`score` writes GEN/scores.csv (a row per prompt, then `overall`), GEN/scores.md and GEN/grid.png.
+`score` writes GEN/scores.csv (a row per prompt, then `overall` with the prior drift when measured), GEN/scores.md
+and GEN/grid.png.
 """
 
 import argparse
@@ -261,9 +262,10 @@ def write_reports(rows, generated_dir, real_dir) -> Path:
     generated_dir = Path(generated_dir)
     with open(generated_dir / "scores.csv", "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["prompt", *METRICS])
-        for row in rows:
-            writer.writerow([row["prompt"], *(f"{row[m]:.4f}" for m in METRICS)])
+        writer.writerow(["prompt", *METRICS, "prior_drift"])
+        for row in rows:  # prior drift is one number for the whole folder: on the overall row, when measured
+            drift = f"{row['prior_drift']:.4f}" if "prior_drift" in row else ""
+            writer.writerow([row["prompt"], *(f"{row[m]:.4f}" for m in METRICS), drift])
     table = ["| prompt | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|"]
     table += [f"| {r['prompt']} | {r['dino']:.3f} | {r['clip_i']:.3f} | {r['clip_t']:.3f} |" for r in rows]
     if "prior_drift" in rows[-1]:

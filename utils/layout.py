@@ -12,6 +12,7 @@ never overwrites, resumes from or prunes another's files:
       validation/{run}/{step}/               validation images
       eval/{run}/{step}/                     utils.evaluate's generated images and scores
       eval/base/class/{key}/                 the base model's class images, one set per class prompt and settings
+      sweep/                                 utils.sweep's table of every subject's scores (not a run's)
       logs/{run}/                            tensorboard events, wandb files
       hub/{run}/README.md                    the model card pushed with --push_to_hub
       latent_cache/                          VAE latents keyed by model and image content (shared, safe to share)
@@ -121,6 +122,11 @@ class RunLayout:
     def evaluation(self, step: int) -> Path:
         return self.output_dir / "eval" / self.run / str(step)
 
+    def evaluated_steps(self) -> list[int]:
+        """The steps utils.evaluate generated images of, oldest first."""
+        root = self.output_dir / "eval" / self.run
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir()) if root.is_dir() else []
+
     @property
     def evaluation_plot(self) -> Path:
         return self.output_dir / "eval" / self.run / "scores_by_step.png"
@@ -154,6 +160,11 @@ class RunLayout:
         found += [folder for folder in (self.output_dir / "validation" / self.run, self.output_dir / "eval" / self.run,
                                         self.logs(logging_dir), self.model_card.parent) if folder.exists()]
         return found
+
+
+def sweep_folder(output_dir) -> Path:
+    """Where utils.sweep writes the table of all the subjects trained into an output folder."""
+    return Path(output_dir) / "sweep"
 
 
 def _listing(folder: Path) -> str:
