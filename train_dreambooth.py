@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from utils.boft import peft_seam
@@ -122,6 +122,9 @@ def make_accelerator(flags, trackers, layout) -> Accelerator:
                        "--num_processes N ... (train_dreambooth.sh does this for ACCELERATE_ARGS=\"--cpu --num_processes N\")")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no")
+    if accelerator.distributed_type == DistributedType.FSDP and flags.base_quantization:
+        raise UserError("--base_quantization with FSDP: choose one. FSDP shards a full-precision base across the GPUs; "
+                        "a quantized base fits one GPU without it (configs/multi_gpu.yaml)")
     if flags.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.device.type == "cpu" and keep_freed_memory():
@@ -142,6 +145,8 @@ class DreamBoothRun:
         self.dtype = weight_dtype(accelerator.mixed_precision)
         self.settings = checkpoints.compatibility_settings(config, family)
         self.last_checkpoint, self.resume_skip, self.embedder = None, 0, None
+        # FSDP (configs/fsdp.yaml): every process holds shards of the models, whole only inside a block's forward.
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
 
     # --- stages ----------------------------------------------------------------------------------------------------
     def set_up(self, images, unreadable_class_images):
@@ -153,7 +158,7 @@ class DreamBoothRun:
         self.components = self.family.load(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
                                            config.pretrained_vae_model_name_or_path, self.dtype)
         self.trained = wrap_with_adapters(config, self.family, self.components, accelerator.device,
-                                          accelerator.mixed_precision)
+                                          accelerator.mixed_precision, sharded=self.sharded)
         prompts = {0: config.instance_prompt, **({1: config.class_prompt} if config.with_prior_preservation else {})}
         self.params = [p for model in self.trained.values() for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(config, self.params)
@@ -164,7 +169,9 @@ class DreamBoothRun:
         *models, self.optimizer, self.loader = accelerator.prepare(*self.trained.values(), optimizer, loader)
         self.trained = dict(zip(self.trained, models))
         self.denoiser = self.trained[self.family.denoiser_part]
-        self.rotations = peft_seam.RotationCache(*(accelerator.unwrap_model(m) for m in self.trained.values()))
+        # Inverses shared across layers need every layer's whole parameters: not under FSDP, where each layer inverts its own.
+        self.rotations = peft_seam.RotationCache(*(accelerator.unwrap_model(m) for m in self.trained.values()
+                                                   if not self.sharded))
         self.objective = self.family.objective(self.components, config)
         self.conditioning = self.family.conditioning(self._components_with(self.trained), prompts,
                                                      config.train_text_encoder, accelerator.device, self.dtype,
@@ -300,8 +307,8 @@ class DreamBoothRun:
 
     # --- saving and validating -------------------------------------------------------------------------------------
     def save_adapters(self):
-        # get_state_dict runs on every process: under DeepSpeed it gathers the weights; the main process writes.
-        state_dicts = {part: self.accelerator.get_state_dict(model) for part, model in self.trained.items()}
+        # adapter_state_dict runs on every process: under DeepSpeed or FSDP it gathers; the main process writes.
+        state_dicts = {part: checkpoints.adapter_state_dict(self.accelerator, model) for part, model in self.trained.items()}
         if self.accelerator.is_main_process:
             models = {part: self.accelerator.unwrap_model(model) for part, model in self.trained.items()}
             for path in checkpoints.save_adapters(models, self.layout, self.state.global_step, state_dicts):
@@ -332,10 +339,13 @@ class DreamBoothRun:
                     encoder.to(device)
 
     def validate(self):
+        """Validation images of the adapted model. Under FSDP every process runs the sharded model (their images are
+        the same, the main process keeps them) through the peft model, the shards' owner, with the adapters unfolded."""
         config, step, accelerator = self.config, self.state.global_step, self.accelerator
-        if not (config.validation_prompts and accelerator.is_main_process):
+        if not (config.validation_prompts and (accelerator.is_main_process or self.sharded)):
             return
-        base = {part: accelerator.unwrap_model(model).get_base_model() for part, model in self.trained.items()}
+        unwrapped = {part: accelerator.unwrap_model(model) for part, model in self.trained.items()}
+        base = unwrapped if self.sharded else {part: model.get_base_model() for part, model in unwrapped.items()}
         components = self._components_with(base)
         self._frozen_text_encoders_to(accelerator.device)
         pipeline = validation.build_pipeline(self.family, components)
@@ -343,16 +353,20 @@ class DreamBoothRun:
                     config.num_validation_images)
         components.denoiser.eval()
         # The training's random stream must not move; the adapters are folded into the weights meanwhile (no BOFT cost).
-        with self.timer("validation"), torch.random.fork_rng(devices=[]), peft_seam.folded(*base.values()):
+        folded = nullcontext() if self.sharded else peft_seam.folded(*base.values())
+        stopping = self.stop_requested if self.sharded else (lambda: self.stops.requested)  # all together, or alone
+        with self.timer("validation"), torch.random.fork_rng(devices=[]), folded:
             images, captions = validation.generate_validation_images(
                 pipeline, config.validation_prompts, config.num_validation_images, self.state.seed,
                 config.validation_inference_steps, config.resolution, accelerator.autocast, config.sample_batch_size,
-                should_stop=lambda: self.stops.requested, pipeline_arguments=self.family.generation_arguments(config),
+                should_stop=stopping, pipeline_arguments=self.family.generation_arguments(config),
             ) or (None, None)
         components.denoiser.train()
         self._frozen_text_encoders_to("cpu")
         if images is None:
             return logger.info("Validation at step %d cut short: stopping", step)
+        if not accelerator.is_main_process:
+            return
         folder = self.layout.validation(step)
         validation.save_validation_images(images, captions, config.validation_prompts, folder)
         tracking.log_images(accelerator, images, [f"{i}: {c}" for i, c in enumerate(captions)], step)

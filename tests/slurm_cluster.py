@@ -5,8 +5,9 @@ without systemd under a temporary folder and stopped by their pids.
         subprocess.run(["sbatch", ...], env=cluster.env())
 
 What matters (found by running it): the daemons run in the foreground (-D) in sessions of their own; slurmd names
-its node by the host name; `sacct` needs slurmdbd, so finished jobs are read from the jobcomp/filetxt file; the
-node offers two fake GPUs (a GRES without device files) so that a batch script's GPU request is honoured as written.
+its node by the host name; `sacct` needs slurmdbd (not installed), so the tests read jobs with `scontrol show job`
+(kept MinJobAge=600 s after they end) and the jobcomp/filetxt file records each run; the node offers two fake GPUs
+(a GPU GRES whose device files are empty files) so that a batch script's GPU request is honoured as written.
 `.ci/run` installs the packages (as root); elsewhere the tests that need the cluster skip, saying why.
 """
 
@@ -148,14 +149,6 @@ class SlurmCluster:
     # --- reading what happened ---------------------------------------------------------------------------------------
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.folder.glob("*.log")))
-
-    def finished_jobs(self) -> list[dict]:
-        """The jobcomp records (one per job run: a requeued task has one per run), as {field: value}."""
-        path = self.folder / "jobcomp.txt"
-        if not path.exists():
-            return []
-        return [dict(field.split("=", 1) for field in line.split() if "=" in field)
-                for line in path.read_text().splitlines() if line.strip()]
 
     def queue_is_empty(self) -> bool:
         out = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=self.env()).stdout

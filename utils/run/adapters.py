@@ -9,10 +9,11 @@ from utils.quantization import quantize_base
 logger = logging.getLogger(__name__)
 
 
-def wrap_with_adapters(config, family, components, device, mixed_precision) -> dict:
+def wrap_with_adapters(config, family, components, device, mixed_precision, sharded=False) -> dict:
     """BOFT adapters on the denoiser (and the family's trainable text encoders with --train_text_encoder); frozen weights in the
     mixed-precision dtype on `device` (a VAE that overflows in fp16 stays fp32). Returns the trained models by part
-    (the family's denoiser part, "text_encoder", ...); the components then hold the wrapped models."""
+    (the family's denoiser part, "text_encoder", ...); the components then hold the wrapped models. `sharded` (FSDP):
+    the trained models stay on the CPU, for FSDP to move each process's shards to its device (no whole copy there)."""
     dtype = weight_dtype(mixed_precision)
     components.vae.requires_grad_(False).to(device, vae_dtype(family, mixed_precision,
                                                               bool(config.pretrained_vae_model_name_or_path)))
@@ -30,8 +31,8 @@ def wrap_with_adapters(config, family, components, device, mixed_precision) -> d
             components.text_encoders[part] = encoder
         else:
             encoder.requires_grad_(False)
-        cast_frozen(encoder.to(device), dtype)
-    cast_frozen(components.denoiser.to(device), dtype)
+        cast_frozen(encoder.to("cpu" if sharded and part in trained else device), dtype)
+    cast_frozen(components.denoiser.to("cpu" if sharded else device), dtype)
     for part, model in trained.items():
         logger.info(peft_seam.trainable_parameter_summary(model, part.replace("_", " ")))
     if config.enable_xformers_memory_efficient_attention and (warning := enable_xformers(components.denoiser)):

@@ -218,8 +218,24 @@ def read_checkpoint(folder: Path, settings: dict) -> TrainState:
     return TrainState(**record["train_state"])
 
 
+def adapter_state_dict(accelerator, model) -> dict:
+    """What save_adapters takes a model's weights from, called on every process. Under FSDP, the trained weights
+    alone (BOFT's and any trained bias) made whole from their shards (a collective), the sharded base left as it is;
+    otherwise accelerate's state dict (under DeepSpeed it gathers the weights)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.get_state_dict(model)
+    from utils.boft.peft_seam import ADAPTER_WEIGHT_MARK
+
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return {name: (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).cpu()
+            for name, tensor in model.state_dict().items() if ADAPTER_WEIGHT_MARK in name or name in trained}
+
+
 def register_adapter_hooks(accelerator, adapter_name: str, model_names: dict) -> None:
-    """Make save_state/load_state store only the adapters, as safetensors, instead of pickling whole models.
+    """Make save_state/load_state store only the adapters, as safetensors, instead of pickling whole models (under
+    FSDP accelerate saves and loads the sharded models itself, base included, and the hooks see none).
 
     `model_names` maps id(unwrapped model) to its folder name ("unet", "text_encoder", ...).
     """
@@ -230,7 +246,7 @@ def register_adapter_hooks(accelerator, adapter_name: str, model_names: dict) ->
         return model_names[id(accelerator.unwrap_model(model))]
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and weights:  # no weights: FSDP saved the models already
             for model in models:
                 accelerator.unwrap_model(model).save_pretrained(
                     Path(output_dir, name_of(model)), selected_adapters=[adapter_name]
