@@ -22,7 +22,7 @@ DEMO_CLASS := data/class_data/demo_toy$(DEMO_SUFFIX)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install lock test test-fast demo benchmark clean slurm-for-tests
+.PHONY: install lock test test-fast demo benchmark gpu-check clean slurm-for-tests
 
 install: $(VENV)/.installed
 
@@ -86,6 +86,11 @@ demo: install
 
 benchmark: install
 	$(BIN)/python -m benchmarks.boft_step --quick
+
+# On a GPU machine, in the environment of the README's GPU set-up (its CUDA torch, not .venv's CPU one): everything
+# only a GPU shows, within 8 minutes, as one markdown table in gpu_check.md.
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) $(TOOLS) data/tiny-sd data/tiny-sdxl data/tiny-flux data/tiny-sd3 data/tiny-klein data/demo_subject \

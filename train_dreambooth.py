@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x, SDXL and FLUX.1 with BOFT adapters (PEFT's guide "DreamBooth
-fine-tuning with BOFT"; what differs between the families is in utils/families/).
+"""DreamBooth fine-tuning of Stable Diffusion 1.x/2.x, SDXL, FLUX.1, SD3.5 and FLUX.2 [klein] with BOFT adapters
+(PEFT's guide "DreamBooth fine-tuning with BOFT"; what differs between the families is in utils/families/).
 
 Launch:
     ./train_dreambooth.sh 0                                  # subject 0 of the DreamBooth dataset, the guide's recipe
@@ -11,6 +11,8 @@ Launch:
         --output_dir=./data/output/boft --use_boft --boft_block_num=8 --boft_block_size=0 --boft_n_butterfly_factor=1
     MODEL_NAME=stabilityai/stable-diffusion-xl-base-1.0 ./train_dreambooth.sh 5   # SDXL, at 1024 px
     MODEL_NAME=black-forest-labs/FLUX.1-dev ./train_dreambooth.sh 5              # FLUX.1, its recipe, 1024 px
+    ACCELERATE_ARGS="--config_file configs/fsdp.yaml --num_processes 4" ./train_dreambooth.sh 5  # sharded (FSDP)
+    slurm/sweep.sh 0-29                                      # every subject on Slurm, then the paper's table
     make demo                                                # a tiny random pipeline, a few minutes on a CPU
 
 utils.launch is accelerate launch with the trainer's exit status; `accelerate launch train_dreambooth.py ...` works

@@ -70,9 +70,9 @@ def peak_rss_mb() -> int:
 LORA_RANK = 4  # the LoRA beside BOFT: rank 4 on the same layers (diffusers' DreamBooth LoRA default)
 
 
-def make_model(unet, mode: str, n_factors: int, block_num: int, targets, block_size: int = 0):
-    """(model, optimizer, rotation cache or None): the frozen UNet for the floor, LoRA on the same layers for
-    "lora", else the UNet with a BOFT adapter (the fast forward with the trainer's RotationCache)."""
+def make_model(unet, mode: str, n_factors: int, block_num: int, targets, block_size: int = 0, lora_rank=LORA_RANK):
+    """(model, optimizer, rotation cache or None): the frozen UNet for the floor, LoRA of `lora_rank` on the same
+    layers for "lora", else the UNet with a BOFT adapter (the fast forward with the trainer's RotationCache)."""
     if mode == "floor":
         return unet.requires_grad_(False), None, None
     from peft import BOFTConfig, LoraConfig, get_peft_model
@@ -80,7 +80,7 @@ def make_model(unet, mode: str, n_factors: int, block_num: int, targets, block_s
     from utils.boft import peft_seam
 
     if mode == "lora":
-        model = get_peft_model(unet, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(targets)))
+        model = get_peft_model(unet, LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(targets)))
         trained = [p for p in model.parameters() if p.requires_grad]
         return model, torch.optim.AdamW(trained, lr=1e-5, fused=True), None
 
@@ -151,7 +151,7 @@ def transformer_set_up(arch):
     return build_sd3_transformer("medium"), stable_diffusion_3.TRANSFORMER_TARGET_MODULES, sd3_step_inputs
 
 
-def set_up(arch, resolution, mode, n_factors, block_num, device="cpu", block_size=0):
+def set_up(arch, resolution, mode, n_factors, block_num, device="cpu", block_size=0, lora_rank=LORA_RANK):
     """(model, optimizer or None, rotation cache or None, (latents, forward)) at batch 2 for an architecture and a
     BOFT forward, on `device`."""
     from utils.families.stable_diffusion import UNET_TARGET_MODULES
@@ -162,14 +162,14 @@ def set_up(arch, resolution, mode, n_factors, block_num, device="cpu", block_siz
     if arch in ("flux1", "klein4b", "sd35m"):
         denoiser, targets, step_inputs = transformer_set_up(arch)
         denoiser.to(device)
-        model, optimizer, rotations = make_model(denoiser, mode, n_factors, block_num, targets, block_size)
+        model, optimizer, rotations = make_model(denoiser, mode, n_factors, block_num, targets, block_size, lora_rank)
         latents, arguments = step_inputs(denoiser, 2, resolution, FLUX_TEXT_TOKENS, generator)
         arguments = {name: on_device(value) for name, value in arguments.items()}
         return model, optimizer, rotations, (latents.to(device), lambda m, x: m(hidden_states=x, **arguments)[0])
     unet, text_dim = build_unet(arch)
     unet.to(device)
     targets = XL_UNET_TARGET_MODULES if arch == "sdxl" else UNET_TARGET_MODULES
-    model, optimizer, rotations = make_model(unet, mode, n_factors, block_num, targets, block_size)
+    model, optimizer, rotations = make_model(unet, mode, n_factors, block_num, targets, block_size, lora_rank)
     size = resolution // 8
     latents, timesteps = torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 500])
     context = torch.randn(2, 77, text_dim, generator=generator)
@@ -181,9 +181,10 @@ def set_up(arch, resolution, mode, n_factors, block_num, device="cpu", block_siz
 
 
 def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
-                precision="fp32", block_size=0) -> dict:
+                precision="fp32", block_size=0, lora_rank=LORA_RANK) -> dict:
     keep_freed_memory()
-    model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num, device, block_size)
+    model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num, device, block_size,
+                                                 lora_rank)
     bound = attainable = None
     boft = mode in ("fast", "peft")
     if boft:
@@ -238,12 +239,17 @@ def profile_one(arch, resolution, n_factors, block_num, rows=15, block_size=0) -
     return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def measure_in_subprocess(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
-                          precision="fp32", block_size=0) -> dict:
-    command = [sys.executable, "-m", "benchmarks.boft_step", "--one", arch, str(resolution), mode, str(n_factors),
-               "--block_num", str(block_num), "--block_size", str(block_size), "--repeats", str(repeats),
-               "--accumulation", str(micro_batches), "--device", device, "--precision", precision]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+def one_command(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
+                precision="fp32", block_size=0, lora_rank=LORA_RANK) -> list[str]:
+    """The command that measures one configuration in a process of its own and prints its result as JSON."""
+    return [sys.executable, "-m", "benchmarks.boft_step", "--one", arch, str(resolution), mode, str(n_factors),
+            "--block_num", str(block_num), "--block_size", str(block_size), "--repeats", str(repeats),
+            "--accumulation", str(micro_batches), "--device", device, "--precision", precision,
+            "--lora_rank", str(lora_rank)]
+
+
+def measure_in_subprocess(*configuration, **options) -> dict:
+    result = subprocess.run(one_command(*configuration, **options), capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -255,15 +261,16 @@ def row(arch, resolution, mode, factors, measured, floor_operations) -> str:
             f"| {bounds[1]} | {measured['operations']:,} (+{added:,}) | {measured['peak_rss_mb']} |")
 
 
-def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision, block_size=0):
+def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision, block_size=0,
+        lora_rank=LORA_RANK):
     floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches, device, precision,
                                   block_size)
     print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.3f} | 1.00 | 1.00 | 1.00 | "
           f"{floor['operations']:,} | {floor['peak_rss_mb']} |", flush=True)
     if "lora" in modes:
         lora = measure_in_subprocess(arch, resolution, "lora", 0, block_num, repeats, micro_batches, device,
-                                     precision, block_size)
-        print(row(arch, resolution, f"LoRA r={LORA_RANK}", "-", lora, floor["operations"]), flush=True)
+                                     precision, block_size, lora_rank)
+        print(row(arch, resolution, f"LoRA r={lora_rank}", "-", lora, floor["operations"]), flush=True)
     for m in factors:
         for mode in (mode for mode in modes if mode != "lora"):
             measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches, device,
@@ -280,7 +287,8 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=0, help="BOFT blocks of this size (instead of --block_num)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft", "lora"],
-                        help=f"BOFT forwards to measure, and lora: LoRA rank {LORA_RANK} on the same layers")
+                        help="BOFT forwards to measure, and lora: LoRA (--lora_rank) on the same layers")
+    parser.add_argument("--lora_rank", type=int, default=LORA_RANK, help=f"the rank of --modes lora ({LORA_RANK})")
     parser.add_argument("--accumulation", type=int, default=1, metavar="K",
                         help="a step is K micro-batches and one optimizer step, against K floor steps")
     parser.add_argument("--device", default="cpu", help="where the UNet runs, e.g. cuda")
@@ -294,7 +302,8 @@ def main(argv=None):
     if args.one:
         arch, resolution, mode, n_factors = args.one
         print(json.dumps(measure_one(arch, int(resolution), mode, int(n_factors), args.block_num, args.repeats,
-                                     args.accumulation, args.device, args.precision, args.block_size)))
+                                     args.accumulation, args.device, args.precision, args.block_size,
+                                     args.lora_rank)))
         return
     if args.quick:
         args.arch, args.resolution, args.factors, args.repeats = ["sd15"], [128], [1], 2
@@ -315,7 +324,7 @@ def main(argv=None):
     for arch in args.arch:
         for resolution in args.resolution:
             run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation,
-                args.device, args.precision, args.block_size)
+                args.device, args.precision, args.block_size, args.lora_rank)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,25 @@ def test_launcher_describes_a_subject_as_a_run_would_use_it(tmp_path):
     assert launch("--subject", "30").returncode == 2
 
 
+@pytest.mark.skipif(not (SHARED_DREAMBOOTH / "prompts_and_classes.txt").is_file(),
+                    reason="the dataset's prompts_and_classes.txt is absent")
+def test_the_launchers_table_and_prompts_are_the_datasets():
+    """Every subject, class noun and evaluation prompt of the launcher (which the Slurm sweep and utils.sweep read)
+    is the DreamBooth dataset's own prompts_and_classes.txt: the object list, or the live one for cats and dogs."""
+    import re
+
+    text = (SHARED_DREAMBOOTH / "prompts_and_classes.txt").read_text()
+    table = re.findall(r"^(\w+),([\w ]+)$", text.split("Prompts")[0], re.MULTILINE)[1:]  # after the header row
+    object_list, live_list = (re.findall(r"'(a [^']*)'\.format", part) for part in
+                              text.split("Live Subject Prompts"))
+    assert len(table) == 30 and len(object_list) == len(live_list) == 25
+    for index, (name, class_noun) in enumerate(table):
+        assert launch("--subject", str(index)).stdout.split("\t")[:2] == [name, class_noun]
+        templates = live_list if class_noun in ("cat", "dog") else object_list
+        expected = [t.replace("{0} {1}", f"qwe {class_noun}") for t in templates]
+        assert launch("--prompts", str(index)).stdout.splitlines() == expected, name
+
+
 @pytest.mark.parametrize("argv", [[], ["30"], ["-1"], ["dog"]])
 def test_launcher_rejects_a_bad_or_missing_index(argv):
     result = launch(*argv)
