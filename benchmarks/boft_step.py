@@ -19,8 +19,9 @@ trainer does on a CPU.
 Prints a markdown table: seconds per step (median of --repeats after 3 untimed rounds), ratio to the floor, the
 lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
 counted at the layer shapes and token counts of the step), the same bound with the Cayley inverses at the time this
-machine measures for them, the ATen operations one step dispatches (each a kernel launch on a GPU; counted with a
-TorchDispatchMode after the untimed rounds) and how many the adapter adds over the floor's, peak RSS (on a GPU:
+machine measures for them, the ATen operations one step dispatches, all and those that compute (each of these a
+kernel launch on a GPU; views launch nothing; counted with a TorchDispatchMode after the untimed rounds) and how many
+the adapter adds over the floor's, peak RSS (on a GPU:
 peak GPU memory allocated). `--modes lora` adds LoRA rank 4 on the same layers. --profile prints the top operations
 of one BOFT step instead.
 
@@ -201,29 +202,36 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
     if boft:  # a step of all its micro-batches takes one inverse
         attainable = with_measured_inverse(bound, floor_flops * micro_batches, statistics.median(floor_times),
                                            inverse_multiply_adds(model), measured_inverse_seconds(model))
-    operations = operation_count(lambda: one_step(model, optimizer, inputs, micro_batches, rotations, precision)
-                                 if optimizer is not None else floor_step(model, inputs, micro_batches, precision))
-    floor_operations = operation_count(lambda: floor_step(model, inputs, micro_batches, precision))
+    operations, kernels = operation_count(lambda: one_step(model, optimizer, inputs, micro_batches, rotations, precision)
+                                          if optimizer is not None else floor_step(model, inputs, micro_batches, precision))
+    floor_operations, floor_kernels = operation_count(lambda: floor_step(model, inputs, micro_batches, precision))
     return {"seconds": statistics.median(boft_times), "floor_seconds": statistics.median(floor_times),
             "peak_rss_mb": peak_memory_mb(device), "bound": bound, "with_measured_inverse": attainable,
-            "operations": operations, "floor_operations": floor_operations}
+            "operations": operations, "floor_operations": floor_operations, "kernels": kernels,
+            "floor_kernels": floor_kernels}
 
 
-def operation_count(step) -> int:
-    """The ATen operations one call of `step` dispatches (forward, backward, optimizer; after the warm-up rounds):
-    on a GPU each is a kernel launch, which at a few microseconds each bounds the small layers' steps."""
+# Operations that only make a new view of a tensor's storage (ATen marks them as views): no kernel runs for them.
+METADATA_ONLY = {"aten::_unsafe_view", "aten::_reshape_alias"}
+
+
+def operation_count(step) -> tuple[int, int]:
+    """(all ATen operations, those that compute) one call of `step` dispatches (forward, backward, optimizer; after
+    the warm-up rounds). On a GPU each computing one is a kernel launch, which at a few microseconds each bounds the
+    small layers' steps; views (view, transpose, expand, split, ...) only change metadata and launch nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
-        count = 0
+        count = kernels = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Counter.count += 1
+            Counter.kernels += not (func.is_view or func._schema.name in METADATA_ONLY)
             return func(*args, **(kwargs or {}))
 
     with Counter():
         step()
-    return Counter.count
+    return Counter.count, Counter.kernels
 
 
 def profile_one(arch, resolution, n_factors, block_num, rows=15, block_size=0) -> str:
@@ -253,12 +261,19 @@ def measure_in_subprocess(*configuration, **options) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def row(arch, resolution, mode, factors, measured, floor_operations) -> str:
+def row(arch, resolution, mode, factors, measured, floor) -> str:
     ratio = measured["seconds"] / measured["floor_seconds"]
     bounds = [f"{measured[key]:.3f}" if measured[key] is not None else "-" for key in ("bound", "with_measured_inverse")]
-    added = measured["operations"] - floor_operations
     return (f"| {arch} | {resolution} | {mode} | {factors} | {measured['seconds']:.3f} | {ratio:.3f} | {bounds[0]} "
-            f"| {bounds[1]} | {measured['operations']:,} (+{added:,}) | {measured['peak_rss_mb']} |")
+            f"| {bounds[1]} | {counts(measured, floor)} | {measured['peak_rss_mb']} |")
+
+
+def counts(measured, floor=None) -> str:
+    """"all (+added) / computing (+added)": a step's ATen operations, and over the floor's when given."""
+    def one(key):
+        added = f" (+{measured[key] - floor[key]:,})" if floor is not None else ""
+        return f"{measured[key]:,}{added}"
+    return f"{one('operations')} / {one('kernels')}"
 
 
 def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision, block_size=0,
@@ -266,16 +281,16 @@ def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, dev
     floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches, device, precision,
                                   block_size)
     print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.3f} | 1.00 | 1.00 | 1.00 | "
-          f"{floor['operations']:,} | {floor['peak_rss_mb']} |", flush=True)
+          f"{counts(floor)} | {floor['peak_rss_mb']} |", flush=True)
     if "lora" in modes:
         lora = measure_in_subprocess(arch, resolution, "lora", 0, block_num, repeats, micro_batches, device,
                                      precision, block_size, lora_rank)
-        print(row(arch, resolution, f"LoRA r={lora_rank}", "-", lora, floor["operations"]), flush=True)
+        print(row(arch, resolution, f"LoRA r={lora_rank}", "-", lora, floor), flush=True)
     for m in factors:
         for mode in (mode for mode in modes if mode != "lora"):
             measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches, device,
                                              precision, block_size)
-            print(row(arch, resolution, mode, m, measured, floor["operations"]), flush=True)
+            print(row(arch, resolution, mode, m, measured, floor), flush=True)
 
 
 def main(argv=None):
@@ -319,7 +334,7 @@ def main(argv=None):
           "steps interleaved in the same process")
     memory = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
     print(f"| arch | px | adapter | factors | s/step | x floor | arithmetic bound | bound with measured inverse "
-          f"| ATen ops a step (added over the floor) | {memory} |")
+          f"| ATen ops a step, all / computing (added over the floor) | {memory} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for resolution in args.resolution:

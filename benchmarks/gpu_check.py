@@ -193,9 +193,12 @@ def step_checks(step: Step, rows: list) -> str:
 
 
 def table_lines(rows: list, header: str) -> list[str]:
+    from benchmarks.boft_step import counts
+
     floors = {(r.part, r.arch, r.precision): r.result for r in rows if isinstance(r, Step) and r.mode == "floor"
               and r.result}
-    lines = [header, "", "| part | configuration | s/step | x floor | ATen ops a step (added) | peak GPU MB | check |",
+    lines = [header, "", "| part | configuration | s/step | x floor | ATen ops a step, all / computing (added) | "
+             "peak GPU MB | check |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         if row.result is None:
@@ -203,9 +206,9 @@ def table_lines(rows: list, header: str) -> list[str]:
         elif isinstance(row, Step):
             floor = floors.get((row.part, row.arch, row.precision))
             ratio = f"{row.result['seconds'] / row.result['floor_seconds']:.3f}" if row.mode != "floor" else "1.000"
-            added = f" (+{row.result['operations'] - floor['operations']:,})" if floor and row.mode != "floor" else ""
-            lines.append(f"| {row.part} | {row.label} | {row.result['seconds']:.4f} | {ratio} | "
-                         f"{row.result['operations']:,}{added} | {row.result['peak_rss_mb']} | {step_checks(row, rows)} |")
+            operations = counts(row.result, floor if row.mode != "floor" else None)
+            lines.append(f"| {row.part} | {row.label} | {row.result['seconds']:.4f} | {ratio} | {operations} | "
+                         f"{row.result['peak_rss_mb']} | {step_checks(row, rows)} |")
         else:
             rate = row.result["steps_per_second"]
             note = f"; {row.result['note']}" if row.result.get("note") else ""

@@ -55,3 +55,15 @@ def test_the_second_bound_puts_the_measured_inverse_in_place_of_its_multiply_add
     at_floor_speed = 2 * macs / floor_flops * floor_seconds
     assert with_measured_inverse(1.1, floor_flops, floor_seconds, macs, at_floor_speed) == 1.1
     assert abs(with_measured_inverse(1.1, floor_flops, floor_seconds, macs, at_floor_speed + 0.2) - 1.2) < 1e-12
+
+
+def test_operation_count_tells_views_from_operations_that_compute():
+    from benchmarks.boft_step import operation_count
+
+    x = torch.randn(4, 6)
+
+    def step():
+        y = x.view(6, 4).t().transpose(0, 1)  # three views: no kernel
+        return (y * 2).sum()  # two that compute
+
+    assert operation_count(step) == (5, 2)

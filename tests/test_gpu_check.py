@@ -46,7 +46,8 @@ def test_a_trainer_run_is_read_from_its_output(tmp_path):
 
 
 def measured(seconds, floor_seconds, operations):
-    return {"seconds": seconds, "floor_seconds": floor_seconds, "operations": operations, "peak_rss_mb": 100}
+    return {"seconds": seconds, "floor_seconds": floor_seconds, "operations": operations,
+            "kernels": operations // 2, "peak_rss_mb": 100}
 
 
 def test_the_table_marks_each_target_met_or_missed():
@@ -57,8 +58,8 @@ def test_the_table_marks_each_target_met_or_missed():
     case = TrainerCase("2", "fp16", result={"steps_per_second": 5.0, "peak_mb": 9000, "last_loss": 0.2})
     late = TrainerCase("2", "bf16", problem="skipped: out of time")
     lines = table_lines([floor, one, four, lora, case, late], "header")
-    assert "| 1 | sd15 512 px fp16: fast BOFT m=1 | 0.1100 | 1.100 | 1,300 (+300) | 100 | meets <= 1.15; no slower " \
-           "than LoRA r=16 |" in lines
+    assert "| 1 | sd15 512 px fp16: fast BOFT m=1 | 0.1100 | 1.100 | 1,300 (+300) / 650 (+150) | 100 | meets <= 1.15; " \
+           "no slower than LoRA r=16 |" in lines
     assert any("fast BOFT m=4" in line and "misses <= 1.25; slower than LoRA r=16" in line for line in lines)
     assert "| 2 | trainer, fp16 | 0.200 | | | 9000 | exit 0, losses finite (last 0.200), adapter saved |" in lines
     assert lines[-1] == "| 2 | trainer, bf16 | | | | | skipped: out of time |"
