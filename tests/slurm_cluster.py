@@ -14,6 +14,7 @@ its node by the host name; `sacct` needs slurmdbd (not installed), so the tests 
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -77,6 +78,18 @@ class SlurmCluster:
                     process.kill()
                     process.wait()
         self.processes.clear()
+        self._end_leftover_steps()
+
+    def _end_leftover_steps(self):
+        """slurmd's job steps (slurmstepd and the jobs under it) outlive slurmd when a test ends before its jobs:
+        every process that inherited this cluster's SLURM_CONF is ended."""
+        mark = f"SLURM_CONF={self.config}".encode()
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if mark in environ.read_bytes().split(b"\0"):
+                    os.kill(int(environ.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
 
     def env(self, **extra) -> dict:
         """The environment for Slurm's commands (and, exported by sbatch, for the jobs): `extra` on top."""
