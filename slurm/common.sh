@@ -7,7 +7,10 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 export PYTHON
 
-note() { echo "[$(date '+%F %T')] ${SLURM_JOB_NAME:-job} ${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}_${SLURM_ARRAY_TASK_ID:-}: $*" >&2; }
+note() {
+  local task=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}_${SLURM_ARRAY_TASK_ID:-}
+  echo "[$(date '+%F %T')] ${SLURM_JOB_NAME:-job} $task: $*" >&2
+}
 
 # The array task's subject, as the launcher's table and defaults give it (MODEL_NAME, OUTPUT_DIR, BLOCK_* and
 # DATASET_DIR from the environment, exported by sbatch).
@@ -17,8 +20,11 @@ subject_of_task() {
     exit 2
   fi
   IDX=$SLURM_ARRAY_TASK_ID
-  IFS=$'\t' read -r SUBJECT CLASS_NOUN RUN_NAME MODEL_NAME OUTPUT_DIR INSTANCE_DIR < <(./train_dreambooth.sh --subject "$IDX") ||
-    { note "no subject $IDX in ./train_dreambooth.sh's table (0-29)"; exit 2; }
+  if ! IFS=$'\t' read -r SUBJECT CLASS_NOUN RUN_NAME MODEL_NAME OUTPUT_DIR INSTANCE_DIR \
+    < <(./train_dreambooth.sh --subject "$IDX"); then
+    note "no subject $IDX in ./train_dreambooth.sh's table (0-29)"
+    exit 2
+  fi
 }
 
 # run_step SRUN_COMMAND...: run a job step in the background and wait for it, so that a signal to this batch shell

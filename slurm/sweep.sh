@@ -8,12 +8,15 @@
 # OUTPUT_DIR, BLOCK_*, TRAIN_ARGS, EVAL_ARGS, ...) goes to every job, as sbatch exports it. Prints the jobs' ids.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ARRAY=${1:-0-29}
+ARRAY=0-29
+if [[ $# -gt 0 && $1 != -* ]]; then  # else sbatch options alone: all the subjects
+  ARRAY=$1
+  shift
+fi
 if [[ ! $ARRAY =~ ^[0-9][0-9,%-]*$ ]]; then
   echo "usage: $0 [SUBJECTS (0-29, 5,11, 0-29%8)] [sbatch options...]" >&2
   exit 2
 fi
-(($# == 0)) || shift
 export SUBJECTS=${ARRAY%\%*}  # the table's subjects: the array without its throttle
 submit() { sbatch --parsable "$@" | cut -d';' -f1; }
 TRAIN=$(submit --array="$ARRAY" "$@" slurm/train_subjects.sbatch)

@@ -121,7 +121,8 @@ class SlurmCluster:
     def _write_config(self):
         for sub in ("state", "spool"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, env={**os.environ, "PATH": _sbin_path()}).stdout.split("\n")[0]
+        node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True,
+                              env={**os.environ, "PATH": _sbin_path()}).stdout.split("\n")[0]
         fields = dict(field.split("=", 1) for field in node.split())
         controller, node_port = _free_ports(2)
         self.node_name = fields["NodeName"]

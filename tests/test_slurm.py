@@ -149,3 +149,10 @@ def test_a_submission_outside_the_repository_or_array_is_refused(cluster, world,
         cluster.wait_until_empty(timeout=60)
         assert message in (tmp_path / f"{job}.out").read_text()
         assert job_fields(cluster, job)["ExitCode"] == "2:0"
+
+
+def test_the_sweep_refuses_subjects_it_cannot_read_before_submitting_anything():
+    for subjects in ("dog", "0-29:2"):
+        result = subprocess.run(["bash", str(REPO / "slurm" / "sweep.sh"), subjects], cwd=REPO, env=cli_env(),
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2 and "usage:" in result.stderr and "train" not in result.stdout

@@ -189,7 +189,8 @@ def write_csv(path: Path, subjects: list[Subject], summary, classes) -> None:
         writer = csv.writer(file)
         writer.writerow(["kind", "index", "subject", "class", "run", "step", "subjects", *METRICS])
         for s in subjects:
-            writer.writerow(["subject", s.index, s.name, s.class_noun, s.run, s.step if s.scores else "", 1 if s.scores else 0,
+            scored = s.scores is not None
+            writer.writerow(["subject", s.index, s.name, s.class_noun, s.run, s.step if scored else "", int(scored),
                              *(_cell((s.scores or {}).get(m)) for m in METRICS)])
         count = sum(1 for s in subjects if s.scores)
         for kind, position in (("mean", 0), ("std", 1)):
