@@ -24,7 +24,7 @@ final adapters, the reports).
 
 import sys
 
-from utils.run.flags import parse_args
+from utils.run.flags import parse_args, sharding_problem
 
 if __name__ == "__main__":  # --help and usage errors answer before torch, peft and diffusers load (seconds)
     FLAGS = parse_args()
@@ -124,9 +124,8 @@ def make_accelerator(flags, trackers, layout) -> Accelerator:
                        "--num_processes N ... (train_dreambooth.sh does this for ACCELERATE_ARGS=\"--cpu --num_processes N\")")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU; on a CPU use --mixed_precision bf16 or no")
-    if accelerator.distributed_type == DistributedType.FSDP and flags.base_quantization:
-        raise UserError("--base_quantization with FSDP: choose one. FSDP shards a full-precision base across the GPUs; "
-                        "a quantized base fits one GPU without it (configs/multi_gpu.yaml)")
+    if accelerator.distributed_type == DistributedType.FSDP and (problem := sharding_problem(flags)):
+        raise UserError(problem)
     if flags.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.device.type == "cpu" and keep_freed_memory():

@@ -1,6 +1,7 @@
 import pytest
 
-from utils.run.flags import build_parser, parse_args, split_validation_prompts
+from tests.helpers import base_args
+from utils.run.flags import build_parser, parse_args, sharding_problem, split_validation_prompts
 
 REQUIRED = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p", "--use_boft"]
 
@@ -118,3 +119,12 @@ def test_8bit_adam_without_bitsandbytes_is_a_usage_error(monkeypatch, capsys):
         parse_args(["--pretrained_model_name_or_path=m", "--instance_data_dir=.", "--instance_prompt=x", "--use_boft",
                     "--use_8bit_adam"])
     assert stop.value.code == 2 and "--use_8bit_adam needs bitsandbytes: pip install bitsandbytes" in capsys.readouterr().err
+
+
+def test_what_fsdp_cannot_shard_is_named():
+    plain = parse_args(base_args("model", "photos", "out"))
+    assert sharding_problem(plain) is None
+    quantized = parse_args(base_args("model", "photos", "out", base_quantization="nf4"))
+    encoders = parse_args(base_args("model", "photos", "out", train_text_encoder=True))
+    assert sharding_problem(quantized).startswith("--base_quantization does not go with FSDP")
+    assert sharding_problem(encoders).startswith("--train_text_encoder does not go with FSDP")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, adapter_weights, base_args, cli_env
+from tests.helpers import REPO, adapter_weights, assert_clean_error, base_args, cli_env
 
 pytestmark = pytest.mark.e2e  # every test here launches the trainer
 
@@ -74,3 +74,9 @@ def test_a_run_resumed_under_fsdp_ends_with_the_same_adapters(sharded_run, tiny_
     assert "Resumed from" in result.stderr
     expected, got = adapter_weights(out, 4, RUN, ("transformer",)), adapter_weights(resumed, 4, RUN, ("transformer",))
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_what_fsdp_cannot_shard_is_refused_before_anything_is_written(tiny_flux_model, subject, tmp_path):
+    result = launch(True, tiny_flux_model, subject, tmp_path / "out", train_text_encoder=True)
+    assert_clean_error(result, "--train_text_encoder does not go with FSDP", "configs/multi_gpu.yaml")
+    assert not (tmp_path / "out" / "transformer").exists() and not (tmp_path / "out" / "checkpoints").exists()

@@ -443,6 +443,18 @@ def _check_values(args, problems):
             problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (nor in {checkpoints})")
 
 
+def sharding_problem(args) -> str | None:
+    """What a run sharded by FSDP (configs/fsdp.yaml) cannot do with these flags, or None; known once accelerate
+    says the launch is FSDP."""
+    if args.base_quantization:
+        return ("--base_quantization does not go with FSDP: FSDP shards a full-precision base across the GPUs, a "
+                "quantized base fits one GPU without it (configs/multi_gpu.yaml); choose one")
+    if args.train_text_encoder:
+        return ("--train_text_encoder does not go with FSDP: accelerate's FSDP 2 prepares one model, the denoiser; "
+                "train the text encoders under DDP (configs/multi_gpu.yaml) or leave them frozen")
+    return None
+
+
 def validate_args(args) -> list[str]:
     """Every problem with the flags, as sentences; empty when the flags are consistent."""
     problems = []
