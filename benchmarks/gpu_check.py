@@ -116,8 +116,7 @@ def run_step(step: Step, device, repeats, timeout) -> None:
         step.problem = f"did not finish in the {timeout:.0f} s left"
         return
     if done.returncode:
-        lines = done.stderr.strip().splitlines()
-        step.problem = f"exit {done.returncode}: {lines[-1] if lines else 'no message'}"[:200]
+        step.problem = failure(done.returncode, done.stderr)
         return
     step.result = json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -128,12 +127,17 @@ RATE = re.compile(r"Time: [\d.]+ s for (\d+) optimizer steps \(([\d.]+) steps/s\
 PEAK = re.compile(r"total peak memory \(max\): (\d+) MB")
 
 
+def failure(returncode: int, output: str) -> str:
+    """A failed command, for the table: its exit status and the last line it wrote."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return f"exit {returncode}: {lines[-1] if lines else 'no message'}"[:200]
+
+
 def read_trainer_output(output: str, returncode: int, adapter: Path) -> tuple[dict | None, str | None]:
     """(measurements, None) for a good run, else (None, what went wrong), from the trainer's terminal output."""
     losses = [float(value) for value in LOSS.findall(output)]
     if returncode:
-        lines = [line for line in output.strip().splitlines() if line.strip()]
-        return None, f"exit {returncode}: {lines[-1] if lines else 'no message'}"[:200]
+        return None, failure(returncode, output)
     if not losses or not all(math.isfinite(loss) for loss in losses):
         return None, f"losses not finite: {losses[-5:]}" if losses else "no loss logged"
     if not (adapter / "adapter_model.safetensors").is_file():
@@ -143,8 +147,7 @@ def read_trainer_output(output: str, returncode: int, adapter: Path) -> tuple[di
             "peak_mb": int(peak.group(1)) if peak else None, "last_loss": losses[-1]}, None
 
 
-def trainer_command(case: TrainerCase, model, subject, out, smoke) -> list[str]:
-    steps = 2 if smoke else 20
+def trainer_command(case: TrainerCase, model, subject, out, smoke, steps) -> list[str]:
     return [sys.executable, str(REPO / "train_dreambooth.py"), "--pretrained_model_name_or_path", str(model),
             "--instance_data_dir", str(subject), "--instance_prompt", "a photo of qwe toy", "--output_dir", str(out),
             "--class_data_dir", str(out.parent / "class"), "--use_boft", "--resolution", "64" if smoke else "512",
@@ -155,14 +158,14 @@ def trainer_command(case: TrainerCase, model, subject, out, smoke) -> list[str]:
 
 
 def run_trainer_case(case: TrainerCase, model, subject, work, smoke, timeout) -> None:
-    out = work / re.sub(r"\W+", "-", case.name)
+    out, steps = work / re.sub(r"\W+", "-", case.name), 2 if smoke else 20
     try:
-        done = subprocess.run(trainer_command(case, model, subject, out, smoke), cwd=REPO, capture_output=True,
+        done = subprocess.run(trainer_command(case, model, subject, out, smoke, steps), cwd=REPO, capture_output=True,
                               text=True, timeout=timeout, env=_offline_env())
     except subprocess.TimeoutExpired:
         case.problem = f"did not finish in the {timeout:.0f} s left"
         return
-    steps, output = 2 if smoke else 20, done.stdout + done.stderr
+    output = done.stdout + done.stderr
     case.result, case.problem = read_trainer_output(output, done.returncode, out / "unet" / str(steps) / "dreambooth_boft")
     if case.result and "enable_xformers_memory_efficient_attention" in case.flags and XFORMERS_FELL_BACK in output:
         case.result["note"] = "xformers did not import: PyTorch attention ran"
@@ -274,11 +277,13 @@ def main(argv=None) -> None:
 
 
 def trainer_inputs(work: Path, smoke: bool) -> tuple[Path, Path]:
-    """The trainer's model (SD 1.5's architecture with random weights; the tiny pipeline for --smoke) and photos."""
+    """The trainer's model (SD 1.5's architecture with random weights, built once into data/bench/ as
+    benchmarks.train_step keeps it; the tiny pipeline for --smoke) and photos."""
     from benchmarks.sd_architectures import save_random_pipeline
+    from benchmarks.train_step import BENCH_DATA
     from utils.testing.tiny_model import make_synthetic_subject, save_tiny_pipeline
 
-    model = save_tiny_pipeline(work / "tiny-sd") if smoke else save_random_pipeline("sd15", work / "sd15-random")
+    model = save_tiny_pipeline(work / "tiny-sd") if smoke else save_random_pipeline("sd15", BENCH_DATA / "sd15-random")
     return model, make_synthetic_subject(work / "subject", num_images=4, size=64 if smoke else 512)
 
 

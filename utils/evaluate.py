@@ -85,13 +85,19 @@ REFERENCE_SETTINGS = ("model", "revision", "vae", "scheduler", "resolution", "nu
                       "seed", "num_images", "class_prompt")
 
 
-def subject_prompts(index: int) -> list[str]:
-    """The 25 prompts the launcher validates subject `index` on (its table is the one source)."""
-    result = subprocess.run(["bash", str(REPO / "train_dreambooth.sh"), "--prompts", str(index)],
-                            capture_output=True, text=True)
+def launcher_answer(option: str, index: int) -> str:
+    """What `./train_dreambooth.sh --prompts|--subject INDEX` prints: the launcher's table is the one source of the
+    subjects, their classes, prompts and run names."""
+    result = subprocess.run(["bash", str(REPO / "train_dreambooth.sh"), option, str(index)], capture_output=True,
+                            text=True)
     if result.returncode:
-        raise UserError(f"--subject_index {index} is not a DreamBooth subject of the launcher's table (0-29)")
-    return result.stdout.strip().splitlines()
+        raise UserError(f"subject {index} is not a DreamBooth subject of the launcher's table (0-29)")
+    return result.stdout
+
+
+def subject_prompts(index: int) -> list[str]:
+    """The 25 prompts the launcher validates subject `index` on."""
+    return launcher_answer("--prompts", index).strip().splitlines()
 
 
 def read_prompts(folder) -> list[str]:

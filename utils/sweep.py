@@ -19,12 +19,11 @@ import csv
 import json
 import math
 import re
-import subprocess
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 METRICS = ("dino", "clip_i", "clip_t", "prior_drift")
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "prior_drift": "prior drift"}
 # OFT paper (Qiu et al. 2023, "Controlling Text-to-Image Diffusion by Orthogonal Finetuning"), Table 1: SD 1.5, the 30
@@ -78,25 +77,24 @@ class Subject:
 
 def subject_of(index: int) -> Subject:
     """The launcher's subject `index`, as the launcher names it in this environment."""
-    result = subprocess.run(["bash", str(REPO / "train_dreambooth.sh"), "--subject", str(index)], capture_output=True,
-                            text=True)
-    if result.returncode:
-        raise ValueError(f"subject {index} is not in the launcher's table (0-29)")
-    name, class_noun, run, _model, output_dir, _photos = result.stdout.rstrip("\n").split("\t")
+    from utils.evaluate import launcher_answer
+
+    name, class_noun, run, _model, output_dir, _photos = launcher_answer("--subject", index).rstrip("\n").split("\t")
     return Subject(index, name, class_noun, run, Path(output_dir))
 
 
 def read_scores(subject: Subject, step: str) -> Subject:
     """Fill in the subject's scores from its evaluation folder, or say why there are none."""
-    from utils.evaluate import read_settings
+    from utils.evaluate import prompt_folder, read_settings
     from utils.layout import RunLayout
 
     layout = RunLayout(subject.output_dir, subject.run)
-    scored = [s for s in layout.evaluated_steps() if (layout.evaluation(s) / "scores.csv").is_file()]
+    evaluated = layout.evaluated_steps()
+    scored = [s for s in evaluated if (layout.evaluation(s) / "scores.csv").is_file()]
     if str(step) != "latest":
         scored = [s for s in scored if str(s) == str(step)]
     if not scored:
-        trained = bool(layout.adapter_steps() or layout.evaluated_steps())
+        trained = bool(evaluated or layout.adapter_steps())
         subject.missing = (f"no scores at step {step}" if trained and str(step) != "latest" else
                            "trained, not scored" if trained else "not trained")
         return subject
@@ -106,15 +104,8 @@ def read_scores(subject: Subject, step: str) -> Subject:
         overall = next(row for row in csv.DictReader(file) if row["prompt"] == "overall")
     subject.scores = {m: float(overall[m]) for m in METRICS if overall.get(m)}
     subject.settings = read_settings(folder) or {}
-    subject.image = next(iter(sorted((folder / "000").glob("*.png"))), None)
+    subject.image = next(iter(sorted(prompt_folder(folder, 0).glob("*.png"))), None)
     return subject
-
-
-def mean_and_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, spread
 
 
 def summarize(scored: list[Subject]) -> dict:
@@ -123,7 +114,8 @@ def summarize(scored: list[Subject]) -> dict:
     for metric in METRICS:
         values = [s.scores[metric] for s in scored if metric in s.scores]
         if values:
-            summary[metric] = (*mean_and_spread(values), len(values))
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0  # the sample's; none for one subject
+            summary[metric] = (statistics.fmean(values), spread, len(values))
     return summary
 
 
@@ -277,13 +269,13 @@ def write_report(subjects: list[Subject], folder: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    from utils.errors import USAGE_EXIT_CODE
+    from utils.errors import USAGE_EXIT_CODE, UserError
     from utils.layout import sweep_folder
 
     args = build_parser().parse_args(argv)
     try:
         subjects = [subject_of(index) for index in parse_indices(args.subjects)]
-    except ValueError as error:
+    except (ValueError, UserError) as error:
         print(f"utils.sweep: error: {error}", file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
     for subject in subjects:
