@@ -7,9 +7,16 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 export PYTHON
 
+# This task's own name for scontrol and scancel: an array task's job id alone can also be its array's id (the
+# array's last task keeps it), which names every task of the array.
+if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
+  THIS_TASK=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+else
+  THIS_TASK=${SLURM_JOB_ID:-}
+fi
+
 note() {
-  local task=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}_${SLURM_ARRAY_TASK_ID:-}
-  echo "[$(date '+%F %T')] ${SLURM_JOB_NAME:-job} $task: $*" >&2
+  echo "[$(date '+%F %T')] ${SLURM_JOB_NAME:-job} $THIS_TASK: $*" >&2
 }
 
 # The array task's subject, as the launcher's table and defaults give it (MODEL_NAME, OUTPUT_DIR, BLOCK_* and
@@ -27,18 +34,24 @@ subject_of_task() {
   fi
 }
 
-# run_step SRUN_COMMAND...: run a job step in the background and wait for it, so that a signal to this batch shell
-# (--signal=B:TERM@..., scancel --batch or --full) is acted on at once: it is passed on to the step's tasks with
-# `scancel --signal` (srun itself would turn a SIGTERM into a SIGKILL of its tasks), and the shell waits for them to
-# save and end. STEP_STATUS: the step's exit status.
+# run_step COMMAND...: run the training (the node's launcher, or srun starting one per node) in the background and
+# wait for it, so that a signal to this batch shell (--signal=B:TERM@..., scancel --batch or --full, preemption) is
+# acted on at once: it is passed on and the shell waits for the training to save and end. To a launcher it is passed
+# with kill; to the tasks of an srun step with `scancel --signal` (a SIGTERM to srun itself would make it SIGKILL
+# them). STEP_STATUS: the command's exit status.
 run_step() {
   "$@" &
   local step=$!
-  trap 'note "SIGTERM: passed on to the job step"; scancel --quiet --signal=TERM "$SLURM_JOB_ID" || true' TERM
-  trap 'scancel --quiet --signal=INT "$SLURM_JOB_ID" || true' INT
+  if [[ $1 == srun ]]; then
+    trap 'note "SIGTERM: passed on to the job step"; scancel --quiet --signal=TERM "$THIS_TASK" || true' TERM
+    trap 'scancel --quiet --signal=INT "$THIS_TASK" || true' INT
+  else
+    trap 'note "SIGTERM: passed on to the launcher"; kill -TERM '"$step"' 2>/dev/null || true' TERM
+    trap 'kill -INT '"$step"' 2>/dev/null || true' INT
+  fi
   STEP_STATUS=0
   wait "$step" || STEP_STATUS=$?
-  while kill -0 "$step" 2>/dev/null; do  # wait returned early, for a trapped signal: wait for the step to end
+  while kill -0 "$step" 2>/dev/null; do  # wait returned early, for a trapped signal: wait for the training to end
     STEP_STATUS=0
     wait "$step" || STEP_STATUS=$?
   done

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One node's part of a training task (slurm/train_subjects.sbatch runs it through srun, one task per node):
+# One node's part of a training task (slurm/train_subjects.sbatch runs it, through srun on several nodes):
 # accelerate's machine flags from Slurm's variables, then ./train_dreambooth.sh IDX resuming from the run's newest
 # checkpoint when it has one.
 #   machines: SLURM_NTASKS (one task per node)      this machine's rank: SLURM_PROCID

@@ -1,6 +1,6 @@
 """The Slurm scripts on a real single-node Slurm (tests/slurm_cluster.py): slurm/sweep.sh trains a job array of
-subjects, evaluates each and writes the table; a task sent SIGTERM saves, is requeued and resumes exactly; a task
-with bad input is not requeued; one subject trains on two machines (two srun tasks on the one node). Skipped, saying
+subjects, evaluates each and writes the table; tasks sent SIGTERM (to the batch shell, or to the job's every process)
+save, are requeued and resume exactly; a task with bad input is not requeued; one subject trains on two machines (two srun tasks on the one node). Skipped, saying
 why, where Slurm cannot run (not installed, not root): .ci/run installs it."""
 
 import subprocess
@@ -24,7 +24,7 @@ TRAIN_ARGS = (f"--resolution=64 --num_class_images=2 --sample_batch_size=2 --max
               "--num_dataloader_workers=0 --no_tracemalloc --no_cache_latents --learning_rate=1e-3")
 # The #SBATCH lines are a GPU cluster's; this node has 2 CPUs, 2 (fake) GPUs and 24 GB: what a user overrides.
 SBATCH_OVERRIDES = ["--mem=2G", "--cpus-per-task=1"]
-DOG, BAD, OTHERS = 10, 4, (0, 27)  # dog, can (no photos: bad input), backpack and teapot
+DOG, TEAPOT, BACKPACK, BAD = 10, 27, 0, 4  # can has no photos: bad input
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,15 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny pipeline, tiny metric models, and photos for backpack, dog and teapot (none for can). The dog's photos
-    are large, so that each of its steps takes about a second: a stop sent after its first checkpoint lands mid-run."""
+    """A tiny pipeline, tiny metric models, and photos for backpack, dog and teapot (none for can). The dog's and the
+    teapot's photos are large, so that each of their steps takes about a second: a stop sent after their first
+    checkpoint lands mid-run."""
     root = tmp_path_factory.mktemp("sweep")
     save_tiny_pipeline(root / "tiny-sd")
     dino, clip = save_tiny_metric_models(root / "metrics")
-    for index, name in ((0, "backpack"), (27, "teapot")):
-        make_synthetic_subject(root / "dataset" / name, num_images=3, seed=index)
-    large_photos(root / "dataset" / "dog")
+    make_synthetic_subject(root / "dataset" / "backpack", num_images=3)
+    for name in ("dog", "teapot"):
+        large_photos(root / "dataset" / name)
     env = cli_env(MODEL_NAME=str(root / "tiny-sd"), DATASET_DIR=str(root / "dataset"), REPORT_TO="tensorboard",
                   CLASS_DATA_DIR=str(root / "class"), TRAIN_ARGS=TRAIN_ARGS, EVAL_IMAGES="1",
                   EVAL_ARGS="--num_inference_steps 2 --resolution 64", SCORE_ARGS=f"--dino_model {dino} --clip_model {clip}",
@@ -73,11 +74,20 @@ def wait_until(condition, timeout, what):
         time.sleep(0.2)
 
 
-def test_a_sweep_trains_requeues_a_stopped_subject_resumes_it_exactly_and_tabulates(cluster, world, tmp_path):
+def stop_and_release(cluster, task: str, *how):
+    """SIGTERM as `scancel --signal=TERM` `how` delivers it, then, once the task is requeued and pending again, its
+    start now: Slurm holds a requeued job for two minutes (BeginTime), which the test does not wait for."""
+    slurm(cluster, "scancel", *how, "--signal=TERM", task)
+    wait_until(lambda: job_fields(cluster, task)["Restarts"] == "1", 120, f"the requeue of {task}")
+    wait_until(lambda: job_fields(cluster, task)["JobState"] == "PENDING", 60, f"{task} pending again")
+    slurm(cluster, "scontrol", "update", f"JobId={task}", "StartTime=now")
+
+
+def test_a_sweep_trains_requeues_stopped_subjects_resumes_them_exactly_and_tabulates(cluster, world, tmp_path):
     root, env = world
     out, reference = tmp_path / "out", tmp_path / "reference"
     started = time.monotonic()
-    ids = dict(line.split() for line in slurm(cluster, REPO / "slurm" / "sweep.sh", f"{BAD},{DOG},{OTHERS[0]},{OTHERS[1]}",
+    ids = dict(line.split() for line in slurm(cluster, REPO / "slurm" / "sweep.sh", f"{BAD},{DOG},{BACKPACK},{TEAPOT}",
                                               *SBATCH_OVERRIDES, f"--chdir={tmp_path}",
                                               **env, OUTPUT_DIR=str(out)).splitlines())
     train = ids["train"]
@@ -85,41 +95,41 @@ def test_a_sweep_trains_requeues_a_stopped_subject_resumes_it_exactly_and_tabula
     slurm(cluster, "sbatch", f"--array={DOG}", *SBATCH_OVERRIDES, f"--chdir={tmp_path}",
           REPO / "slurm" / "train_subjects.sbatch", **env, OUTPUT_DIR=str(reference))
 
-    dog_run = out / "checkpoints" / "dog_boft_801"
-    wait_until(lambda: (dog_run / "checkpoint-2").is_dir(), 300, "the dog's first checkpoint")
-    # What --signal=B:TERM@... delivers before a time limit: SIGTERM to the batch shell alone.
-    slurm(cluster, "scancel", "--batch", "--signal=TERM", f"{train}_{DOG}")
-    wait_until(lambda: job_fields(cluster, f"{train}_{DOG}")["Restarts"] == "1", 120, "the requeue")
-    # Slurm holds a requeued job for two minutes (BeginTime); the test does not wait for that.
-    wait_until(lambda: job_fields(cluster, f"{train}_{DOG}")["JobState"] == "PENDING", 60, "the pending requeued task")
-    slurm(cluster, "scontrol", "update", f"JobId={train}_{DOG}", "StartTime=now")
+    # The dog: what --signal=B:TERM@... delivers before a time limit, SIGTERM to the batch shell alone. The teapot:
+    # what `scancel --full` and preemption deliver, SIGTERM to the batch shell and every process under it.
+    for name, index, how in (("dog", DOG, "--batch"), ("teapot", TEAPOT, "--full")):
+        first = out / "checkpoints" / f"{name}_boft_801" / "checkpoint-2"
+        wait_until(first.is_dir, 300, f"the {name}'s first checkpoint")
+        stop_and_release(cluster, f"{train}_{index}", how)
     cluster.wait_until_empty(timeout=600)
     elapsed = time.monotonic() - started
 
-    dog_log = (tmp_path / f"slurm-dreambooth-boft-{train}_{DOG}.out").read_text()
-    assert "SIGTERM: passed on to the job step" in dog_log and "requeued, it resumes from it" in dog_log, dog_log[-3000:]
-    assert "start 1 of this task" in dog_log and "Resumed from" in dog_log and "finished" in dog_log, dog_log[-3000:]
-    dog = job_fields(cluster, f"{train}_{DOG}")
-    assert (dog["JobState"], dog["Restarts"]) == ("COMPLETED", "1")
+    for index in (DOG, TEAPOT):  # each saved when stopped (not killed), was requeued once and resumed to the end
+        log = (tmp_path / f"slurm-dreambooth-boft-{train}_{index}.out").read_text()
+        for phrase in ("SIGTERM: passed on to the launcher", "Interrupted at step", "requeued, it resumes from it",
+                       "start 1 of this task", "Resumed from", "finished"):
+            assert phrase in log, f"{phrase!r} not in:\n{log[-3000:]}"
+        task = job_fields(cluster, f"{train}_{index}")
+        assert (task["JobState"], task["Restarts"]) == ("COMPLETED", "1")
+        assert job_fields(cluster, f"{ids['evaluate']}_{index}")["JobState"] == "COMPLETED"
     expected, got = adapter_weights(reference, STEPS, "dog_boft_801"), adapter_weights(out, STEPS, "dog_boft_801")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
     bad = job_fields(cluster, f"{train}_{BAD}")
     assert (bad["JobState"], bad["Restarts"], bad["ExitCode"]) == ("FAILED", "0", "2:0")
     assert "bad input (exit 2" in (tmp_path / f"slurm-dreambooth-boft-{train}_{BAD}.out").read_text()
-    for index in OTHERS:
-        task = job_fields(cluster, f"{train}_{index}")
-        assert (task["JobState"], task["Restarts"]) == ("COMPLETED", "0")
-        assert job_fields(cluster, f"{ids['evaluate']}_{index}")["JobState"] == "COMPLETED"
+    backpack = job_fields(cluster, f"{train}_{BACKPACK}")
+    assert (backpack["JobState"], backpack["Restarts"]) == ("COMPLETED", "0")
+    assert job_fields(cluster, f"{ids['evaluate']}_{BACKPACK}")["JobState"] == "COMPLETED"
     assert job_fields(cluster, f"{ids['evaluate']}_{BAD}")["JobState"] == "CANCELLED"  # its training failed
 
     table = (out / "sweep" / "table.md").read_text()
-    for index, name in ((0, "backpack"), (DOG, "dog"), (27, "teapot")):
+    for index, name in ((BACKPACK, "backpack"), (DOG, "dog"), (TEAPOT, "teapot")):
         assert f"| {index} | {name} | " in table
     assert "3 of 4 subjects scored" in table and f"- {BAD} can (can_boft_801): not trained" in table
     assert Image.open(out / "sweep" / "subjects.png").text["subjects"] == "backpack,dog,teapot"
     assert Image.open(out / "sweep" / "metrics.png").size == (720, 420)
-    print(f"three-subject sweep with a requeue on Slurm: {elapsed:.0f} s")
+    print(f"three-subject sweep with two requeues on Slurm: {elapsed:.0f} s")
 
 
 def test_one_subject_on_two_machines(cluster, world, tmp_path):
@@ -127,14 +137,14 @@ def test_one_subject_on_two_machines(cluster, world, tmp_path):
     first host of the job's node list as the main process; the two CPU processes (gloo) train one run together."""
     root, env = world
     out = tmp_path / "out"
-    job = slurm(cluster, "sbatch", "--parsable", f"--array={OTHERS[0]}", *SBATCH_OVERRIDES, "--ntasks-per-node=2",
+    job = slurm(cluster, "sbatch", "--parsable", f"--array={BACKPACK}", *SBATCH_OVERRIDES, "--ntasks-per-node=2",
                 f"--chdir={tmp_path}", REPO / "slurm" / "train_subjects.sbatch",
                 **{**env, "OUTPUT_DIR": str(out), "ACCELERATE_ARGS": "--cpu",
                    "TRAIN_ARGS": TRAIN_ARGS.replace(f"max_train_steps={STEPS}", "max_train_steps=2")})
     job = job.strip().split(";")[0]
     cluster.wait_until_empty(timeout=300)
-    log = (tmp_path / f"slurm-dreambooth-boft-{job}_{OTHERS[0]}.out").read_text()
-    assert job_fields(cluster, f"{job}_{OTHERS[0]}")["JobState"] == "COMPLETED", log[-3000:]
+    log = (tmp_path / f"slurm-dreambooth-boft-{job}_{BACKPACK}.out").read_text()
+    assert job_fields(cluster, f"{job}_{BACKPACK}")["JobState"] == "COMPLETED", log[-3000:]
     assert "Process index: 0" in log and "Process index: 1" in log and "Num processes: 2" in log
     assert "batch 1 per device x 2 process(es)" in log
     assert (out / "unet" / "2" / "backpack_boft_801" / "adapter_model.safetensors").is_file()
