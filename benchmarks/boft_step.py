@@ -22,8 +22,9 @@ counted at the layer shapes and token counts of the step), the same bound with t
 machine measures for them, the ATen operations one step dispatches, all and those that compute (each of these a
 kernel launch on a GPU; views launch nothing; counted with a TorchDispatchMode after the untimed rounds) and how many
 the adapter adds over the floor's, peak RSS (on a GPU:
-peak GPU memory allocated). `--modes lora` adds LoRA rank 4 on the same layers. --profile prints the top operations
-of one BOFT step instead.
+peak GPU memory allocated). `--modes lora` adds LoRA rank 4 on the same layers; `--modes together` computes the
+rotations together before each forward on any device (what "fast" does on a GPU), `--modes layered` layer by
+layer. --profile prints the top operations of one BOFT step instead.
 
     python -m benchmarks.boft_step --arch sd15 sdxl --resolution 128 --factors 1 2 4 --modes lora fast peft --repeats 1
                                                                       # operations a step beside LoRA's
@@ -71,9 +72,16 @@ def peak_rss_mb() -> int:
 LORA_RANK = 4  # the LoRA beside BOFT: rank 4 on the same layers (diffusers' DreamBooth LoRA default)
 
 
+# The fast forward's modes: whether each model's rotations are computed together before its forward (None: where
+# the device is a GPU, as the trainer does).
+FAST_MODES = {"fast": None, "together": True, "layered": False}
+
+
 def make_model(unet, mode: str, n_factors: int, block_num: int, targets, block_size: int = 0, lora_rank=LORA_RANK):
     """(model, optimizer, rotation cache or None): the frozen UNet for the floor, LoRA of `lora_rank` on the same
-    layers for "lora", else the UNet with a BOFT adapter (the fast forward with the trainer's RotationCache)."""
+    layers for "lora", else the UNet with a BOFT adapter: "fast", the fast forward with the trainer's RotationCache
+    (its rotations computed together where the device is a GPU); "together" and "layered", the same with them
+    computed together or layer by layer on any device; "peft", stock peft."""
     if mode == "floor":
         return unet.requires_grad_(False), None, None
     from peft import BOFTConfig, LoraConfig, get_peft_model
@@ -92,9 +100,9 @@ def make_model(unet, mode: str, n_factors: int, block_num: int, targets, block_s
                         boft_dropout=0.1, target_modules=list(targets))
     model = get_peft_model(unet, config)
     rotations = None
-    if mode == "fast":
+    if mode in FAST_MODES:
         peft_seam.use_fast_forward(model)
-        rotations = peft_seam.RotationCache(model)
+        rotations = peft_seam.RotationCache(model, together=FAST_MODES[mode])
     trained = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(trained, lr=1e-5, fused=True), rotations  # the trainer's optimizer on a CPU
 
@@ -181,13 +189,23 @@ def set_up(arch, resolution, mode, n_factors, block_num, device="cpu", block_siz
                                          lambda m, x: m(x, timesteps, context, **added).sample)
 
 
+def force_side(side: str) -> None:
+    """Every fast BOFT layer of this process rotating on `side` ("weight" or "activation") instead of the side
+    utils/boft/rotation.cheaper_side picks: what a step would cost with that choice."""
+    from utils.boft import peft_seam
+
+    peft_seam.cheaper_side = lambda *shape, **options: side
+
+
 def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
-                precision="fp32", block_size=0, lora_rank=LORA_RANK) -> dict:
+                precision="fp32", block_size=0, lora_rank=LORA_RANK, side="cost") -> dict:
     keep_freed_memory()
+    if side != "cost":
+        force_side(side)
     model, optimizer, rotations, inputs = set_up(arch, resolution, mode, n_factors, block_num, device, block_size,
                                                  lora_rank)
     bound = attainable = None
-    boft = mode in ("fast", "peft")
+    boft = mode in (*FAST_MODES, "peft")
     if boft:
         floor_flops, extra = counted_floor(lambda: floor_step(model, inputs), model, micro_batches)
         bound = lower_bound(floor_flops, extra)
@@ -248,12 +266,12 @@ def profile_one(arch, resolution, n_factors, block_num, rows=15, block_size=0) -
 
 
 def one_command(arch, resolution, mode, n_factors, block_num, repeats, micro_batches=1, device="cpu",
-                precision="fp32", block_size=0, lora_rank=LORA_RANK) -> list[str]:
+                precision="fp32", block_size=0, lora_rank=LORA_RANK, side="cost") -> list[str]:
     """The command that measures one configuration in a process of its own and prints its result as JSON."""
     return [sys.executable, "-m", "benchmarks.boft_step", "--one", arch, str(resolution), mode, str(n_factors),
             "--block_num", str(block_num), "--block_size", str(block_size), "--repeats", str(repeats),
             "--accumulation", str(micro_batches), "--device", device, "--precision", precision,
-            "--lora_rank", str(lora_rank)]
+            "--lora_rank", str(lora_rank), "--side", side]
 
 
 def measure_in_subprocess(*configuration, **options) -> dict:
@@ -277,7 +295,7 @@ def counts(measured, floor=None) -> str:
 
 
 def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, device, precision, block_size=0,
-        lora_rank=LORA_RANK):
+        lora_rank=LORA_RANK, side="cost"):
     floor = measure_in_subprocess(arch, resolution, "floor", 0, block_num, repeats, micro_batches, device, precision,
                                   block_size)
     print(f"| {arch} | {resolution} | floor | - | {floor['seconds']:.3f} | 1.00 | 1.00 | 1.00 | "
@@ -289,7 +307,7 @@ def run(arch, resolution, factors, block_num, repeats, modes, micro_batches, dev
     for m in factors:
         for mode in (mode for mode in modes if mode != "lora"):
             measured = measure_in_subprocess(arch, resolution, mode, m, block_num, repeats, micro_batches, device,
-                                             precision, block_size)
+                                             precision, block_size, side=side)
             print(row(arch, resolution, mode, m, measured, floor), flush=True)
 
 
@@ -301,9 +319,12 @@ def main(argv=None):
     parser.add_argument("--block_num", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=0, help="BOFT blocks of this size (instead of --block_num)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=["fast", "peft", "lora"],
+    parser.add_argument("--modes", nargs="+", default=["fast", "peft"], choices=[*FAST_MODES, "peft", "lora"],
                         help="BOFT forwards to measure, and lora: LoRA (--lora_rank) on the same layers")
     parser.add_argument("--lora_rank", type=int, default=LORA_RANK, help=f"the rank of --modes lora ({LORA_RANK})")
+    parser.add_argument("--side", choices=["cost", "weight", "activation"], default="cost",
+                        help="where fast BOFT rotates: each layer's cheaper side by the cost model (the trainer's "
+                             "choice), or every layer on the weight or the activation side")
     parser.add_argument("--accumulation", type=int, default=1, metavar="K",
                         help="a step is K micro-batches and one optimizer step, against K floor steps")
     parser.add_argument("--device", default="cpu", help="where the UNet runs, e.g. cuda")
@@ -318,7 +339,7 @@ def main(argv=None):
         arch, resolution, mode, n_factors = args.one
         print(json.dumps(measure_one(arch, int(resolution), mode, int(n_factors), args.block_num, args.repeats,
                                      args.accumulation, args.device, args.precision, args.block_size,
-                                     args.lora_rank)))
+                                     args.lora_rank, args.side)))
         return
     if args.quick:
         args.arch, args.resolution, args.factors, args.repeats = ["sd15"], [128], [1], 2
@@ -331,7 +352,8 @@ def main(argv=None):
     shape = f"block_size {args.block_size}" if args.block_size else f"block_num {args.block_num}"
     print(f"torch {torch.__version__}, {where}, {args.precision}, {shape}, batch 2, "
           f"{args.accumulation} micro-batch(es) per step, median of {args.repeats} steps; x floor: against floor "
-          "steps interleaved in the same process")
+          "steps interleaved in the same process" + ("" if args.side == "cost" else
+                                                       f"; every BOFT layer rotating on the {args.side} side"))
     memory = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
     print(f"| arch | px | adapter | factors | s/step | x floor | arithmetic bound | bound with measured inverse "
           f"| ATen ops a step, all / computing (added over the floor) | {memory} |")
@@ -339,7 +361,7 @@ def main(argv=None):
     for arch in args.arch:
         for resolution in args.resolution:
             run(arch, resolution, args.factors, args.block_num, args.repeats, args.modes, args.accumulation,
-                args.device, args.precision, args.block_size, args.lora_rank)
+                args.device, args.precision, args.block_size, args.lora_rank, args.side)
 
 
 if __name__ == "__main__":

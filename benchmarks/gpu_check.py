@@ -4,14 +4,19 @@ name (--out, default gpu_check.md). `make gpu-check` runs it; nothing is downloa
 Parts, most important first; every configuration runs in a process of its own within what is left of the budget, and
 what cannot fit any more is listed as skipped:
   1. step, fp16 and bf16: SD 1.5's architecture at 512 px, batch 2: the frozen floor, fast BOFT with 1, 2 and 4
-     butterfly factors, LoRA r=16 on the same layers (benchmarks/boft_step.py). Targets: fast BOFT at most 1.15 x the
-     floor with one factor and 1.25 x with four, and no slower than LoRA r=16.
+     butterfly factors (each model's rotations computed together before its forward, as on any GPU), in fp16 also
+     one factor with the rotations layer by layer (what computing them together saves), LoRA r=16 on the same
+     layers (benchmarks/boft_step.py). Targets: fast BOFT at most 1.15 x the floor with one factor and 1.25 x with
+     four, and no slower than LoRA r=16.
   2. trainer: train_dreambooth.py for 20 steps on SD 1.5's architecture (random weights, 512 px, block_num 8) per
      case: fp16, bf16, xformers (when it imports), 8-bit Adam, gradient checkpointing, prior preservation. Checked:
      exit status 0, every logged loss finite, the adapter saved; measured: steps a second, peak GPU memory.
-  3. step, fp32: the rows of part 1.
-  4. SDXL at 1024 px, bf16: floor, fast BOFT with one factor, LoRA r=16.
-  5. FLUX.1's widths (one double- and one single-stream block), 512 px, bf16, blocks of 32: floor, fast BOFT with 1
+  3. the rotation's choices, fp16 (against part 1's fast rows, which compute each model's rotations together
+     before its forward and pick each layer's side by the cost model): one factor with the rotations layer by
+     layer; one and four factors with every layer rotating its weight (the fewest kernels a step).
+  4. step, fp32: the rows of part 1.
+  5. SDXL at 1024 px, bf16: floor, fast BOFT with one factor, LoRA r=16.
+  6. FLUX.1's widths (one double- and one single-stream block), 512 px, bf16, blocks of 32: floor, fast BOFT with 1
      and 2 factors, LoRA r=16.
 
     python -m benchmarks.gpu_check                          # on a CUDA machine
@@ -52,9 +57,10 @@ class Step:
     arch: str
     resolution: int
     precision: str
-    mode: str  # floor, fast, lora
+    mode: str  # floor, fast, layered, lora
     factors: int = 0
     block_size: int = 0
+    side: str = "cost"  # benchmarks/boft_step.py --side
     result: dict | None = None
     problem: str | None = None
 
@@ -62,11 +68,14 @@ class Step:
         from benchmarks.boft_step import one_command
 
         return one_command(self.arch, self.resolution, self.mode, self.factors, 8, repeats, 1, device, self.precision,
-                           self.block_size, LORA_RANK)
+                           self.block_size, LORA_RANK, self.side)
 
     @property
     def label(self) -> str:
-        what = {"floor": "floor", "lora": f"LoRA r={LORA_RANK}"}.get(self.mode, f"fast BOFT m={self.factors}")
+        what = {"floor": "floor", "lora": f"LoRA r={LORA_RANK}",
+                "layered": f"fast BOFT m={self.factors}, rotations layer by layer"}.get(self.mode,
+                                                                                      f"fast BOFT m={self.factors}")
+        what += f", every layer rotating its {self.side}" if self.side != "cost" else ""
         shape = f", blocks of {self.block_size}" if self.block_size else ""
         return f"{self.arch} {self.resolution} px {self.precision}{shape}: {what}"
 
@@ -99,10 +108,13 @@ def plan(smoke: bool, device: str) -> list:
         configurations += step_rows("1", "sd15", px, precision, factors)
     configurations += [TrainerCase("2", name, flags) for name, (flags, needs_cuda) in TRAINER_CASES.items()
                        if on_gpu or not needs_cuda]
+    precision = "fp16" if on_gpu else "bf16"  # the rotation's choices, against part 1's fast rows
+    configurations += [Step("3", "sd15", px, precision, "floor"), Step("3", "sd15", px, precision, "layered", 1)]
+    configurations += [Step("3", "sd15", px, precision, "fast", m, side="weight") for m in sorted({1, factors[-1]})]
     if not smoke:
-        configurations += step_rows("3", "sd15", px, "fp32", factors)
-        configurations += step_rows("4", "sdxl", 1024, "bf16", [1])
-        configurations += step_rows("5", "flux1", 512, "bf16", [1, 2], block_size=32)
+        configurations += step_rows("4", "sd15", px, "fp32", factors)
+        configurations += step_rows("5", "sdxl", 1024, "bf16", [1])
+        configurations += step_rows("6", "flux1", 512, "bf16", [1, 2], block_size=32)
     return configurations
 
 

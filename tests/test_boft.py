@@ -382,3 +382,90 @@ def test_folding_generates_as_merged_and_puts_the_very_weights_back():
     with pytest.raises(RuntimeError), peft_seam.folded(torch.nn.Sequential(fresh)):
         raise RuntimeError  # an error while generating still puts the weights back
     assert not fresh.merged and torch.equal(fresh.base_layer.weight, kept)
+
+
+def _tiny_unet_with_boft(tiny_model, factors, checkpointing):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    model = peft_seam.add_boft_adapter(unet, UNET_TARGET_MODULES, BoftSettings(8, 0, factors, dropout=0.5), "a",
+                                       "UNet")
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    return model.train()
+
+
+@pytest.mark.parametrize("side", ["weight", "activation"])
+@pytest.mark.parametrize("factors, checkpointing", [(1, False), (2, True)])
+def test_rotations_computed_together_train_as_layer_by_layer(tiny_model, factors, checkpointing, side, monkeypatch):
+    """Dropout on: the same random numbers in the same order (the UNet calls its middle block before the up
+    blocks it registers first), outputs and gradients as layer by layer, and with gradient checkpointing the
+    recomputed blocks take the forward's rotations."""
+    monkeypatch.setattr(peft_seam, "cheaper_side", lambda *shape: side)
+    plain = _tiny_unet_with_boft(tiny_model, factors, checkpointing)
+    together = _tiny_unet_with_boft(tiny_model, factors, checkpointing)
+    rotations = peft_seam.RotationCache(together, together=True)
+    forward = next(m for m in together.modules() if hasattr(m, "boft_R")).__dict__["_forward_rotations"]
+    inputs = (torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32))
+    for step in range(3):  # the first forward records the order the layers are called in
+        results = []
+        for model in (plain, together):
+            torch.manual_seed(step)
+            model.zero_grad()
+            output = model(*inputs).sample
+            output.square().mean().backward()
+            results.append((output.detach(), *[p.grad for p in model.parameters() if p.requires_grad]))
+        assert_close(results[1], results[0], rtol=1e-6 if factors == 1 else 1e-5)
+        assert (forward._entries is not None) == (step > 0)
+        rotations.clear()
+    assert len(forward.order) == sum(1 for m in together.modules() if hasattr(m, "boft_R"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        assert not torch.allclose(together(*inputs).sample, results[1][0])  # the dropout draws really differ
+
+
+def _boft_stack(layers: int, dropout=0.1):
+    peft_seam.install()
+    config = BOFTConfig(boft_block_num=8, boft_block_size=0, boft_n_butterfly_factor=2, boft_dropout=dropout,
+                        target_modules=[str(i) for i in range(layers)], init_weights=False)
+    model = get_peft_model(torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(layers)]), config)
+    peft_seam.use_fast_forward(model)
+    return model.train(), peft_seam.RotationCache(model, together=True)
+
+
+def test_layers_rotating_their_weights_together_add_two_kernels_each(monkeypatch):
+    """What BOFT adds to a step beyond a group's few dozen operations, per layer: the rotated weight's gradient (one
+    product) and its parameters' share of the batched gradient copied into their .grad (an allocation and a copy);
+    every computing ATen operation but the allocation is a kernel launch on a GPU. (Dropout adds four a layer on
+    the host, its random draws in peft's order, which launch nothing.)"""
+    from benchmarks.boft_step import operation_count
+
+    monkeypatch.setattr(peft_seam, "cheaper_side", lambda *shape: "weight")
+    added = {}
+    for layers in (4, 8):
+        model, rotations = _boft_stack(layers, dropout=0.0)
+        x = torch.randn(16, 64)
+
+        def step():
+            model(x.clone().requires_grad_()).square().mean().backward()
+            model.zero_grad(set_to_none=True)  # as the trainer does
+            rotations.clear()
+
+        step()  # records the order
+        with model.disable_adapter():
+            floor = operation_count(step)[1]
+        added[layers] = operation_count(step)[1] - floor
+    assert added[8] - added[4] <= 3 * 4, added
+
+
+def test_a_layer_called_outside_its_models_forward_rotates_by_itself():
+    model, _ = _boft_stack(2)
+    for _ in range(2):  # recorded, then rotated together
+        model(torch.randn(3, 64))
+    layer = model.base_model.model[0]
+    forward = layer.__dict__["_forward_rotations"]
+    assert forward._entries is not None
+    assert forward.prepared(layer, "default", "weight") is None  # the forward's rotations are not reused outside it

@@ -18,10 +18,12 @@ def test_the_plan_covers_the_issues_configurations_most_important_first():
         assert [(p, m, f) for p, m, f in first if p == precision] == [
             (precision, "floor", 0), (precision, "fast", 1), (precision, "fast", 2), (precision, "fast", 4),
             (precision, "lora", 0)]
+    assert [(r.mode, r.factors, r.side) for r in rows if r.part == "3"] == [
+        ("floor", 0, "cost"), ("layered", 1, "cost"), ("fast", 1, "weight"), ("fast", 4, "weight")]
     assert {r.name for r in rows if isinstance(r, TrainerCase)} == {
         "fp16", "bf16", "xformers", "8-bit Adam", "gradient checkpointing", "prior preservation"}
-    assert {(r.arch, r.resolution) for r in rows if r.part in ("4", "5")} == {("sdxl", 1024), ("flux1", 512)}
-    assert all(r.block_size == 32 for r in rows if r.part == "5")
+    assert {(r.arch, r.resolution) for r in rows if r.part in ("5", "6")} == {("sdxl", 1024), ("flux1", 512)}
+    assert all(r.block_size == 32 for r in rows if r.part == "6")
     on_cpu = plan(smoke=True, device="cpu")
     assert {r.name for r in on_cpu if isinstance(r, TrainerCase)} == {"bf16", "gradient checkpointing",
                                                                       "prior preservation"}

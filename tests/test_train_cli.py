@@ -4,6 +4,7 @@ import json
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,26 @@ def test_a_rerun_is_refused_until_it_resumes_or_overwrites(tiny_model, subject, 
     assert anew.returncode == 0, anew.stderr[-3000:]
     assert sorted(p.name for p in (out / "unet").iterdir()) == ["1"]  # the earlier run's step 2 is gone with it
     assert [p.name for p in (out / "checkpoints" / "dreambooth_boft").glob("checkpoint-*")] == ["checkpoint-1"]
+
+
+def test_rotations_computed_together_train_the_adapters_layer_by_layer_trains(tiny_model, subject, tmp_path):
+    """The trainer on a GPU computes each model's rotations together (tests/rotations_together_on_cpu.py puts the CPU
+    on that path): with dropout, two micro-batches a step, gradient checkpointing and the text encoder trained,
+    the adapters come out as layer by layer trains them, within fp32 rounding."""
+    args = dict(train_text_encoder=True, gradient_accumulation_steps=2, gradient_checkpointing=True,
+                boft_dropout=0.5, max_train_steps=3, learning_rate=1e-2)
+    layer_by_layer = run_trainer(base_args(tiny_model, subject, tmp_path / "layers", **args))
+    assert layer_by_layer.returncode == 0, layer_by_layer.stderr[-3000:]
+    together = subprocess.run([sys.executable, str(REPO / "tests" / "rotations_together_on_cpu.py"),
+                               str(REPO / "train_dreambooth.py"), *base_args(tiny_model, subject, tmp_path / "together",
+                                                                            **args)],
+                              cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert together.returncode == 0, together.stderr[-3000:]
+    for part in ("unet", "text_encoder"):
+        expected = load_file(tmp_path / "layers" / part / "3" / "dreambooth_boft" / "adapter_model.safetensors")
+        got = load_file(tmp_path / "together" / part / "3" / "dreambooth_boft" / "adapter_model.safetensors")
+        assert expected.keys() == got.keys()
+        for name, value in expected.items():
+            assert torch.allclose(got[name], value, atol=1e-5), (part, name, (got[name] - value).abs().max())
+    # 5 micro-batches (an epoch of 3 photos ends its second step early); after each model's first: 4 each
+    assert "rotations computed together: 8" in together.stderr, together.stderr[-3000:]

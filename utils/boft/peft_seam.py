@@ -23,8 +23,10 @@ from utils.boft.rotation import (
     ColumnPermutation,
     TorchBlockDiagonal,
     cayley,
+    cayley_together,
     cheaper_side,
     rotate_rows,
+    rotate_stacked_rows,
     skew_inverse,
 )
 from utils.boft.shapes import BoftSettings, check_adapter_shape
@@ -152,22 +154,30 @@ def rotation_plan(layer, boft_r, transpose: bool):
     return cache[key]
 
 
-def multiplicative_dropout(dropout, blocks):
-    """peft's MultiplicativeDropoutLayer (in one factor chosen at random, a fraction p of the blocks become the
-    identity), drawing exactly its random numbers in its order, with one `where` instead of its mask arithmetic.
-    When p of the blocks rounds down to none, the draws are made and the blocks returned untouched."""
-    layer_class = _peft_layer_module().MultiplicativeDropoutLayer
-    if not (isinstance(dropout, layer_class) and dropout.training):
-        return dropout(blocks)
-    n, d, h, _ = blocks.shape
-    dropped = int(dropout.p * d)
-    factor = torch.randint(0, n, (1,)).item()
-    replaced = torch.randperm(d) < dropped  # peft: ones then zeros, shuffled by this permutation
+def dropout_mask(dropout, n_factors: int, n_blocks: int):
+    """The blocks peft's MultiplicativeDropoutLayer makes the identity in this call (in one factor chosen at random,
+    a fraction p of the blocks), as an (m, D, 1, 1) bool mask on the CPU, drawing exactly its random numbers in its
+    order; None when it drops nothing (the draws are made all the same while it trains)."""
+    if not (isinstance(dropout, _peft_layer_module().MultiplicativeDropoutLayer) and dropout.training):
+        return None
+    dropped = int(dropout.p * n_blocks)
+    factor = torch.randint(0, n_factors, (1,)).item()
+    replaced = torch.randperm(n_blocks) < dropped  # peft: ones then zeros, shuffled by this permutation
     if not dropped:
+        return None
+    mask = torch.zeros(n_factors, n_blocks, 1, 1, dtype=torch.bool)
+    mask[factor] = replaced.view(n_blocks, 1, 1)
+    return mask
+
+
+def multiplicative_dropout(dropout, blocks):
+    """peft's BOFT dropout of `blocks` (m, D, H, H), with one `where` instead of its mask arithmetic."""
+    if not isinstance(dropout, _peft_layer_module().MultiplicativeDropoutLayer):
+        return dropout(blocks)
+    mask = dropout_mask(dropout, blocks.shape[0], blocks.shape[1])
+    if mask is None:
         return blocks
-    mask = torch.zeros(n, d, 1, 1, dtype=torch.bool)
-    mask[factor] = replaced.view(d, 1, 1)
-    eye = torch.eye(h, device=blocks.device, dtype=blocks.dtype)
+    eye = torch.eye(blocks.shape[2], device=blocks.device, dtype=blocks.dtype)
     return torch.where(mask.to(blocks.device), eye, blocks)
 
 
@@ -185,10 +195,18 @@ def invert_together(parameters) -> list:
     return inverses
 
 
+# Where a model's rotations are computed together before each forward (ForwardRotations): where every operation is
+# a kernel launch of a few microseconds. On 2 CPU cores (SD 1.5, 128 px) together costs what layer by layer does
+# at one factor and more at two and four (1.74 x the floor against 1.52 x, 2.87 x against 1.87 x): the
+# concatenated Cayley blocks, their transposed backward, the stacked weights are memory traffic a CPU pays.
+ROTATE_TOGETHER_DEVICES = ("cuda",)
+
+
 class RotationCache:
     """The Cayley inverse of each fast BOFT layer's parameters, computed once while they stay the same: across the
     micro-batches of an optimizer step under gradient accumulation, across validation's denoising steps. Gradients
-    still flow to the parameters every micro-batch (the backward needs only the inverse).
+    still flow to the parameters every micro-batch (the backward needs only the inverse). And, per model, its
+    ForwardRotations: the rotations of all its layers computed together in each forward.
 
     The inverses of all its layers are taken together, one batch per block size, at the first layer that needs
     one: a batched inverse costs about what one layer's does on a GPU (SD 1.5's 128 layers on an H200: 2 to 5 ms a
@@ -199,14 +217,22 @@ class RotationCache:
     by a torch operation (loading a checkpoint) is noticed as well, by the parameter's version counter; optimizers
     that write through raw pointers (bitsandbytes) are not, hence clear()."""
 
-    def __init__(self, *models):
+    def __init__(self, *models, together: bool | None = None):
+        """`together`: give each model a ForwardRotations (None: where its parameters are on a device of
+        ROTATE_TOGETHER_DEVICES)."""
         self._inverses = {}
         self._layers = []
+        self._forwards = []
         for model in models:
+            device = next(model.parameters()).device.type
+            forward = ForwardRotations(self, model) if together or (
+                together is None and device in ROTATE_TOGETHER_DEVICES) else None
             for module in model.modules():
                 if getattr(module, "_fast_boft", False):
                     module.__dict__["_rotation_cache"] = self
+                    module.__dict__["_forward_rotations"] = forward
                     self._layers.append(module)
+            self._forwards += [forward] if forward else []
 
     def _is_current(self, layer, adapter: str, boft_r) -> bool:
         entry = self._inverses.get((id(layer), adapter))
@@ -227,6 +253,107 @@ class RotationCache:
 
     def clear(self) -> None:
         self._inverses.clear()
+        for forward in self._forwards:
+            forward.release()
+
+
+class ForwardRotations:
+    """The rotations of one model's fast BOFT layers for one forward pass, computed together just before it, so
+    that what BOFT launches a step grows little with its layers: per block size one Cayley map and one dropout
+    `where` for every layer; per weight shape one rotation and one scaling of the weights of all the layers that
+    rotate their weight, each layer's forward then a plain F.linear (its backward adds one product, the rotated
+    weight's gradient).
+
+    The model's first forward goes layer by layer and records the order its layers are called in: the dropout's
+    random numbers are then drawn in that very order, as layer by layer (a model's registration order is not its
+    call order: the UNet registers its up blocks before its middle block), and each layer's side (weight or
+    activation) as it chose it last. The rotations stay until the next forward or clear(): recomputing a forward
+    in the backward (gradient checkpointing) takes the same ones."""
+
+    def __init__(self, cache: RotationCache, model):
+        self.cache = cache
+        self.order = None  # the layers in call order, once recorded; [] when a layer is called twice a forward
+        self._calls = []
+        self._sides = {}  # id(layer) -> the side it chose at its last call
+        self._open = False
+        self._entries = None  # id(layer) -> (adapter, blocks, the rotated and scaled weight or None)
+        model.register_forward_pre_hook(self._begin)
+        model.register_forward_hook(self._end)
+
+    def _begin(self, model, args) -> None:
+        """Before the model's forward: outside any region gradient checkpointing recomputes, and outside autocast
+        (the rotations run in their parameters' precision, as layer by layer)."""
+        self._open, self._entries = True, None
+        if self.order is None:
+            self._calls = []
+        elif self.order:
+            with torch.autocast(next(model.parameters()).device.type, enabled=False):
+                self._entries = self._compute()
+
+    def _end(self, model, args, output) -> None:
+        self._open = False
+        if self.order is None and self._calls:
+            self.order = self._calls if len({id(layer) for layer in self._calls}) == len(self._calls) else []
+
+    def release(self) -> None:
+        self._entries = None
+
+    def prepared(self, layer, adapter: str, side: str):
+        """(blocks, the rotated and scaled weight or None) of `layer` in this forward, or None: compute them layer
+        by layer (the recording forward, a call outside the model's forward, a layer the group left out)."""
+        if self._open:
+            self._sides[id(layer)] = side
+            if self.order is None:
+                self._calls.append(layer)
+        elif torch._C._current_graph_task_id() < 0:
+            return None  # neither in this model's forward nor recomputing it in the backward
+        entry = self._entries.get(id(layer)) if self._entries is not None else None
+        if entry is None or entry[0] != adapter:
+            return None
+        return entry[1], entry[2] if side == "weight" else None
+
+    def _compute(self) -> dict:
+        fusable = (_peft_layer_module().MultiplicativeDropoutLayer, torch.nn.Identity)
+        groups = {}  # block shape, device, dtype -> [(layer, adapter, dropout mask)], masks drawn in call order
+        for layer in self.order:
+            adapter = _active_adapter(layer)
+            if adapter is None or layer.merged or layer.disable_adapters:
+                continue
+            boft_r, dropout = layer.boft_R[adapter], layer.boft_dropout[adapter]
+            if isinstance(dropout, fusable):
+                m, d, h, _ = boft_r.shape
+                groups.setdefault((h, boft_r.device, boft_r.dtype), []).append(
+                    (layer, adapter, dropout_mask(dropout, m, d)))
+        entries = {}
+        for members in groups.values():
+            parameters = [layer.boft_R[adapter] for layer, adapter, _ in members]
+            inverses = [self.cache.inverse(layer, adapter, r) for (layer, adapter, _), r in zip(members, parameters)]
+            blocks = cayley_together(parameters, inverses, [mask for _, _, mask in members])
+            for (layer, adapter, _), layer_blocks in zip(members, blocks):
+                entries[id(layer)] = (adapter, layer_blocks, None)
+        self._rotate_weights(entries)
+        return entries
+
+    def _rotate_weights(self, entries: dict) -> None:
+        """The rotated, scaled weights of the layers that rotate their weight, one stacked rotation per shape."""
+        shapes = {}
+        for layer in self.order:
+            entry = entries.get(id(layer))
+            if entry is None or self._sides.get(id(layer)) != "weight" or is_quantized(layer.base_layer):
+                continue
+            weight, blocks = layer.base_layer.weight, entry[1]
+            shapes.setdefault((weight.shape, weight.dtype, weight.device, blocks.shape, blocks.dtype), []).append(
+                layer)
+        for layers in shapes.values():
+            adapters = [entries[id(layer)][0] for layer in layers]
+            blocks = torch.stack([entries[id(layer)][1] for layer in layers])
+            weight = layers[0].base_layer.weight
+            stacked = torch.stack([layer.base_layer.weight for layer in layers]).to(blocks.dtype)
+            plan = rotation_plan(layers[0], layers[0].boft_R[adapters[0]], True)
+            scales = torch.stack([layer.boft_s[adapter] for layer, adapter in zip(layers, adapters)])
+            rotated = (rotate_stacked_rows(stacked, blocks, plan) * scales.view(len(layers), -1, 1)).to(weight.dtype)
+            for layer, adapter, layer_weight in zip(layers, adapters, rotated.unbind(0)):
+                entries[id(layer)] = (adapter, entries[id(layer)][1], layer_weight)
 
 
 def layer_blocks(layer, adapter: str):
@@ -237,16 +364,19 @@ def layer_blocks(layer, adapter: str):
     return multiplicative_dropout(layer.boft_dropout[adapter], cayley(boft_r, a_inverse))
 
 
-def boft_linear(layer, x, adapter: str, side: str):
+def boft_linear(layer, x, adapter: str, side: str, prepared=None):
     """y = s * (x R) W^T + b, peft's BOFT Linear, with R applied on the weight or on the activations (always on
-    the activations over a quantized base, whose own kernel then multiplies by its weight)."""
+    the activations over a quantized base, whose own kernel then multiplies by its weight). `prepared`: the
+    layer's (blocks, rotated and scaled weight or None) from its ForwardRotations, if computed there."""
     base = layer.base_layer
     weight, bias = base.weight, base.bias
     boft_r, boft_s = layer.boft_R[adapter], layer.boft_s[adapter]
-    blocks = layer_blocks(layer, adapter)
+    blocks, effective = prepared if prepared is not None else (layer_blocks(layer, adapter), None)
     if side == "weight":  # W_eff = diag(s) W R^T
-        rotated = rotate_rows(weight.to(blocks.dtype), blocks, rotation_plan(layer, boft_r, True))
-        return F.linear(x, (rotated * boft_s.view(-1, 1)).to(weight.dtype), bias).to(x.dtype)
+        if effective is None:
+            rotated = rotate_rows(weight.to(blocks.dtype), blocks, rotation_plan(layer, boft_r, True))
+            effective = (rotated * boft_s.view(-1, 1)).to(weight.dtype)
+        return F.linear(x, effective, bias).to(x.dtype)
     rotated_x = rotate_rows(x, blocks.to(x.dtype), rotation_plan(layer, boft_r, False))
     if is_quantized(base):  # its kernel adds the bias, which the scale must not touch
         result = base(rotated_x) if bias is None else base(rotated_x) - bias
@@ -270,7 +400,8 @@ def fast_boft_forward(layer, x, *args, **kwargs):
     training = torch.is_grad_enabled() and any(r.requires_grad for r in layer.boft_R.values())
     side = "activation" if is_quantized(layer.base_layer) else cheaper_side(
         layer.out_features, layer.in_features, x.numel() // layer.in_features, m, h, training)
-    return boft_linear(layer, x, adapter, side)
+    rotations = layer.__dict__.get("_forward_rotations")
+    return boft_linear(layer, x, adapter, side, rotations.prepared(layer, adapter, side) if rotations else None)
 
 
 def merged_weight(layer, adapter: str):

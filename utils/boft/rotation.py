@@ -128,6 +128,34 @@ def rotate_rows(rows, blocks, plan):
     return RotateRows.apply(flat, blocks, steps, transpose).view(rows.shape)
 
 
+def rotate_stacked_rows(rows, blocks, plan):
+    """rotate_rows for L layers of equal shapes at once: rows (L, n, in), blocks (L, m, D, H, H), the layers' one
+    plan. Per factor one batched product for all L (and its permutations), or, where grouping pays, the grouped
+    blocks of all L (probe rows through the factors) and one product; differentiated by autograd: a few
+    operations per factor, whatever L is."""
+    length, n, width = rows.shape
+    m, _, h = blocks.shape[1:4]
+    if not grouping_pays(m, h, n):
+        return _rotate_stacked_by_factor(rows, blocks, plan)
+    group = h * 2 ** (m - 1)
+    probe = _probe_rows(group, width // group, rows.device, blocks.dtype).expand(length, group, width)
+    grouped = _rotate_stacked_by_factor(probe, blocks, plan).view(length, group, -1, group).transpose(1, 2)
+    return _rotate_stacked_by_factor(rows, grouped[:, None], (ONE_FACTOR, False))
+
+
+def _rotate_stacked_by_factor(rows, blocks, plan):
+    steps, transpose = plan
+    length, n, width = rows.shape
+    d, h = blocks.shape[2], blocks.shape[3]
+    z = rows
+    for i, before, after in steps:
+        z = before(z.reshape(length * n, width)) if before is not None else z
+        factor = blocks[:, i].transpose(-1, -2) if transpose else blocks[:, i]
+        z = torch.matmul(z.reshape(length, n, d, h).transpose(1, 2), factor).transpose(1, 2)
+        z = after(z.reshape(length * n, width)) if after is not None else z
+    return z.reshape(length, n, width)
+
+
 # The plan of a rotation that is one block product: no permutation.
 ONE_FACTOR = [(0, None, None)]
 
@@ -218,6 +246,20 @@ class Cayley(torch.autograd.Function):
         (a_inverse,) = ctx.saved_tensors
         t = torch.bmm(torch.bmm(a_inverse.transpose(1, 2), grad), a_inverse.transpose(1, 2))
         return t.transpose(1, 2) - t, None  # grad_R = (grad_A - grad_A^T) / 2 with grad_A = -2 t
+
+
+def cayley_together(parameters, inverses, masks):
+    """cayley() of several layers' parameters of one block size at once, from their skew_inverse()s, each with its
+    dropout mask ((m, D, 1, 1) bool on any device: blocks made the identity; None: none): one Cayley map and at
+    most one `where` for all of them. The blocks come back per layer, views of one tensor."""
+    h = parameters[0].shape[-1]
+    q = Cayley.apply(torch.cat([p.reshape(-1, h, h) for p in parameters]).float(), torch.cat(inverses))
+    q = q.to(parameters[0].dtype)
+    if any(mask is not None for mask in masks):
+        kept = [torch.zeros(p.shape[0] * p.shape[1], 1, 1, dtype=torch.bool) if mask is None else
+                mask.reshape(-1, 1, 1).cpu() for p, mask in zip(parameters, masks)]
+        q = torch.where(torch.cat(kept).to(q.device), torch.eye(h, device=q.device, dtype=q.dtype), q)
+    return [block.view(p.shape) for p, block in zip(parameters, q.split([p.shape[0] * p.shape[1] for p in parameters]))]
 
 
 def cayley(boft_r, a_inverse=None):
