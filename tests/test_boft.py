@@ -469,3 +469,23 @@ def test_a_layer_called_outside_its_models_forward_rotates_by_itself():
     forward = layer.__dict__["_forward_rotations"]
     assert forward._entries is not None
     assert forward.prepared(layer, "default", "weight") is None  # the forward's rotations are not reused outside it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_the_output_scale_differentiates_as_autograd_does(with_shift, dtype):
+    """rotation.ScaleShift against torch's own mul / addcmul, a trained bias included, under mixed dtypes."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 6, generator=generator).to(dtype)
+    scale, shift = torch.randn(6, generator=generator), torch.randn(6, generator=generator) if with_shift else None
+    grad = torch.randn(2, 5, 6, generator=generator)
+    results = []
+    for forward in (lambda a, s, b: rotation.ScaleShift.apply(a, s, b),
+                    lambda a, s, b: a * s if b is None else torch.addcmul(b, a, s)):
+        inputs = [t.clone().requires_grad_() if t is not None else None for t in (x, scale, shift)]
+        output = forward(*inputs)
+        output.backward(grad)
+        results.append((output.detach(), *[t.grad for t in inputs if t is not None]))
+    for got, expected in zip(*results):
+        assert got.dtype == expected.dtype
+        assert torch.allclose(got.float(), expected.float(), rtol=1e-3 if dtype == torch.float16 else 1e-6)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from utils.boft.rotation import (
     ColumnPermutation,
+    ScaleShift,
     TorchBlockDiagonal,
     cayley,
     cayley_together,
@@ -382,7 +383,7 @@ def boft_linear(layer, x, adapter: str, side: str, prepared=None):
         result = base(rotated_x) if bias is None else base(rotated_x) - bias
     else:
         result = F.linear(rotated_x, weight)
-    result = result * boft_s.view(-1) if bias is None else torch.addcmul(bias, result, boft_s.view(-1))
+    result = ScaleShift.apply(result, boft_s.view(-1), bias)
     return result.to(x.dtype)
 
 

@@ -220,6 +220,28 @@ def cheaper_side(out_features: int, in_features: int, tokens: int, n_factors: in
     return "weight" if weight_cost <= tokens * in_features * per_element else "activation"
 
 
+class ScaleShift(torch.autograd.Function):
+    """y = x * scale + shift for x (..., n), scale and shift (n,) (shift may be None): BOFT's output scale and the
+    base layer's bias, whose backward takes one product per input and one sum each for scale and shift. (Autograd's
+    for torch.addcmul also multiplies the whole of x and of the gradient by its `value` of 1: two more passes over
+    every output, which on wide layers, FLUX.2 [klein]'s 27,648 outputs, are most of what the scale costs.)"""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift):
+        ctx.save_for_backward(x, scale)
+        return x * scale if shift is None else torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        n = x.shape[-1]
+        grad_x = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = (grad * x).reshape(-1, n).sum(0) if ctx.needs_input_grad[1] else None
+        grad_shift = grad.reshape(-1, n).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_scale, grad_shift
+
+
 def skew_inverse(r):
     """(I + S)^-1 for S the skew part of each block of r (k, H, H), float32: the one inverse of the Cayley map,
     taken apart so that a caller may compute it once while the parameters stay the same."""
