@@ -224,7 +224,7 @@ class ScaleShift(torch.autograd.Function):
     """y = x * scale + shift for x (..., n), scale and shift (n,) (shift may be None): BOFT's output scale and the
     base layer's bias, whose backward takes one product per input and one sum each for scale and shift. (Autograd's
     for torch.addcmul also multiplies the whole of x and of the gradient by its `value` of 1: two more passes over
-    every output, which on wide layers, FLUX.2 [klein]'s 27,648 outputs, are most of what the scale costs.)"""
+    every output of a layer with a bias, two more kernels on a GPU.)"""
 
     @staticmethod
     def forward(ctx, x, scale, shift):
@@ -281,7 +281,8 @@ def cayley_together(parameters, inverses, masks):
         kept = [torch.zeros(p.shape[0] * p.shape[1], 1, 1, dtype=torch.bool) if mask is None else
                 mask.reshape(-1, 1, 1).cpu() for p, mask in zip(parameters, masks)]
         q = torch.where(torch.cat(kept).to(q.device), torch.eye(h, device=q.device, dtype=q.dtype), q)
-    return [block.view(p.shape) for p, block in zip(parameters, q.split([p.shape[0] * p.shape[1] for p in parameters]))]
+    per_layer = q.split([p.shape[0] * p.shape[1] for p in parameters])
+    return [block.view(p.shape) for p, block in zip(parameters, per_layer)]
 
 
 def cayley(boft_r, a_inverse=None):
