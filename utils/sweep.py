@@ -181,7 +181,7 @@ def write_csv(path: Path, subjects: list[Subject], summary, classes) -> None:
         writer = csv.writer(file)
         writer.writerow(["kind", "index", "subject", "class", "run", "step", "subjects", *METRICS])
         for s in subjects:
-            scored = s.scores is not None
+            scored = bool(s.scores)  # as the count below: a subject without any metric is not scored
             writer.writerow(["subject", s.index, s.name, s.class_noun, s.run, s.step if scored else "", int(scored),
                              *(_cell((s.scores or {}).get(m)) for m in METRICS)])
         count = sum(1 for s in subjects if s.scores)
