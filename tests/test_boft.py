@@ -436,11 +436,11 @@ def _boft_stack(layers: int, dropout=0.1):
     return model.train(), peft_seam.RotationCache(model, together=True)
 
 
-def test_layers_rotating_their_weights_together_add_two_kernels_each(monkeypatch):
-    """What BOFT adds to a step beyond a group's few dozen operations, per layer: the rotated weight's gradient (one
-    product) and its parameters' share of the batched gradient copied into their .grad (an allocation and a copy);
-    every computing ATen operation but the allocation is a kernel launch on a GPU. (Dropout adds four a layer on
-    the host, its random draws in peft's order, which launch nothing.)"""
+def test_layers_rotating_their_weights_together_add_one_kernel_each(monkeypatch):
+    """What BOFT adds to a step beyond a group's few dozen operations, per layer: the rotated weight's gradient, one
+    product. Each layer's parameters take their share of the batched gradients as their .grad, not a copy of it
+    (the Cayley map's gradient is laid out as the parameters are). Every computing ATen operation is a kernel
+    launch on a GPU. (Dropout adds its random draws on the host, in peft's order, which launch nothing.)"""
     from benchmarks.boft_step import operation_count
 
     monkeypatch.setattr(peft_seam, "cheaper_side", lambda *shape: "weight")
@@ -458,7 +458,7 @@ def test_layers_rotating_their_weights_together_add_two_kernels_each(monkeypatch
         with model.disable_adapter():
             floor = operation_count(step)[1]
         added[layers] = operation_count(step)[1] - floor
-    assert added[8] - added[4] <= 3 * 4, added
+    assert added[8] - added[4] <= 1 * 4, added
 
 
 def test_a_layer_called_outside_its_models_forward_rotates_by_itself():

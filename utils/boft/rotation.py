@@ -266,8 +266,12 @@ class Cayley(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (a_inverse,) = ctx.saved_tensors
-        t = torch.bmm(torch.bmm(a_inverse.transpose(1, 2), grad), a_inverse.transpose(1, 2))
-        return t.transpose(1, 2) - t, None  # grad_R = (grad_A - grad_A^T) / 2 with grad_A = -2 t
+        # grad_R = (grad_A - grad_A^T) / 2 with grad_A = -2 t, t = A^-T dQ A^-T: computed as u - u^T with
+        # u = t^T = A^-1 dQ^T A^-1, so that the contiguous operand comes first and the result is laid out as the
+        # parameters are (the transposed one first gave a transposed result, which autograd then copied into
+        # every parameter's .grad: one copy per layer and step).
+        u = torch.bmm(a_inverse, torch.bmm(grad.transpose(1, 2), a_inverse))
+        return u - u.transpose(1, 2), None
 
 
 def cayley_together(parameters, inverses, masks):
