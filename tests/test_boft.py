@@ -189,6 +189,26 @@ def test_dropout_matches_peft_under_the_same_random_state(side):
     assert not torch.allclose(peft_seam.boft_linear(layer, x, "default", side), fast[0])  # dropout is really active
 
 
+def test_the_dropout_masks_of_many_layers_drawn_together_are_each_layers_own():
+    """Layers of several shapes, dropping some blocks, none (too few blocks for its p) or not drawing (evaluating):
+    one mask for all, from the same draws in the same order, as the layers' masks one after another."""
+    peft_seam.install()
+    shapes = [(2, 8), (1, 4), (4, 8), (2, 6), (1, 8)]
+    dropouts = [peft_boft.MultiplicativeDropoutLayer(p) for p in (0.5, 0.1, 0.25, 0.5, 0.5)]
+    dropouts[3].eval()
+    torch.manual_seed(7)
+    masks = [peft_seam.dropout_mask(dropout, m, d) for dropout, (m, d) in zip(dropouts, shapes)]
+    next_layered = torch.randint(0, 2**30, (1,))
+    expected = torch.cat([torch.zeros(m * d, dtype=torch.bool) if mask is None else mask.view(-1)
+                          for mask, (m, d) in zip(masks, shapes)])
+    torch.manual_seed(7)
+    draws = [peft_seam.dropout_draws(dropout, m, d) for dropout, (m, d) in zip(dropouts, shapes)]
+    assert torch.equal(torch.randint(0, 2**30, (1,)), next_layered)  # the same random numbers drawn
+    assert torch.equal(peft_seam.dropout_masks_together(draws, shapes), expected)
+    assert expected.sum() == 4 + 2 + 4
+    assert peft_seam.dropout_masks_together([draws[1], None], shapes[1:3]) is None  # nothing dropped
+
+
 @pytest.mark.parametrize("factors", [1, 2, 4])
 def test_the_rotation_is_orthogonal(factors):
     layer = random_boft_layer(block_num=16, factors=factors)

@@ -155,19 +155,47 @@ def rotation_plan(layer, boft_r, transpose: bool):
     return cache[key]
 
 
-def dropout_mask(dropout, n_factors: int, n_blocks: int):
-    """The blocks peft's MultiplicativeDropoutLayer makes the identity in this call (in one factor chosen at random,
-    a fraction p of the blocks), as an (m, D, 1, 1) bool mask on the CPU, drawing exactly its random numbers in its
-    order; None when it drops nothing (the draws are made all the same while it trains)."""
+def dropout_draws(dropout, n_factors: int, n_blocks: int):
+    """The random numbers peft's MultiplicativeDropoutLayer draws in one call, in its order and left as tensors:
+    (the factor it drops blocks of (1,), the order of the blocks (D,), how many it drops), or None when it draws
+    nothing (not training). Blocks whose place in the order is below that count become the identity."""
     if not (isinstance(dropout, _peft_layer_module().MultiplicativeDropoutLayer) and dropout.training):
         return None
-    dropped = int(dropout.p * n_blocks)
-    factor = torch.randint(0, n_factors, (1,)).item()
-    replaced = torch.randperm(n_blocks) < dropped  # peft: ones then zeros, shuffled by this permutation
-    if not dropped:
+    factor = torch.randint(0, n_factors, (1,))
+    return factor, torch.randperm(n_blocks), int(dropout.p * n_blocks)  # peft: ones then zeros, so shuffled
+
+
+def dropout_mask(dropout, n_factors: int, n_blocks: int):
+    """The blocks peft's MultiplicativeDropoutLayer makes the identity in this call, as an (m, D, 1, 1) bool mask
+    on the CPU; None when it drops nothing (the draws are made all the same while it trains)."""
+    draws = dropout_draws(dropout, n_factors, n_blocks)
+    if draws is None or not draws[2]:
         return None
+    factor, order, dropped = draws
     mask = torch.zeros(n_factors, n_blocks, 1, 1, dtype=torch.bool)
-    mask[factor] = replaced.view(n_blocks, 1, 1)
+    mask[factor.item()] = (order < dropped).view(n_blocks, 1, 1)
+    return mask
+
+
+def dropout_masks_together(draws, shapes):
+    """The masks of several layers' dropout_draws (None: it drew nothing), their blocks (m, D) one after another,
+    as one (sum of m*D,) bool tensor on the CPU, or None when none drops a block: a few operations for all of them
+    rather than a comparison and a read of the factor per layer."""
+    dropping, offset = [], 0
+    for layer_draws, (m, d) in zip(draws, shapes):
+        if layer_draws is not None and layer_draws[2]:
+            dropping.append((layer_draws, offset, d))
+        offset += m * d
+    if not dropping:
+        return None
+    factors = torch.cat([factor for (factor, _, _), _, _ in dropping])
+    counts = torch.tensor([d for _, _, d in dropping])
+    starts = torch.tensor([start for _, start, _ in dropping]) + factors * counts  # the dropped factor's first block
+    within = torch.cat([torch.arange(d) for _, _, d in dropping])
+    dropped = torch.cat([order for (_, order, _), _, _ in dropping]) < torch.tensor(
+        [layer_draws[2] for layer_draws, _, _ in dropping]).repeat_interleave(counts)
+    mask = torch.zeros(offset, dtype=torch.bool)
+    mask[starts.repeat_interleave(counts) + within] = dropped
     return mask
 
 
@@ -315,7 +343,7 @@ class ForwardRotations:
 
     def _compute(self) -> dict:
         fusable = (_peft_layer_module().MultiplicativeDropoutLayer, torch.nn.Identity)
-        groups = {}  # block shape, device, dtype -> [(layer, adapter, dropout mask)], masks drawn in call order
+        groups = {}  # block shape, device, dtype -> [(layer, adapter, dropout draws)], drawn in call order
         for layer in self.order:
             adapter = _active_adapter(layer)
             if adapter is None or layer.merged or layer.disable_adapters:
@@ -324,12 +352,13 @@ class ForwardRotations:
             if isinstance(dropout, fusable):
                 m, d, h, _ = boft_r.shape
                 groups.setdefault((h, boft_r.device, boft_r.dtype), []).append(
-                    (layer, adapter, dropout_mask(dropout, m, d)))
+                    (layer, adapter, dropout_draws(dropout, m, d)))
         entries = {}
         for members in groups.values():
             parameters = [layer.boft_R[adapter] for layer, adapter, _ in members]
             inverses = [self.cache.inverse(layer, adapter, r) for (layer, adapter, _), r in zip(members, parameters)]
-            blocks = cayley_together(parameters, inverses, [mask for _, _, mask in members])
+            dropped = dropout_masks_together([draws for _, _, draws in members], [r.shape[:2] for r in parameters])
+            blocks = cayley_together(parameters, inverses, dropped)
             for (layer, adapter, _), layer_blocks in zip(members, blocks):
                 entries[id(layer)] = (adapter, layer_blocks, None)
         self._rotate_weights(entries)

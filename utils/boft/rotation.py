@@ -274,17 +274,17 @@ class Cayley(torch.autograd.Function):
         return u - u.transpose(1, 2), None
 
 
-def cayley_together(parameters, inverses, masks):
-    """cayley() of several layers' parameters of one block size at once, from their skew_inverse()s, each with its
-    dropout mask ((m, D, 1, 1) bool on any device: blocks made the identity; None: none): one Cayley map and at
-    most one `where` for all of them. The blocks come back per layer, views of one tensor."""
+def cayley_together(parameters, inverses, dropped=None):
+    """cayley() of several layers' parameters of one block size at once, from their skew_inverse()s: one Cayley
+    map and at most one `where` for all of them. `dropped`: the blocks dropout makes the identity, a bool tensor
+    of all the layers' blocks one after another (on any device), or None. The blocks come back per layer, views of
+    one tensor."""
     h = parameters[0].shape[-1]
     q = Cayley.apply(torch.cat([p.reshape(-1, h, h) for p in parameters]).float(), torch.cat(inverses))
     q = q.to(parameters[0].dtype)
-    if any(mask is not None for mask in masks):
-        kept = [torch.zeros(p.shape[0] * p.shape[1], 1, 1, dtype=torch.bool) if mask is None else
-                mask.reshape(-1, 1, 1).cpu() for p, mask in zip(parameters, masks)]
-        q = torch.where(torch.cat(kept).to(q.device), torch.eye(h, device=q.device, dtype=q.dtype), q)
+    if dropped is not None:
+        eye = torch.eye(h, device=q.device, dtype=q.dtype)
+        q = torch.where(dropped.view(-1, 1, 1).to(q.device), eye, q)
     per_layer = q.split([p.shape[0] * p.shape[1] for p in parameters])
     return [block.view(p.shape) for p, block in zip(parameters, per_layer)]
 
