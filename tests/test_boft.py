@@ -475,6 +475,7 @@ def test_layers_rotating_their_weights_together_add_one_kernel_each(monkeypatch)
             rotations.clear()
 
         step()  # records the order
+        step()  # builds the side-by-side plans, once
         with model.disable_adapter():
             floor = operation_count(step)[1]
         added[layers] = operation_count(step)[1] - floor

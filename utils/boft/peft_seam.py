@@ -12,6 +12,7 @@ recognise (another version, a moved module, a renamed attribute) it warns once a
 `use_fast_forward` then changes nothing.
 """
 
+import itertools
 import types
 import warnings
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from utils.boft.rotation import (
     cayley_together,
     cheaper_side,
     rotate_rows,
-    rotate_stacked_rows,
+    side_by_side_plan,
     skew_inverse,
 )
 from utils.boft.shapes import BoftSettings, check_adapter_shape
@@ -227,7 +228,7 @@ def invert_together(parameters) -> list:
 # Where a model's rotations are computed together before each forward (ForwardRotations): where every operation is
 # a kernel launch of a few microseconds. On 2 CPU cores (SD 1.5, 128 px) together costs what layer by layer does
 # at one factor and more at two and four (1.74 x the floor against 1.52 x, 2.87 x against 1.87 x): the
-# concatenated Cayley blocks, their transposed backward, the stacked weights are memory traffic a CPU pays.
+# concatenated Cayley blocks, their transposed backward, the weights side by side are memory traffic a CPU pays.
 ROTATE_TOGETHER_DEVICES = ("cuda",)
 
 
@@ -306,6 +307,8 @@ class ForwardRotations:
         self._sides = {}  # id(layer) -> the side it chose at its last call
         self._open = False
         self._entries = None  # id(layer) -> (adapter, blocks, the rotated and scaled weight or None)
+        self._plans = {}  # (id of a layer's plan, how many side by side) -> their side_by_side_plan
+        self._gathers = {}  # (where each layer's blocks begin in their batch, m, D, device) -> the index
         model.register_forward_pre_hook(self._begin)
         model.register_forward_hook(self._end)
 
@@ -353,19 +356,25 @@ class ForwardRotations:
                 m, d, h, _ = boft_r.shape
                 groups.setdefault((h, boft_r.device, boft_r.dtype), []).append(
                     (layer, adapter, dropout_draws(dropout, m, d)))
-        entries = {}
+        entries, batches = {}, {}
         for members in groups.values():
             parameters = [layer.boft_R[adapter] for layer, adapter, _ in members]
             inverses = [self.cache.inverse(layer, adapter, r) for (layer, adapter, _), r in zip(members, parameters)]
             dropped = dropout_masks_together([draws for _, _, draws in members], [r.shape[:2] for r in parameters])
-            blocks = cayley_together(parameters, inverses, dropped)
-            for (layer, adapter, _), layer_blocks in zip(members, blocks):
-                entries[id(layer)] = (adapter, layer_blocks, None)
-        self._rotate_weights(entries)
+            batch = cayley_together(parameters, inverses, dropped)
+            sizes = [r.shape[0] * r.shape[1] for r in parameters]
+            for (layer, adapter, _), r, blocks, first in zip(members, parameters, batch.split(sizes),
+                                                             [0, *itertools.accumulate(sizes)]):
+                entries[id(layer)] = (adapter, blocks.view(r.shape), None)
+                batches[id(layer)] = (batch, first)
+        self._rotate_weights(entries, batches)
         return entries
 
-    def _rotate_weights(self, entries: dict) -> None:
-        """The rotated, scaled weights of the layers that rotate their weight, one stacked rotation per shape."""
+    def _rotate_weights(self, entries: dict, batches: dict) -> None:
+        """The rotated, scaled weights of the layers that rotate their weight: per shape, their weights side by side
+        (out, L * in) through one rotation of their blocks side by side, gathered factor by factor from their Cayley
+        batch (`batches`: id(layer) -> (the batch, where its blocks begin)); each layer's weight a view of the
+        result."""
         shapes = {}
         for layer in self.order:
             entry = entries.get(id(layer))
@@ -376,14 +385,37 @@ class ForwardRotations:
                 layer)
         for layers in shapes.values():
             adapters = [entries[id(layer)][0] for layer in layers]
-            blocks = torch.stack([entries[id(layer)][1] for layer in layers])
+            blocks = self._side_by_side_blocks(layers, entries, batches)
             weight = layers[0].base_layer.weight
-            stacked = torch.stack([layer.base_layer.weight for layer in layers]).to(blocks.dtype)
-            plan = rotation_plan(layers[0], layers[0].boft_R[adapters[0]], True)
-            scales = torch.stack([layer.boft_s[adapter] for layer, adapter in zip(layers, adapters)])
-            rotated = (rotate_stacked_rows(stacked, blocks, plan) * scales.view(len(layers), -1, 1)).to(weight.dtype)
-            for layer, adapter, layer_weight in zip(layers, adapters, rotated.unbind(0)):
+            side_by_side = torch.cat([layer.base_layer.weight for layer in layers], dim=1).to(blocks.dtype)
+            scales = torch.stack([layer.boft_s[adapter].view(-1) for layer, adapter in zip(layers, adapters)])
+            rotated = rotate_rows(side_by_side, blocks, self._plan(layers[0], adapters[0], len(layers)))
+            # scaled as (L, out, in), so that the scales' gradient comes out (L, out): each layer's boft_s.grad its
+            # share of it, not a copy (the product keeps the side-by-side layout the layers' weights view)
+            rotated = rotated.view(weight.shape[0], len(layers), -1).transpose(0, 1) * scales.unsqueeze(-1)
+            for layer, adapter, layer_weight in zip(layers, adapters, rotated.to(weight.dtype).unbind(0)):
                 entries[id(layer)] = (adapter, entries[id(layer)][1], layer_weight)
+
+    def _side_by_side_blocks(self, layers, entries: dict, batches: dict):
+        """The blocks of `layers` (m, L * D, H, H), factor by factor, in one gather from their Cayley batch, whose
+        blocks go layer by layer: concatenating each layer's factors would make their parameters' gradients
+        strided, and autograd would copy each into its .grad."""
+        m, d, h, _ = entries[id(layers[0])][1].shape
+        batch = batches[id(layers[0])][0]
+        starts = tuple(batches[id(layer)][1] for layer in layers)
+        key = (starts, m, d, batch.device)
+        if key not in self._gathers:
+            first = torch.tensor(starts).view(1, -1, 1)
+            within = (torch.arange(m) * d).view(-1, 1, 1) + torch.arange(d).view(1, 1, -1)
+            self._gathers[key] = (first + within).reshape(-1).to(batch.device)
+        return batch.index_select(0, self._gathers[key]).view(m, len(layers) * d, h, h)
+
+    def _plan(self, layer, adapter: str, copies: int):
+        plan = rotation_plan(layer, layer.boft_R[adapter], True)
+        key = (id(plan), copies)  # rotation_plan keeps each plan for its layer's life
+        if key not in self._plans:
+            self._plans[key] = side_by_side_plan(plan, copies)
+        return self._plans[key]
 
 
 def layer_blocks(layer, adapter: str):

@@ -128,32 +128,20 @@ def rotate_rows(rows, blocks, plan):
     return RotateRows.apply(flat, blocks, steps, transpose).view(rows.shape)
 
 
-def rotate_stacked_rows(rows, blocks, plan):
-    """rotate_rows for L layers of equal shapes at once: rows (L, n, in), blocks (L, m, D, H, H), the layers' one
-    plan. Per factor one batched product for all L (and its permutations), or, where grouping pays, the grouped
-    blocks of all L (probe rows through the factors) and one product; differentiated by autograd: a few
-    operations per factor, whatever L is."""
-    length, n, width = rows.shape
-    m, _, h = blocks.shape[1:4]
-    if not grouping_pays(m, h, n):
-        return _rotate_stacked_by_factor(rows, blocks, plan)
-    group = h * 2 ** (m - 1)
-    probe = _probe_rows(group, width // group, rows.device, blocks.dtype).expand(length, group, width)
-    grouped = _rotate_stacked_by_factor(probe, blocks, plan).view(length, group, -1, group).transpose(1, 2)
-    return _rotate_stacked_by_factor(rows, grouped[:, None], (ONE_FACTOR, False))
-
-
-def _rotate_stacked_by_factor(rows, blocks, plan):
+def side_by_side_plan(plan, copies: int):
+    """The plan of `copies` rotations of one shape and plan applied side by side: rows (n, copies * in) times the
+    block-diagonal matrix of their blocks one after another, (m, copies * D, H, H), each one's permutations moving
+    columns within its own `in`. rotate_rows then rotates the weights of many layers in one product per factor,
+    each product one strided batched matmul (a stack of the layers would need a copy before and after each)."""
     steps, transpose = plan
-    length, n, width = rows.shape
-    d, h = blocks.shape[2], blocks.shape[3]
-    z = rows
-    for i, before, after in steps:
-        z = before(z.reshape(length * n, width)) if before is not None else z
-        factor = blocks[:, i].transpose(-1, -2) if transpose else blocks[:, i]
-        z = torch.matmul(z.reshape(length, n, d, h).transpose(1, 2), factor).transpose(1, 2)
-        z = after(z.reshape(length * n, width)) if after is not None else z
-    return z.reshape(length, n, width)
+
+    def tiled(permutation):
+        if permutation is None:
+            return None
+        width = len(permutation.index)
+        return ColumnPermutation(torch.cat([permutation.index + k * width for k in range(copies)]))
+
+    return [(i, tiled(before), tiled(after)) for i, before, after in steps], transpose
 
 
 # The plan of a rotation that is one block product: no permutation.
@@ -277,16 +265,15 @@ class Cayley(torch.autograd.Function):
 def cayley_together(parameters, inverses, dropped=None):
     """cayley() of several layers' parameters of one block size at once, from their skew_inverse()s: one Cayley
     map and at most one `where` for all of them. `dropped`: the blocks dropout makes the identity, a bool tensor
-    of all the layers' blocks one after another (on any device), or None. The blocks come back per layer, views of
-    one tensor."""
+    of all the layers' blocks one after another (on any device), or None. Returns the blocks of all the layers one
+    after another, (sum of m * D, H, H)."""
     h = parameters[0].shape[-1]
     q = Cayley.apply(torch.cat([p.reshape(-1, h, h) for p in parameters]).float(), torch.cat(inverses))
     q = q.to(parameters[0].dtype)
     if dropped is not None:
         eye = torch.eye(h, device=q.device, dtype=q.dtype)
         q = torch.where(dropped.view(-1, 1, 1).to(q.device), eye, q)
-    per_layer = q.split([p.shape[0] * p.shape[1] for p in parameters])
-    return [block.view(p.shape) for p, block in zip(parameters, per_layer)]
+    return q
 
 
 def cayley(boft_r, a_inverse=None):
