@@ -20,7 +20,7 @@ Prints a markdown table: seconds per step (median of --repeats after 3 untimed r
 lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
 counted at the layer shapes and token counts of the step), the same bound with the Cayley inverses at the time this
 machine measures for them, the ATen operations one step dispatches, all and those that compute (each of these a
-kernel launch on a GPU; views launch nothing; counted with a TorchDispatchMode after the untimed rounds) and how many
+kernel launch on a GPU; views and allocations launch nothing; counted with a TorchDispatchMode after the untimed rounds) and how many
 the adapter adds over the floor's, peak RSS (on a GPU: peak GPU memory allocated). `--modes lora` adds LoRA rank 4
 on the same layers; `--modes together` computes the rotations together before each forward on any device (what
 "fast" does on a GPU), `--modes layered` layer by layer; `--side weight` puts every layer on the weight side.
@@ -231,14 +231,16 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
             "floor_kernels": floor_kernels}
 
 
-# Operations that only make a new view of a tensor's storage (ATen marks them as views): no kernel runs for them.
-METADATA_ONLY = {"aten::_unsafe_view", "aten::_reshape_alias"}
+# Operations that launch no kernel: those that only make a new view of a tensor's storage (ATen marks the others
+# as views), and allocations (on a GPU the caching allocator's bookkeeping on the host).
+LAUNCH_NOTHING = {"aten::_unsafe_view", "aten::_reshape_alias", "aten::empty", "aten::empty_strided",
+                  "aten::empty_like", "aten::new_empty", "aten::new_empty_strided"}
 
 
 def operation_count(step) -> tuple[int, int]:
     """(all ATen operations, those that compute) one call of `step` dispatches (forward, backward, optimizer; after
     the warm-up rounds). On a GPU each computing one is a kernel launch, which at a few microseconds each bounds the
-    small layers' steps; views (view, transpose, expand, split, ...) only change metadata and launch nothing."""
+    small layers' steps; views (view, transpose, expand, split, ...) and allocations launch nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Counter(TorchDispatchMode):
@@ -246,7 +248,7 @@ def operation_count(step) -> tuple[int, int]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Counter.count += 1
-            Counter.kernels += not (func.is_view or func._schema.name in METADATA_ONLY)
+            Counter.kernels += not (func.is_view or func._schema.name in LAUNCH_NOTHING)
             return func(*args, **(kwargs or {}))
 
     with Counter():
