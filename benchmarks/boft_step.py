@@ -20,10 +20,11 @@ Prints a markdown table: seconds per step (median of --repeats after 3 untimed r
 lower bound arithmetic sets on that ratio (benchmarks/arithmetic.py: BOFT's extra multiply-adds over the floor's,
 counted at the layer shapes and token counts of the step), the same bound with the Cayley inverses at the time this
 machine measures for them, the ATen operations one step dispatches, all and those that compute (each of these a
-kernel launch on a GPU; views and allocations launch nothing; counted with a TorchDispatchMode after the untimed rounds) and how many
-the adapter adds over the floor's, peak RSS (on a GPU: peak GPU memory allocated). `--modes lora` adds LoRA rank 4
-on the same layers; `--modes together` computes the rotations together before each forward on any device (what
-"fast" does on a GPU), `--modes layered` layer by layer; `--side weight` puts every layer on the weight side.
+kernel launch on a GPU; views and allocations launch nothing; counted with a TorchDispatchMode after the untimed
+rounds) and how many the adapter adds over the floor's, peak RSS (on a GPU: peak GPU memory allocated).
+`--modes lora` adds LoRA rank 4 on the same layers; `--modes together` computes the rotations together before each
+forward on any device (what "fast" does on a GPU), `--modes layered` layer by layer; `--side weight` puts every
+layer on the weight side.
 --profile prints the top operations of one BOFT step instead.
 
     python -m benchmarks.boft_step --arch sd15 sdxl --resolution 128 --factors 1 2 4 --modes lora fast peft --repeats 1
