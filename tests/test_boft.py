@@ -284,9 +284,11 @@ def test_butterfly_permutations_move_chunks_of_half_a_block_and_equal_the_gather
     layer = random_boft_layer(in_features=64, block_num=block_num, factors=factors)
     z = torch.randn(5, 64)
     steps, _ = peft_seam.rotation_plan(layer, layer.boft_R["default"], transpose=False)
+    # a factor's permutation after and the next one's before are one gather
+    assert sum(p is not None for _, before, after in steps for p in (before, after)) <= factors + 1
     for _, before, after in steps:
         for permutation in (p for p in (before, after) if p is not None):
-            assert permutation.chunk == 64 // block_num // 2  # peft's permutations all move half-blocks
+            assert permutation.chunk % (64 // block_num // 2) == 0  # peft's permutations all move half-blocks
             assert torch.equal(permutation(z), z[:, permutation.index])
             assert torch.equal(permutation.inverse()(permutation(z)), z)
 
@@ -490,6 +492,22 @@ def test_a_layer_called_outside_its_models_forward_rotates_by_itself():
     forward = layer.__dict__["_forward_rotations"]
     assert forward._entries is not None
     assert forward.prepared(layer, "default", "weight") is None  # the forward's rotations are not reused outside it
+
+
+def test_weights_side_by_side_scale_as_autograd_does_with_gradients_laid_out_as_the_parameters():
+    """rotation.ScaleSideBySide against torch's own product through the transposes, and each layer's share of the
+    scales' gradient contiguous (what lets autograd hand it to the layer's .grad without a copy)."""
+    generator = torch.Generator().manual_seed(5)
+    rows, scales = torch.randn(6, 3, 4, generator=generator), torch.randn(3, 6, generator=generator)
+    grad = torch.randn(6, 3, 4, generator=generator)
+    results = []
+    for forward in (rotation.ScaleSideBySide.apply, lambda r, s: r * s.t().unsqueeze(-1)):
+        inputs = [rows.clone().requires_grad_(), scales.clone().requires_grad_()]
+        output = forward(*inputs)
+        output.backward(grad)
+        results.append((output.detach(), inputs[0].grad, inputs[1].grad))
+    assert_close(results[0], results[1])
+    assert results[0][1].is_contiguous() and all(share.is_contiguous() for share in results[0][2].unbind(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

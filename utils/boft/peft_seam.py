@@ -22,11 +22,13 @@ import torch.nn.functional as F
 
 from utils.boft.rotation import (
     ColumnPermutation,
+    ScaleSideBySide,
     ScaleShift,
     TorchBlockDiagonal,
     cayley,
     cayley_together,
     cheaper_side,
+    joined_permutations,
     rotate_rows,
     side_by_side_plan,
     skew_inverse,
@@ -137,7 +139,8 @@ def rotation_plan(layer, boft_r, transpose: bool):
 
     R = B_{m-1} ... B_0 with B_i = P_i BD(Q_i) P_i^T, as peft builds it. Since P z = z[perm], on rows
     rows P = rows[:, perm^-1] and rows P^T = rows[:, perm]: each factor is a column permutation, a block product
-    and a column permutation; identity permutations are None. Built from the adapter's own shape rather than the
+    and a column permutation; identity permutations are None, and a factor's permutation after is joined with the
+    next factor's before (joined_permutations). Built from the adapter's own shape rather than the
     layer's `boft_P` buffer, which peft shares between adapters, so adapters of different shapes can share a layer.
     """
     m, d, h, _ = boft_r.shape
@@ -152,7 +155,7 @@ def rotation_plan(layer, boft_r, transpose: bool):
             else:
                 after = ColumnPermutation(index)
                 steps.append((i, after.inverse(), after))
-        cache[key] = (steps if transpose else steps[::-1], transpose)
+        cache[key] = (joined_permutations(steps if transpose else steps[::-1]), transpose)
     return cache[key]
 
 
@@ -390,10 +393,8 @@ class ForwardRotations:
             side_by_side = torch.cat([layer.base_layer.weight for layer in layers], dim=1).to(blocks.dtype)
             scales = torch.stack([layer.boft_s[adapter].view(-1) for layer, adapter in zip(layers, adapters)])
             rotated = rotate_rows(side_by_side, blocks, self._plan(layers[0], adapters[0], len(layers)))
-            # scaled as (L, out, in), so that the scales' gradient comes out (L, out): each layer's boft_s.grad its
-            # share of it, not a copy (the product keeps the side-by-side layout the layers' weights view)
-            rotated = rotated.view(weight.shape[0], len(layers), -1).transpose(0, 1) * scales.unsqueeze(-1)
-            for layer, adapter, layer_weight in zip(layers, adapters, rotated.to(weight.dtype).unbind(0)):
+            rotated = ScaleSideBySide.apply(rotated.view(weight.shape[0], len(layers), -1), scales)
+            for layer, adapter, layer_weight in zip(layers, adapters, rotated.to(weight.dtype).unbind(1)):
                 entries[id(layer)] = (adapter, entries[id(layer)][1], layer_weight)
 
     def _side_by_side_blocks(self, layers, entries: dict, batches: dict):

@@ -43,6 +43,24 @@ class ColumnPermutation:
             self._inverse = ColumnPermutation(torch.argsort(self.index))
         return self._inverse
 
+    def then(self, other):
+        """z -> other(self(z)) as one permutation (None: the identity)."""
+        index = self.index[other.index]
+        return None if torch.equal(index, torch.arange(len(index), device=index.device)) else ColumnPermutation(index)
+
+
+def joined_permutations(steps):
+    """A plan's steps with each factor's permutation after and the next factor's before joined into one gather:
+    the two move the columns in a row, so m + 1 gathers a rotation (and as many in its backward) instead of 2m."""
+    joined = []
+    for i, before, after in steps:
+        if joined and joined[-1][2] is not None:
+            previous, previous_before, previous_after = joined[-1]
+            joined[-1] = (previous, previous_before, None)
+            before = previous_after if before is None else previous_after.then(before)
+        joined.append((i, before, after))
+    return joined
+
 
 def largest_chunk(index) -> int:
     """The largest c such that `index` moves aligned runs of c consecutive columns together (1: none)."""
@@ -228,6 +246,29 @@ class ScaleShift(torch.autograd.Function):
         grad_scale = (grad * x).reshape(-1, n).sum(0) if ctx.needs_input_grad[1] else None
         grad_shift = grad.reshape(-1, n).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_scale, grad_shift
+
+
+class ScaleSideBySide(torch.autograd.Function):
+    """rows (n, L, in), L layers' weights side by side, each layer's rows times its own scales: scales (L, n).
+    The scales' gradient is written (L, n), so that each layer's share of it is laid out as its scale is (autograd's
+    would come out (n, L), strided per layer, and be copied into each .grad), and the rows' gradient keeps their
+    side-by-side layout (autograd's, through the transposes that line the scales up, would be copied back into it)."""
+
+    @staticmethod
+    def forward(ctx, rows, scales):
+        ctx.save_for_backward(rows, scales)
+        return rows * scales.t().unsqueeze(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, scales = ctx.saved_tensors
+        grad_rows = grad * scales.t().unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        grad_scales = None
+        if ctx.needs_input_grad[1]:
+            grad_scales = scales.new_empty(scales.shape)
+            torch.sum(grad * rows, -1, out=grad_scales.t())
+        return grad_rows, grad_scales
 
 
 def skew_inverse(r):
