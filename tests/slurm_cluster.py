@@ -165,8 +165,9 @@ class SlurmCluster:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.folder.glob("*.log")))
 
     def queue_is_empty(self) -> bool:
-        out = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=self.env()).stdout
-        return not out.strip()
+        """Whether squeue lists no job; a squeue that fails (slurmctld busy) says nothing, so not empty."""
+        result = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=self.env())
+        return result.returncode == 0 and not result.stdout.strip()
 
     def wait_until_empty(self, timeout=600):
         deadline = time.monotonic() + timeout
