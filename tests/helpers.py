@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +11,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DREAMBOOTH = REPO.parent / "shared" / "dreambooth"
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """Ports no one listens on now, for a launcher's main process or a cluster's daemons: tests may run side by side
+    (pytest -n 2), so none takes a fixed port such as accelerate's 29500."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def readme_gpu_setup_installs() -> list[list[str]]:

@@ -15,28 +15,22 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers import free_ports
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun")
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
 FAKE_GPUS = 2
+# The states a job does not leave (squeue's long names).
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                "PREEMPTED"}
 
 
 class Unavailable(Exception):
     """Slurm cannot be run on this machine; the message says why."""
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _sbin_path() -> str:
@@ -124,7 +118,7 @@ class SlurmCluster:
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True,
                               env={**os.environ, "PATH": _sbin_path()}).stdout.split("\n")[0]
         fields = dict(field.split("=", 1) for field in node.split())
-        controller, node_port = _free_ports(2)
+        controller, node_port = free_ports(2)
         self.node_name = fields["NodeName"]
         self.cpus = int(fields["CPUs"])
         devices = [self.folder / f"fake-gpu{i}" for i in range(FAKE_GPUS)]
@@ -162,16 +156,23 @@ class SlurmCluster:
 
     # --- reading what happened ---------------------------------------------------------------------------------------
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.folder.glob("*.log")))
+        files = sorted(self.folder.glob("*.log")) + sorted(self.folder.glob("jobcomp.txt"))
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-6000:]}" for p in files)
 
-    def queue_is_empty(self) -> bool:
-        """Whether squeue lists no job; a squeue that fails (slurmctld busy) says nothing, so not empty."""
-        result = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=self.env())
-        return result.returncode == 0 and not result.stdout.strip()
+    def unfinished_jobs(self) -> list[str] | None:
+        """Every job (or array task) not in a final state, as "id STATE"; None when squeue fails (slurmctld busy),
+        which says nothing. All states are read: squeue's default lists only pending, running and completing jobs,
+        not a task caught between its requeue and its next start (REQUEUED, REQUEUE_HOLD, SPECIAL_EXIT, ...)."""
+        result = subprocess.run(["squeue", "-h", "--states=all", "--format=%i %T"], capture_output=True, text=True,
+                                env=self.env())
+        if result.returncode != 0:
+            return None
+        return [line for line in result.stdout.splitlines() if line.split()[-1] not in FINAL_STATES]
 
-    def wait_until_empty(self, timeout=600):
+    def wait_until_all_ended(self, timeout=600):
+        """Until every job submitted has ended for good."""
         deadline = time.monotonic() + timeout
-        while not self.queue_is_empty():
+        while (unfinished := self.unfinished_jobs()) != []:
             if time.monotonic() > deadline:
-                raise AssertionError(f"jobs still queued after {timeout} s: {self.logs()}")
+                raise AssertionError(f"jobs not finished after {timeout} s: {unfinished}\n{self.logs()}")
             time.sleep(0.5)

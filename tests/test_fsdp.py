@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, adapter_weights, assert_clean_error, base_args, cli_env
+from tests.helpers import REPO, adapter_weights, assert_clean_error, base_args, cli_env, free_ports
 
 pytestmark = pytest.mark.e2e  # every test here launches the trainer
 
@@ -20,9 +20,10 @@ FLAGS = dict(boft_block_num=0, boft_block_size=4, checkpointing_steps=2, max_tra
 
 
 def launch(sharded: bool, model, subject, out, **overrides):
-    accelerate = (["--config_file", "configs/fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no",
+    port = ["--main_process_port", str(free_ports()[0])]
+    accelerate = (["--config_file", "configs/fsdp.yaml", "--num_processes", "2", "--mixed_precision", "no", *port,
                    str(REPO / "tests" / "fsdp_on_cpu.py")] if sharded else
-                  ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"])
+                  ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", *port])
     return subprocess.run([sys.executable, "-m", "utils.launch", *accelerate, str(REPO / "train_dreambooth.py"),
                            *base_args(model, subject, out, **{**FLAGS, **overrides})],
                           cwd=REPO, env=cli_env(ACCELERATE_USE_CPU="1", PYTHONPATH=str(REPO)), capture_output=True,

@@ -1,7 +1,6 @@
 """Two CPU processes (gloo) through `accelerate launch`, as users run several GPUs."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,24 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, assert_clean_error, base_args, cli_env, run_in_process
+from tests.helpers import REPO, assert_clean_error, base_args, cli_env, free_ports, run_in_process
 from utils.images import list_images
 from utils.testing.tiny_model import make_synthetic_subject
 
 pytestmark = pytest.mark.e2e  # every test here runs a command of the project or a trained fixture
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(argv, processes=2, timeout=600):
     """Two CPU processes: accelerate's torchrun launcher, told to stay on the CPU (its --cpu starts only one)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(REPO / "train_dreambooth.py"), *argv]
+               "--main_process_port", str(free_ports()[0]), str(REPO / "train_dreambooth.py"), *argv]
     return subprocess.run(command, cwd=REPO, env=cli_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -104,7 +97,7 @@ def test_the_launcher_and_plain_accelerate_cpu_flags(tiny_model, four_photos, tm
     (dataset / "teapot").symlink_to(four_photos)
     env = cli_env(MODEL_NAME=str(tiny_model), DATASET_DIR=str(dataset), CLASS_DATA_DIR=str(tmp_path / "class"),
                   OUTPUT_DIR=str(tmp_path / "out"), REPORT_TO="none",
-                  ACCELERATE_ARGS=f"--cpu --num_processes 2 --main_process_port {free_port()}",
+                  ACCELERATE_ARGS=f"--cpu --num_processes 2 --main_process_port {free_ports()[0]}",
                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     flags = ["--resolution=64", "--max_train_steps=2", "--checkpointing_steps=2", "--num_class_images=2",
              "--class_inference_steps=2", "--validation_inference_steps=2", "--num_validation_images=1",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (REPO, adapter_weights, assert_quiet, base_args, cli_env, group_ends, large_photos,
+from tests.helpers import (REPO, adapter_weights, assert_quiet, base_args, cli_env, free_ports, group_ends, large_photos,
                            start_in_session, wait_for)
 from utils.layout import RunLayout
 from utils.run import checkpoints
@@ -124,14 +124,12 @@ def test_a_stop_through_the_launcher_script_resumes_exactly(signum, launcher_ref
 
 
 def test_sigterm_to_the_multi_process_launcher_alone_saves_on_every_process(tiny_model, subject, tmp_path):
-    from tests.test_multiprocess import free_port
-
     out = tmp_path / "out"
     argv = base_args(tiny_model, subject, out, max_train_steps=1000, checkpointing_steps=2, num_dataloader_workers=1,
                      no_cache_latents=True)
     process = start_in_session([*LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                                str(free_port()), REPO / "train_dreambooth.py", *argv], ACCELERATE_USE_CPU="1")
+                                str(free_ports()[0]), REPO / "train_dreambooth.py", *argv], ACCELERATE_USE_CPU="1")
     layout = RunLayout(out, "dreambooth_boft")
     wait_for(layout.checkpoint(2), process)
     process.send_signal(signal.SIGTERM)  # the launcher only, as a spot-instance agent or `kill PID` does

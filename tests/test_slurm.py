@@ -101,14 +101,15 @@ def test_a_sweep_trains_requeues_stopped_subjects_resumes_them_exactly_and_tabul
         first = out / "checkpoints" / f"{name}_boft_801" / "checkpoint-2"
         wait_until(first.is_dir, 300, f"the {name}'s first checkpoint")
         stop_and_release(cluster, f"{train}_{index}", how)
-    cluster.wait_until_empty(timeout=600)
+    cluster.wait_until_all_ended(timeout=600)
     elapsed = time.monotonic() - started
 
     for index in (DOG, TEAPOT):  # each saved when stopped (not killed), was requeued once and resumed to the end
         log = (tmp_path / f"slurm-dreambooth-boft-{train}_{index}.out").read_text()
         for phrase in ("SIGTERM: passed on to the launcher", "Interrupted at step", "requeued, it resumes from it",
                        "start 1 of this task", "Resumed from", "finished"):
-            assert phrase in log, f"{phrase!r} not in:\n{log[-3000:]}"
+            assert phrase in log, (f"{phrase!r} not in:\n{log[-3000:]}\n{job_fields(cluster, f'{train}_{index}')}\n"
+                                   f"{cluster.logs()}")
         task = job_fields(cluster, f"{train}_{index}")
         assert (task["JobState"], task["Restarts"]) == ("COMPLETED", "1")
         assert job_fields(cluster, f"{ids['evaluate']}_{index}")["JobState"] == "COMPLETED"
@@ -142,7 +143,7 @@ def test_one_subject_on_two_machines(cluster, world, tmp_path):
                 **{**env, "OUTPUT_DIR": str(out), "ACCELERATE_ARGS": "--cpu",
                    "TRAIN_ARGS": TRAIN_ARGS.replace(f"max_train_steps={STEPS}", "max_train_steps=2")})
     job = job.strip().split(";")[0]
-    cluster.wait_until_empty(timeout=300)
+    cluster.wait_until_all_ended(timeout=300)
     log = (tmp_path / f"slurm-dreambooth-boft-{job}_{BACKPACK}.out").read_text()
     assert job_fields(cluster, f"{job}_{BACKPACK}")["JobState"] == "COMPLETED", log[-3000:]
     assert "Process index: 0" in log and "Process index: 1" in log and "Num processes: 2" in log
@@ -156,7 +157,7 @@ def test_a_submission_outside_the_repository_or_array_is_refused(cluster, world,
         job = slurm(cluster, "sbatch", "--parsable", *SBATCH_OVERRIDES, f"--output={tmp_path}/%j.out", *extra,
                     REPO / "slurm" / "train_subjects.sbatch", **env,
                     **({"DREAMBOOTH_DIR": str(tmp_path)} if extra else {})).strip().split(";")[0]
-        cluster.wait_until_empty(timeout=60)
+        cluster.wait_until_all_ended(timeout=60)
         assert message in (tmp_path / f"{job}.out").read_text()
         assert job_fields(cluster, job)["ExitCode"] == "2:0"
 
