@@ -47,8 +47,12 @@ lock:
 	  $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) --constraint $(TOOLS)/torch.txt --no-emit-package torch \
 	  --custom-compile-command "make lock" -o $(LOCK)
 
+# Two workers (pytest-xdist), each test module whole on one of them so that its fixtures are built once; each worker
+# gets its share of the cores (tests/conftest.py). make test TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # The unit tests alone (under a minute): everything but the end-to-end layer (marked e2e in each test module); the
 # slowest are listed, so that a unit test growing slow is seen.

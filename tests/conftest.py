@@ -92,6 +92,7 @@ def gpu_setup_venv(tmp_path_factory) -> Path:
     (venv_site / "users-torch.pth").write_text(f"{users_torch}\n")
     for command in readme_gpu_setup_installs():
         command = [f"torch=={torch.__version__.split('+')[0]}" if word == "torch" else word for word in command]
+        command.append("--no-compile")  # what is installed is the same; the notebook compiles what it imports (-20 s)
         subprocess.run([str(venv / "bin" / command[0]), *command[1:]], cwd=REPO, check=True, timeout=900,
                        stdout=subprocess.DEVNULL)
     return venv
@@ -112,6 +113,25 @@ TRAINED_FIXTURES = {"trained", "full_run", "two_process_run", "launcher_referenc
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: runs a command of the project in a subprocess or uses a trained fixture "
                                        "(not in make test-fast)")
+    share_the_cores()
+
+
+def share_the_cores():
+    """Under pytest -n N (make test) each worker, and every process it starts, gets its share of the cores: torch's
+    default of one thread per core in each would have 2N threads wait on each other's cores, which slows small
+    operations many times over (the suite measured slower with two workers than with one)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+# The module that takes longest by far (a Slurm cluster and its sweep, about two and a half minutes): it starts
+# first, so that under pytest -n 2 the other worker's modules fill that time rather than waiting at the end.
+LONGEST_MODULE = "test_slurm.py"
 
 
 def pytest_collection_modifyitems(items):
@@ -119,6 +139,21 @@ def pytest_collection_modifyitems(items):
                 if "e2e" not in item.keywords and TRAINED_FIXTURES & set(item.fixturenames)]
     if unmarked:
         raise pytest.UsageError("unit tests that use a trained fixture; mark them e2e:\n  " + "\n  ".join(unmarked))
+    longest_first(items)
+
+
+def longest_first(items):
+    """Modules in the order that keeps the workers of pytest -n 2 (make test) busy to the end: the longest module,
+    then the modules with end-to-end tests, then the unit-only ones (short: they fill the last minutes). Each module's
+    tests stay together and in their order, so its module fixtures are built once."""
+    modules = {}
+    for item in items:
+        modules.setdefault(item.path, []).append(item)
+
+    def weight(path):
+        return (path.name != LONGEST_MODULE, not any("e2e" in item.keywords for item in modules[path]))
+
+    items[:] = [item for path in sorted(modules, key=weight) for item in modules[path]]
 
 
 @pytest.fixture(autouse=True)
