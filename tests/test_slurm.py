@@ -76,11 +76,13 @@ def wait_until(condition, timeout, what):
 
 def stop_and_release(cluster, task: str, *how):
     """SIGTERM as `scancel --signal=TERM` `how` delivers it, then, once the task is requeued and pending again, its
-    start now: Slurm holds a requeued job for two minutes (BeginTime), which the test does not wait for."""
+    start in a few seconds: Slurm holds a requeued job for two minutes (BeginTime), which the test does not wait for,
+    but not less than a second: slurmd refuses a credential issued in the second its previous run's credential was
+    revoked ("Job credential revoked"), and the task then fails without starting (seen with StartTime=now)."""
     slurm(cluster, "scancel", *how, "--signal=TERM", task)
     wait_until(lambda: job_fields(cluster, task)["Restarts"] == "1", 120, f"the requeue of {task}")
     wait_until(lambda: job_fields(cluster, task)["JobState"] == "PENDING", 60, f"{task} pending again")
-    slurm(cluster, "scontrol", "update", f"JobId={task}", "StartTime=now")
+    slurm(cluster, "scontrol", "update", f"JobId={task}", "StartTime=now+3")
 
 
 def test_a_sweep_trains_requeues_stopped_subjects_resumes_them_exactly_and_tabulates(cluster, world, tmp_path):
