@@ -119,7 +119,7 @@ def pytest_configure(config):
 def share_the_cores():
     """Under pytest -n N (make test) each worker, and every process it starts, gets its share of the cores: torch's
     default of one thread per core in each would have 2N threads wait on each other's cores, which slows small
-    operations many times over (the suite measured slower with two workers than with one)."""
+    operations many times over (two workers measured hardly faster than one process)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
