@@ -30,6 +30,7 @@ from utils.boft.rotation import (
     cheaper_side,
     joined_permutations,
     rotate_rows,
+    scaled_identity,
     side_by_side_plan,
     skew_inverse,
 )
@@ -210,7 +211,7 @@ def multiplicative_dropout(dropout, blocks):
     mask = dropout_mask(dropout, blocks.shape[0], blocks.shape[1])
     if mask is None:
         return blocks
-    eye = torch.eye(blocks.shape[2], device=blocks.device, dtype=blocks.dtype)
+    eye = scaled_identity(blocks.shape[2], 1.0, blocks.device, blocks.dtype)
     return torch.where(mask.to(blocks.device), eye, blocks)
 
 

@@ -77,6 +77,15 @@ def largest_chunk(index) -> int:
 STRIDED_OUT_DEVICES = ("cpu", "cuda")
 
 
+def blocks_product(a, b, out):
+    """torch.bmm(a, b) written into `out`, which may be strided (a transposed view) where the device's batched
+    matmul writes it directly, else copied into it."""
+    if out.device.type in STRIDED_OUT_DEVICES:
+        torch.bmm(a, b, out=out)
+    else:
+        out.copy_(torch.bmm(a, b))
+
+
 def block_product(rows, blocks):
     """rows (n, D*H) times the block-diagonal matrix of `blocks` (D, H, H), written straight into row layout:
     one strided batched matmul, no transposed copies."""
@@ -113,22 +122,22 @@ class RotateRows(torch.autograd.Function):
     def backward(ctx, grad):
         blocks, *inputs = ctx.saved_tensors
         d, h = blocks.shape[1], blocks.shape[2]
-        factor_grads = {}
+        # Each factor's gradient is written straight into its place (no stack of them after: one copy less).
+        grad_blocks = blocks.new_empty(blocks.shape) if ctx.needs_input_grad[1] else None
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.contiguous()
             for k in reversed(range(len(ctx.steps))):
                 (i, before, after), z = ctx.steps[k], inputs[k]
                 g = after.inverse()(g) if after is not None else g
-                if ctx.needs_input_grad[1]:  # d(z_j q_j)/dq_j = z_j^T g_j, per block j
+                if grad_blocks is not None:  # d(z_j q_j)/dq_j = z_j^T g_j, per block j
                     n = z.shape[0]
-                    grad_q = torch.bmm(z.view(n, d, h).permute(1, 2, 0), g.view(n, d, h).transpose(0, 1))
-                    factor_grads[i] = grad_q.transpose(1, 2) if ctx.transpose else grad_q
+                    blocks_product(z.view(n, d, h).permute(1, 2, 0), g.view(n, d, h).transpose(0, 1),
+                                   grad_blocks[i].transpose(1, 2) if ctx.transpose else grad_blocks[i])
                 if k == 0 and not ctx.needs_input_grad[0]:
                     g = None
                     break
                 g = block_product(g, blocks[i] if ctx.transpose else blocks[i].transpose(1, 2))
                 g = before.inverse()(g) if before is not None else g
-        grad_blocks = torch.stack([factor_grads[i] for i in range(len(blocks))]) if factor_grads else None
         return g, grad_blocks, None, None
 
 
@@ -275,9 +284,16 @@ def skew_inverse(r):
     """(I + S)^-1 for S the skew part of each block of r (k, H, H), float32: the one inverse of the Cayley map,
     taken apart so that a caller may compute it once while the parameters stay the same."""
     with torch.no_grad():
-        a = (r - r.transpose(1, 2)) * 0.5
-        a.diagonal(dim1=1, dim2=2).add_(1)
+        a = torch.add(scaled_identity(r.shape[-1], 1.0, r.device, r.dtype), r - r.transpose(1, 2), alpha=0.5)
         return torch.linalg.inv_ex(a)[0]  # I + S is invertible for every real skew S
+
+
+@functools.lru_cache(maxsize=16)
+def scaled_identity(size: int, value: float, device, dtype):
+    """value * I (size x size), made once: what the Cayley map adds to its batches in one operation with them
+    (never written to; made outside inference mode, so that autograd may use it later)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.eye(size, device=device, dtype=dtype) * value
 
 
 class Cayley(torch.autograd.Function):
@@ -287,9 +303,8 @@ class Cayley(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, a_inverse):
         ctx.save_for_backward(a_inverse)
-        q = a_inverse * 2
-        q.diagonal(dim1=1, dim2=2).sub_(1)
-        return q
+        minus_identity = scaled_identity(a_inverse.shape[-1], -1.0, a_inverse.device, a_inverse.dtype)
+        return torch.add(minus_identity, a_inverse, alpha=2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -312,8 +327,7 @@ def cayley_together(parameters, inverses, dropped=None):
     q = Cayley.apply(torch.cat([p.reshape(-1, h, h) for p in parameters]).float(), torch.cat(inverses))
     q = q.to(parameters[0].dtype)
     if dropped is not None:
-        eye = torch.eye(h, device=q.device, dtype=q.dtype)
-        q = torch.where(dropped.view(-1, 1, 1).to(q.device), eye, q)
+        q = torch.where(dropped.view(-1, 1, 1).to(q.device), scaled_identity(h, 1.0, q.device, q.dtype), q)
     return q
 
 
