@@ -233,9 +233,11 @@ def measure_one(arch, resolution, mode, n_factors, block_num, repeats, micro_bat
 
 
 # Operations that launch no kernel: those that only make a new view of a tensor's storage (ATen marks the others
-# as views), and allocations (on a GPU the caching allocator's bookkeeping on the host).
+# as views), allocations (on a GPU the caching allocator's bookkeeping on the host), and the profiler's range
+# marks (the optimizer's step and zero_grad open and close one each, on the host).
 LAUNCH_NOTHING = {"aten::_unsafe_view", "aten::_reshape_alias", "aten::empty", "aten::empty_strided",
-                  "aten::empty_like", "aten::new_empty", "aten::new_empty_strided"}
+                  "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+                  "profiler::_record_function_enter_new", "profiler::_record_function_exit"}
 
 
 def operation_count(step) -> tuple[int, int]:

@@ -317,6 +317,29 @@ def test_the_copying_block_product_for_other_devices_computes_the_same(monkeypat
     assert_close(outputs_and_grads(layer, x, lambda v: peft_seam.boft_linear(layer, v, "default", "activation")), strided)
 
 
+def test_blocks_in_a_batch_order_run_factor_by_factor_and_give_each_layer_its_gradient_laid_out():
+    """Three layers' blocks (m, D) = (2, 3), (1, 4), (2, 3) in runs [[0, 2], [1]]: the run of two is one (2, 6)
+    slice, factor 0 of both layers then factor 1; the gradients come back to each layer's parameters contiguous
+    (autograd then hands them to .grad without a copy) and equal to those through the plain order."""
+    generator = torch.Generator().manual_seed(11)
+    parameters = [torch.randn(*shape, 5, 5, generator=generator).requires_grad_() for shape in ((2, 3), (1, 4), (2, 3))]
+    order = rotation.BatchOrder([[0, 2], [1]], [(2, 3), (1, 4), (2, 3)], torch.device("cpu"))
+    batch = rotation.BlocksInOrder.apply(order, *parameters)
+    runs, layers = order.split(batch)
+    a, b, c = (p.detach() for p in parameters)
+    assert torch.equal(runs[0], torch.stack([torch.cat([a[0], c[0]]), torch.cat([a[1], c[1]])]))
+    assert torch.equal(runs[1], b)
+    assert all(torch.equal(got, p) for got, p in zip(layers, parameters))
+    assert torch.equal(batch, torch.cat([p.reshape(-1, 5, 5) for p in parameters])[order.source])
+    weights = torch.randn(batch.shape, generator=generator)
+    (batch * weights).sum().backward()
+    in_layer_order = weights[torch.argsort(order.source)].split([6, 4, 6])
+    for parameter, expected in zip(parameters, in_layer_order):
+        assert parameter.grad.is_contiguous() and torch.equal(parameter.grad, expected.view(parameter.shape))
+    alone = rotation.BatchOrder([[0], [1]], [(2, 3), (1, 4)], torch.device("cpu"))
+    assert alone.back is None  # layers alone keep their parameters' order: no gather either way
+
+
 def _fast_layer(**settings):
     layer = random_boft_layer(**settings)
     layer._fast_boft = True  # as use_fast_forward marks the layers it routes
@@ -420,13 +443,19 @@ def _tiny_unet_with_boft(tiny_model, factors, checkpointing):
     return model.train()
 
 
-@pytest.mark.parametrize("side", ["weight", "activation"])
+# The sides a test puts layers on: all on one, or (mixed) the square layers on the weight side and the others on
+# the activations, so that the weight side's runs and the layers alone share their block size's batch.
+SIDES = {"weight": lambda *shape: "weight", "activation": lambda *shape: "activation",
+         "mixed": lambda out, in_, *rest: "weight" if out == in_ else "activation"}
+
+
+@pytest.mark.parametrize("side", sorted(SIDES))
 @pytest.mark.parametrize("factors, checkpointing", [(1, False), (2, True)])
 def test_rotations_computed_together_train_as_layer_by_layer(tiny_model, factors, checkpointing, side, monkeypatch):
     """Dropout on: the same random numbers in the same order (the UNet calls its middle block before the up
     blocks it registers first), outputs and gradients as layer by layer, and with gradient checkpointing the
     recomputed blocks take the forward's rotations."""
-    monkeypatch.setattr(peft_seam, "cheaper_side", lambda *shape: side)
+    monkeypatch.setattr(peft_seam, "cheaper_side", SIDES[side])
     plain = _tiny_unet_with_boft(tiny_model, factors, checkpointing)
     together = _tiny_unet_with_boft(tiny_model, factors, checkpointing)
     rotations = peft_seam.RotationCache(together, together=True)
@@ -462,7 +491,9 @@ def test_layers_rotating_their_weights_together_add_one_kernel_each(monkeypatch)
     """What BOFT adds to a step beyond a group's few dozen operations, per layer: the rotated weight's gradient, one
     product. Each layer's parameters take their share of the batched gradients as their .grad, not a copy of it
     (the Cayley map's gradient is laid out as the parameters are). Every computing ATen operation is a kernel
-    launch on a GPU. (Dropout adds its random draws on the host, in peft's order, which launch nothing.)"""
+    launch on a GPU. (Dropout adds its random draws on the host, in peft's order, which launch nothing.) The
+    group's own, one block size and one weight shape at two factors: 28 (the Cayley map and its inverse, the
+    factors' products and gathers forward and backward, the scales, the weights side by side, AdamW)."""
     from benchmarks.boft_step import operation_count
 
     monkeypatch.setattr(peft_seam, "cheaper_side", lambda *shape: "weight")
@@ -482,6 +513,7 @@ def test_layers_rotating_their_weights_together_add_one_kernel_each(monkeypatch)
             floor = operation_count(step)[1]
         added[layers] = operation_count(step)[1] - floor
     assert added[8] - added[4] <= 1 * 4, added
+    assert added[4] - 4 <= 28, added
 
 
 def test_a_layer_called_outside_its_models_forward_rotates_by_itself():
@@ -510,14 +542,17 @@ def test_weights_side_by_side_scale_as_autograd_does_with_gradients_laid_out_as_
     assert results[0][1].is_contiguous() and all(share.is_contiguous() for share in results[0][2].unbind(0))
 
 
+@pytest.mark.parametrize("strided_grad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_shift", [False, True])
-def test_the_output_scale_differentiates_as_autograd_does(with_shift, dtype):
-    """rotation.ScaleShift against torch's own mul / addcmul, a trained bias included, under mixed dtypes."""
+def test_the_output_scale_differentiates_as_autograd_does(with_shift, dtype, strided_grad):
+    """rotation.ScaleShift against torch's own mul / addcmul, a trained bias included, under mixed dtypes, with the
+    gradient contiguous or strided (as attention's output projection receives it)."""
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(2, 5, 6, generator=generator).to(dtype)
     scale, shift = torch.randn(6, generator=generator), torch.randn(6, generator=generator) if with_shift else None
-    grad = torch.randn(2, 5, 6, generator=generator)
+    grad = torch.randn(5, 2, 6, generator=generator).transpose(0, 1) if strided_grad else torch.randn(
+        2, 5, 6, generator=generator)
     results = []
     for forward in (lambda a, s, b: rotation.ScaleShift.apply(a, s, b),
                     lambda a, s, b: a * s if b is None else torch.addcmul(b, a, s)):

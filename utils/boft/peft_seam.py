@@ -12,7 +12,6 @@ recognise (another version, a moved module, a renamed attribute) it warns once a
 `use_fast_forward` then changes nothing.
 """
 
-import itertools
 import types
 import warnings
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.boft.rotation import (
+    BatchOrder,
+    BlocksInOrder,
     ColumnPermutation,
     ScaleSideBySide,
     ScaleShift,
@@ -273,9 +274,22 @@ class RotationCache:
         return entry is not None and entry[0] == (boft_r.data_ptr(), boft_r._version)
 
     def inverse(self, layer, adapter: str, boft_r):
+        """skew_inverse of the layer's adapter's parameters, (m * D, H, H)."""
         if not self._is_current(layer, adapter, boft_r):
             self._invert_stale(adapter)
-        return self._inverses[(id(layer), adapter)][1]
+        return self._inverses[(id(layer), adapter)][1].reshape(-1, *boft_r.shape[2:])
+
+    def inverses_in_order(self, keys, r, order):
+        """skew_inverse of `r`, several layers' blocks in a BatchOrder (keys: each layer's (layer, adapter,
+        parameters)): kept ones gathered in that order in one concatenation, or, when any changed, all of them
+        inverted again in one batch taken from `r` itself (each layer keeping its share for later calls)."""
+        entries = [self._inverses.get((id(layer), adapter)) for layer, adapter, _ in keys]
+        if all(self._is_current(*key) for key in keys):
+            return torch.cat([entries[j][1].view(keys[j][2].shape)[i] for j, i in order.pieces])
+        inverse = skew_inverse(r.detach().float())
+        for (layer, adapter, boft_r), share in zip(keys, order.split(inverse)[1]):
+            self._inverses[(id(layer), adapter)] = ((boft_r.data_ptr(), boft_r._version), share)
+        return inverse
 
     def _invert_stale(self, adapter: str) -> None:
         """Invert, together, every layer's `adapter` whose parameters changed since its inverse (not the other
@@ -312,7 +326,7 @@ class ForwardRotations:
         self._open = False
         self._entries = None  # id(layer) -> (adapter, blocks, the rotated and scaled weight or None)
         self._plans = {}  # (id of a layer's plan, how many side by side) -> their side_by_side_plan
-        self._gathers = {}  # (where each layer's blocks begin in their batch, m, D, device) -> the index
+        self._orders = {}  # the layers of a block size, each with its side -> (their BatchOrder, its weight runs)
         model.register_forward_pre_hook(self._begin)
         model.register_forward_hook(self._end)
 
@@ -360,57 +374,55 @@ class ForwardRotations:
                 m, d, h, _ = boft_r.shape
                 groups.setdefault((h, boft_r.device, boft_r.dtype), []).append(
                     (layer, adapter, dropout_draws(dropout, m, d)))
-        entries, batches = {}, {}
+        entries = {}
         for members in groups.values():
-            parameters = [layer.boft_R[adapter] for layer, adapter, _ in members]
-            inverses = [self.cache.inverse(layer, adapter, r) for (layer, adapter, _), r in zip(members, parameters)]
-            dropped = dropout_masks_together([draws for _, _, draws in members], [r.shape[:2] for r in parameters])
-            batch = cayley_together(parameters, inverses, dropped)
-            sizes = [r.shape[0] * r.shape[1] for r in parameters]
-            for (layer, adapter, _), r, blocks, first in zip(members, parameters, batch.split(sizes),
-                                                             [0, *itertools.accumulate(sizes)]):
-                entries[id(layer)] = (adapter, blocks.view(r.shape), None)
-                batches[id(layer)] = (batch, first)
-        self._rotate_weights(entries, batches)
+            keys = [(layer, adapter, layer.boft_R[adapter]) for layer, adapter, _ in members]
+            order, weight_runs = self._order(keys)
+            r = BlocksInOrder.apply(order, *(boft_r for _, _, boft_r in keys))
+            dropped = dropout_masks_together([draws for _, _, draws in members], order.shapes)
+            batch = cayley_together(r, self.cache.inverses_in_order(keys, r, order),
+                                    None if dropped is None else dropped[order.source])
+            run_blocks, layer_blocks = order.split(batch)
+            for (layer, adapter, _), blocks in zip(keys, layer_blocks):
+                entries[id(layer)] = (adapter, blocks, None)
+            for k in weight_runs:
+                self._rotate_weights([keys[j][:2] for j in order.runs[k]], run_blocks[k], entries)
         return entries
 
-    def _rotate_weights(self, entries: dict, batches: dict) -> None:
-        """The rotated, scaled weights of the layers that rotate their weight: per shape, their weights side by side
-        (out, L * in) through one rotation of their blocks side by side, gathered factor by factor from their Cayley
-        batch (`batches`: id(layer) -> (the batch, where its blocks begin)); each layer's weight a view of the
-        result."""
-        shapes = {}
-        for layer in self.order:
-            entry = entries.get(id(layer))
-            if entry is None or self._sides.get(id(layer)) != "weight" or is_quantized(layer.base_layer):
-                continue
-            weight, blocks = layer.base_layer.weight, entry[1]
-            shapes.setdefault((weight.shape, weight.dtype, weight.device, blocks.shape, blocks.dtype), []).append(
-                layer)
-        for layers in shapes.values():
-            adapters = [entries[id(layer)][0] for layer in layers]
-            blocks = self._side_by_side_blocks(layers, entries, batches)
-            weight = layers[0].base_layer.weight
-            side_by_side = torch.cat([layer.base_layer.weight for layer in layers], dim=1).to(blocks.dtype)
-            scales = torch.stack([layer.boft_s[adapter].view(-1) for layer, adapter in zip(layers, adapters)])
-            rotated = rotate_rows(side_by_side, blocks, self._plan(layers[0], adapters[0], len(layers)))
-            rotated = ScaleSideBySide.apply(rotated.view(weight.shape[0], len(layers), -1), scales)
-            for layer, adapter, layer_weight in zip(layers, adapters, rotated.to(weight.dtype).unbind(1)):
-                entries[id(layer)] = (adapter, entries[id(layer)][1], layer_weight)
+    def _order(self, keys):
+        """(the BatchOrder of these layers' blocks, the runs in it that rotate their weights): the layers that
+        rotate their weight in runs of one weight shape (their weights then rotate side by side), each other
+        layer alone. Made once for each set of layers and sides."""
+        rotates_weight = [self._sides.get(id(layer)) == "weight" and not is_quantized(layer.base_layer)
+                          for layer, _, _ in keys]
+        signature = tuple((id(layer), adapter, weight) for (layer, adapter, _), weight in zip(keys, rotates_weight))
+        if signature not in self._orders:
+            runs, weight_runs, by_shape = [], [], {}
+            for j, ((layer, _, boft_r), weight) in enumerate(zip(keys, rotates_weight)):
+                base = layer.base_layer.weight
+                shape = (base.shape, base.dtype, base.device, boft_r.shape)
+                if weight and shape in by_shape:
+                    runs[by_shape[shape]].append(j)
+                    continue
+                if weight:
+                    by_shape[shape] = len(runs)
+                    weight_runs.append(len(runs))
+                runs.append([j])
+            shapes = [tuple(boft_r.shape[:2]) for _, _, boft_r in keys]
+            self._orders[signature] = (BatchOrder(runs, shapes, keys[0][2].device), weight_runs)
+        return self._orders[signature]
 
-    def _side_by_side_blocks(self, layers, entries: dict, batches: dict):
-        """The blocks of `layers` (m, L * D, H, H), factor by factor, in one gather from their Cayley batch, whose
-        blocks go layer by layer: concatenating each layer's factors would make their parameters' gradients
-        strided, and autograd would copy each into its .grad."""
-        m, d, h, _ = entries[id(layers[0])][1].shape
-        batch = batches[id(layers[0])][0]
-        starts = tuple(batches[id(layer)][1] for layer in layers)
-        key = (starts, m, d, batch.device)
-        if key not in self._gathers:
-            first = torch.tensor(starts).view(1, -1, 1)
-            within = (torch.arange(m) * d).view(-1, 1, 1) + torch.arange(d).view(1, 1, -1)
-            self._gathers[key] = (first + within).reshape(-1).to(batch.device)
-        return batch.index_select(0, self._gathers[key]).view(m, len(layers) * d, h, h)
+    def _rotate_weights(self, layers, blocks, entries: dict) -> None:
+        """The rotated, scaled weights of `layers` ((layer, adapter), of one weight shape), their weights side by
+        side (out, L * in) through one rotation of their blocks side by side (m, L * D, H, H); each layer's
+        weight a view of the result."""
+        weight = layers[0][0].base_layer.weight
+        side_by_side = torch.cat([layer.base_layer.weight for layer, _ in layers], dim=1).to(blocks.dtype)
+        scales = torch.stack([layer.boft_s[adapter].view(-1) for layer, adapter in layers])
+        rotated = rotate_rows(side_by_side, blocks, self._plan(*layers[0], len(layers)))
+        rotated = ScaleSideBySide.apply(rotated.view(weight.shape[0], len(layers), -1), scales)
+        for (layer, adapter), layer_weight in zip(layers, rotated.to(weight.dtype).unbind(1)):
+            entries[id(layer)] = (adapter, entries[id(layer)][1], layer_weight)
 
     def _plan(self, layer, adapter: str, copies: int):
         plan = rotation_plan(layer, layer.boft_R[adapter], True)

@@ -3,6 +3,8 @@ Cayley map, butterfly permutations applied as gathers of half-block chunks, and 
 by factor without ever forming the dense n x n rotation. utils/boft/peft_seam.py applies these to peft's layers."""
 
 import functools
+import itertools
+import math
 
 import torch
 
@@ -250,10 +252,10 @@ class ScaleShift(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
-        n = x.shape[-1]
+        leading = tuple(range(x.dim() - 1))  # summed as they are: a strided gradient reshaped would be copied
         grad_x = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = (grad * x).reshape(-1, n).sum(0) if ctx.needs_input_grad[1] else None
-        grad_shift = grad.reshape(-1, n).sum(0) if ctx.needs_input_grad[2] else None
+        grad_scale = (grad * x).sum(leading) if ctx.needs_input_grad[1] else None
+        grad_shift = grad.sum(leading) if ctx.needs_input_grad[2] else None
         return grad_x, grad_scale, grad_shift
 
 
@@ -318,16 +320,65 @@ class Cayley(torch.autograd.Function):
         return u - u.transpose(1, 2), None
 
 
-def cayley_together(parameters, inverses, dropped=None):
-    """cayley() of several layers' parameters of one block size at once, from their skew_inverse()s: one Cayley
-    map and at most one `where` for all of them. `dropped`: the blocks dropout makes the identity, a bool tensor
-    of all the layers' blocks one after another (on any device), or None. Returns the blocks of all the layers one
-    after another, (sum of m * D, H, H)."""
-    h = parameters[0].shape[-1]
-    q = Cayley.apply(torch.cat([p.reshape(-1, h, h) for p in parameters]).float(), torch.cat(inverses))
-    q = q.to(parameters[0].dtype)
+class BatchOrder:
+    """The order of a batch of several layers' blocks (layer j's parameters (m_j, D_j, H, H)): in runs, each run's
+    layers (all of one m and D) factor by factor (factor 0 of each of them, then factor 1, ...), so that a run's
+    blocks are one (m, L * D, H, H) slice, what the weights of L layers side by side rotate through with no gather.
+    A layer alone is a run of one: its blocks as its parameters lay them out."""
+
+    def __init__(self, runs, shapes, device):
+        """`runs`: lists of layer indices, every layer in one; `shapes`: each layer's (m, D)."""
+        self.runs, self.shapes = runs, shapes
+        self.pieces = [(j, i) for run in runs for i in range(shapes[run[0]][0]) for j in run]  # (layer, factor)
+        self.sizes = [len(run) * math.prod(shapes[run[0]]) for run in runs]  # each run's blocks
+        first = list(itertools.accumulate((m * d for m, d in shapes), initial=0))
+        # Where each of the batch's blocks sits when the layers' blocks go one after another (on the CPU).
+        self.source = torch.cat([torch.arange(first[j] + i * shapes[j][1], first[j] + (i + 1) * shapes[j][1])
+                                 for j, i in self.pieces])
+        in_order = torch.equal(self.source, torch.arange(len(self.source)))
+        self.back = None if in_order else torch.argsort(self.source).to(device)
+
+    def split(self, batch) -> tuple[list, list]:
+        """(each run's blocks (m, L * D, H, H), each layer's (m, D, H, H)): views of the batch from at most one
+        split, whose backward is one concatenation (slices would each fill a batch-sized gradient). A layer alone
+        takes its run's blocks as they are; a layer of a longer run, a strided view of them (whose backward would
+        fill a run-sized gradient: only for callers that rotate it by itself)."""
+        parts = batch.split(self.sizes) if len(self.runs) > 1 else [batch]
+        runs = [part.view(self.shapes[run[0]][0], -1, *batch.shape[1:]) for run, part in zip(self.runs, parts)]
+        layers = [None] * len(self.shapes)
+        for run, blocks in zip(self.runs, runs):
+            in_run = blocks.view(blocks.shape[0], len(run), -1, *batch.shape[1:])
+            for position, j in enumerate(run):
+                layers[j] = blocks if len(run) == 1 else in_run[:, position]
+        return runs, layers
+
+
+class BlocksInOrder(torch.autograd.Function):
+    """Several layers' blocks as one batch (N, H, H) in a BatchOrder: one concatenation, and a backward that puts
+    the gradient back in the layers' order with at most one gather, so that each layer's share is laid out as its
+    parameters are (autograd then hands it to .grad without a copy)."""
+
+    @staticmethod
+    def forward(ctx, order, *parameters):
+        ctx.order, ctx.shapes = order, [p.shape for p in parameters]
+        return torch.cat([parameters[j][i] for j, i in order.pieces])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        in_layer_order = grad if ctx.order.back is None else grad.index_select(0, ctx.order.back)
+        shares = in_layer_order.split([math.prod(shape[:2]) for shape in ctx.shapes])
+        return None, *(share.view(shape) for share, shape in zip(shares, ctx.shapes))
+
+
+def cayley_together(r, inverses, dropped=None):
+    """cayley() of a batch of several layers' blocks (N, H, H) (BlocksInOrder) at once, from its skew_inverse:
+    one Cayley map and at most one `where` for all of them. `dropped`: the blocks dropout makes the identity, a
+    bool tensor (N,) on any device, or None."""
+    q = Cayley.apply(r.float(), inverses).to(r.dtype)
     if dropped is not None:
-        q = torch.where(dropped.view(-1, 1, 1).to(q.device), scaled_identity(h, 1.0, q.device, q.dtype), q)
+        eye = scaled_identity(r.shape[-1], 1.0, q.device, q.dtype)
+        q = torch.where(dropped.view(-1, 1, 1).to(q.device), eye, q)
     return q
 
 
