@@ -244,9 +244,9 @@ class RotationCache:
     ForwardRotations: the rotations of all its layers computed together in each forward.
 
     The inverses of all its layers are taken together, one batch per block size, at the first layer that needs
-    one: a batched inverse costs about what one layer's does on a GPU (SD 1.5's 128 layers on an H200: 2 to 5 ms a
-    step in one call per block size, 35 to 88 ms layer by layer); LAPACK on a CPU inverts one block at a time
-    either way.
+    one (with a model's rotations computed together, from the very batch its Cayley map takes): a batched inverse
+    costs about what one layer's does on a GPU (SD 1.5's 128 layers on an H200: 2 to 5 ms a step in one call per
+    block size, 35 to 88 ms layer by layer); LAPACK on a CPU inverts one block at a time either way.
 
     Whoever changes the parameters calls clear() (the trainer, after each optimizer step). A change made in place
     by a torch operation (loading a checkpoint) is noticed as well, by the parameter's version counter; optimizers

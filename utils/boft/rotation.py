@@ -79,7 +79,7 @@ def largest_chunk(index) -> int:
 STRIDED_OUT_DEVICES = ("cpu", "cuda")
 
 
-def blocks_product(a, b, out):
+def batched_product_into(a, b, out):
     """torch.bmm(a, b) written into `out`, which may be strided (a transposed view) where the device's batched
     matmul writes it directly, else copied into it."""
     if out.device.type in STRIDED_OUT_DEVICES:
@@ -133,7 +133,7 @@ class RotateRows(torch.autograd.Function):
                 g = after.inverse()(g) if after is not None else g
                 if grad_blocks is not None:  # d(z_j q_j)/dq_j = z_j^T g_j, per block j
                     n = z.shape[0]
-                    blocks_product(z.view(n, d, h).permute(1, 2, 0), g.view(n, d, h).transpose(0, 1),
+                    batched_product_into(z.view(n, d, h).permute(1, 2, 0), g.view(n, d, h).transpose(0, 1),
                                    grad_blocks[i].transpose(1, 2) if ctx.transpose else grad_blocks[i])
                 if k == 0 and not ctx.needs_input_grad[0]:
                     g = None
