@@ -33,7 +33,9 @@ def test_a_second_holder_is_refused_with_the_holders_pid_and_nothing_written(tmp
 
 
 def hold_lock_in_a_process(path, fork_a_child=False) -> subprocess.Popen:
-    """A process that takes the lock and sleeps; it prints the pid of a child it forked after that, or "no child"."""
+    """A process that takes the lock and sleeps. It prints "no child", or forks a child that prints its own pid: the
+    child prints once it runs, after the fork's hooks have closed its copy of the lock (had the parent printed the
+    pid, a test could kill the parent before a busy machine ran the child at all, its copy still holding the lock)."""
     return subprocess.Popen([sys.executable, "-c", f"""
 import os, sys, time
 sys.path.insert(0, {str(os.getcwd())!r})
@@ -41,9 +43,11 @@ from utils.run.lock import FileLock
 FileLock({str(path)!r}).try_acquire()
 child = os.fork() if {fork_a_child} else None
 if child == 0:
+    print(os.getpid(), flush=True)
     time.sleep(600)
     os._exit(0)
-print(child or "no child", flush=True)
+if child is None:
+    print("no child", flush=True)
 time.sleep(600)
 """], stdout=subprocess.PIPE, text=True)
 
