@@ -255,7 +255,7 @@ class RotationCache:
     def __init__(self, *models, together: bool | None = None):
         """`together`: give each model a ForwardRotations (None: where its parameters are on a device of
         ROTATE_TOGETHER_DEVICES)."""
-        self._inverses = {}
+        self._inverses = {}  # (id(layer), adapter) -> ((its parameters' pointer, version), inverse shaped as them)
         self._layers = []
         self._forwards = []
         for model in models:
@@ -283,9 +283,9 @@ class RotationCache:
         """skew_inverse of `r`, several layers' blocks in a BatchOrder (keys: each layer's (layer, adapter,
         parameters)): kept ones gathered in that order in one concatenation, or, when any changed, all of them
         inverted again in one batch taken from `r` itself (each layer keeping its share for later calls)."""
-        entries = [self._inverses.get((id(layer), adapter)) for layer, adapter, _ in keys]
         if all(self._is_current(*key) for key in keys):
-            return torch.cat([entries[j][1].view(keys[j][2].shape)[i] for j, i in order.pieces])
+            inverses = [self._inverses[(id(layer), adapter)][1] for layer, adapter, _ in keys]
+            return torch.cat([inverses[j][i] for j, i in order.pieces])
         inverse = skew_inverse(r.detach().float())
         for (layer, adapter, boft_r), share in zip(keys, order.split(inverse)[1]):
             self._inverses[(id(layer), adapter)] = ((boft_r.data_ptr(), boft_r._version), share)
@@ -297,7 +297,7 @@ class RotationCache:
         stale = [(layer, adapter, layer.boft_R[adapter]) for layer in self._layers if adapter in layer.boft_R
                  and not self._is_current(layer, adapter, layer.boft_R[adapter])]
         for (layer, adapter, boft_r), inverse in zip(stale, invert_together([r for _, _, r in stale])):
-            self._inverses[(id(layer), adapter)] = ((boft_r.data_ptr(), boft_r._version), inverse)
+            self._inverses[(id(layer), adapter)] = ((boft_r.data_ptr(), boft_r._version), inverse.view(boft_r.shape))
 
     def clear(self) -> None:
         self._inverses.clear()
@@ -397,19 +397,19 @@ class ForwardRotations:
                           for layer, _, _ in keys]
         signature = tuple((id(layer), adapter, weight) for (layer, adapter, _), weight in zip(keys, rotates_weight))
         if signature not in self._orders:
-            runs, weight_runs, by_shape = [], [], {}
+            runs, weight_runs = [], {}  # weight shape -> the index of its run
             for j, ((layer, _, boft_r), weight) in enumerate(zip(keys, rotates_weight)):
                 base = layer.base_layer.weight
                 shape = (base.shape, base.dtype, base.device, boft_r.shape)
-                if weight and shape in by_shape:
-                    runs[by_shape[shape]].append(j)
-                    continue
-                if weight:
-                    by_shape[shape] = len(runs)
-                    weight_runs.append(len(runs))
-                runs.append([j])
+                if not weight:
+                    runs.append([j])
+                elif shape in weight_runs:
+                    runs[weight_runs[shape]].append(j)
+                else:
+                    weight_runs[shape] = len(runs)
+                    runs.append([j])
             shapes = [tuple(boft_r.shape[:2]) for _, _, boft_r in keys]
-            self._orders[signature] = (BatchOrder(runs, shapes, keys[0][2].device), weight_runs)
+            self._orders[signature] = (BatchOrder(runs, shapes, keys[0][2].device), list(weight_runs.values()))
         return self._orders[signature]
 
     def _rotate_weights(self, layers, blocks, entries: dict) -> None:

@@ -93,11 +93,8 @@ def block_product(rows, blocks):
     one strided batched matmul, no transposed copies."""
     n = rows.shape[0]
     d, h, _ = blocks.shape
-    per_block = rows.view(n, d, h).transpose(0, 1)
-    if rows.device.type not in STRIDED_OUT_DEVICES:
-        return torch.bmm(per_block, blocks).transpose(0, 1).reshape(n, d * h)
     out = rows.new_empty(n, d, h)
-    torch.bmm(per_block, blocks, out=out.transpose(0, 1))
+    batched_product_into(rows.view(n, d, h).transpose(0, 1), blocks, out.transpose(0, 1))
     return out.view(n, d * h)
 
 
@@ -347,9 +344,12 @@ class BatchOrder:
         runs = [part.view(self.shapes[run[0]][0], -1, *batch.shape[1:]) for run, part in zip(self.runs, parts)]
         layers = [None] * len(self.shapes)
         for run, blocks in zip(self.runs, runs):
+            if len(run) == 1:
+                layers[run[0]] = blocks
+                continue
             in_run = blocks.view(blocks.shape[0], len(run), -1, *batch.shape[1:])
             for position, j in enumerate(run):
-                layers[j] = blocks if len(run) == 1 else in_run[:, position]
+                layers[j] = in_run[:, position]
         return runs, layers
 
 
