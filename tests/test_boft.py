@@ -126,39 +126,65 @@ def test_fast_forward_matches_the_dense_product_of_factors(side, factors, block_
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("factors, block_num", [(2, 8), (3, 8), (4, 16)])
-def test_grouped_factors_rotate_and_differentiate_as_factor_by_factor(factors, block_num, transpose, monkeypatch):
+@pytest.mark.parametrize("factors, block_num, length", [(2, 8, 2), (3, 8, 3), (4, 16, 2), (4, 16, 4)])
+def test_factors_in_runs_rotate_and_differentiate_as_factor_by_factor(factors, block_num, length, transpose,
+                                                                        monkeypatch):
     layer = random_boft_layer(block_num=block_num, factors=factors)
     boft_r = layer.boft_R["default"]
     plan = peft_seam.rotation_plan(layer, boft_r, transpose)
     rows = torch.randn(3, 100, 64, generator=torch.Generator().manual_seed(7))
-    assert rotation.grouping_pays(factors, boft_r.shape[2], 300)
 
-    def rotated(grouped: bool):
-        monkeypatch.setattr(rotation, "grouping_pays", lambda *arguments: grouped)
+    def rotated(run_length: int):
+        monkeypatch.setattr(rotation, "run_length", lambda *arguments: run_length)
         x, r = rows.clone().requires_grad_(), boft_r.detach().clone().requires_grad_()
         y = rotation.rotate_rows(x, rotation.cayley(r), plan)
         y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
         return y.detach(), x.grad, r.grad
 
-    assert_close(rotated(True), rotated(False))
+    assert_close(rotated(length), rotated(1))
 
 
-def test_grouped_blocks_are_the_diagonal_blocks_of_the_dense_rotation():
-    layer = random_boft_layer(block_num=16, factors=3)  # blocks of 4, grouped in 16
-    with torch.no_grad():
-        grouped = rotation.grouped_blocks(*_blocks_and_permutations(layer))
-    assert grouped.shape == (4, 16, 16)
-    assert_close([torch.block_diag(*grouped)], [dense_rotation(layer)])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("factors, block_num", [(2, 8), (3, 16), (4, 16)])
+def test_runs_of_factors_are_block_diagonal_in_their_components(factors, block_num, transpose):
+    """peft's butterfly factor i mixes within aligned groups of H * 2^i: a run of k consecutive factors is one
+    block-diagonal matrix of blocks H * 2^(k-1) wide once its columns are gathered by component (all of them
+    together: the aligned groups, no gather)."""
+    layer = random_boft_layer(block_num=block_num, factors=factors)
+    block_size = 64 // block_num
+    blocks, plan = rotation.cayley(layer.boft_R["default"]), peft_seam.rotation_plan(layer, layer.boft_R["default"],
+                                                                                       transpose)
+    dense = dense_rotation(layer).T if transpose else dense_rotation(layer)
+    for length in range(2, factors + 1):
+        runs = plan.runs(length)
+        if factors % length:
+            continue
+        assert runs.group == block_size * 2 ** (length - 1)
+        with torch.no_grad():
+            run_blocks = runs.blocks(blocks)
+        assert run_blocks.shape == (factors // length, 64 // runs.group, runs.group, runs.group)
+        product = torch.eye(64)
+        for r, before, after in runs.steps:
+            product = before(product) if before is not None else product
+            product = product @ torch.block_diag(*run_blocks[r])
+            product = after(product) if after is not None else product
+        assert_close([product], [dense])
+    whole = plan.runs(factors)
+    assert all(move is None for _, *moves in whole.steps for move in moves)
 
 
 def test_factors_are_grouped_only_where_it_clearly_pays():
-    assert not rotation.grouping_pays(1, 32, 10**6)  # one factor is a block product already
-    assert rotation.grouping_pays(2, 32, 2176) and rotation.grouping_pays(4, 32, 2176)  # FLUX.1 at 512 px
-    assert rotation.grouping_pays(2, 40, 2048)  # SD 1.5's widest activations at 256 px
-    assert not rotation.grouping_pays(2, 32, 8)  # fewer rows than the probe that builds the blocks
-    assert not rotation.grouping_pays(4, 80, 512)  # 640-wide blocks at 512 rows: the probe costs more than it saves
-    assert not rotation.grouping_pays(4, 160, 4096)  # 1280-wide dense blocks cost more than 4 factors
+    def length(width, block_size, factors, rows):
+        layer = random_boft_layer(width, 8, block_num=width // block_size, factors=factors)
+        plan = peft_seam.rotation_plan(layer, layer.boft_R["default"], False)
+        return rotation.run_length(plan, factors, block_size, rows)
+
+    assert length(320, 40, 1, 10**6) == 1  # one factor is a block product already
+    assert length(3072, 32, 2, 2176) == 2 and length(3072, 32, 4, 2176) == 2  # FLUX.1 at 512 px: in pairs
+    assert length(1536, 32, 4, 512) == 2  # SD3.5 Medium at 256 px: four factors of 32 as two of 64
+    assert length(320, 40, 2, 2048) == 2  # SD 1.5's widest activations at 256 px
+    assert length(3072, 32, 2, 8) == 1  # fewer rows than the probe that builds the blocks
+    assert length(1280, 160, 4, 128) == 1  # 320-wide blocks cost more than they save at 128 rows
 
 
 @pytest.mark.parametrize("in_features, out_features, factors", [(2048, 640, 1), (1280, 1280, 2), (768, 768, 1)])
@@ -283,7 +309,7 @@ def test_use_fast_forward_routes_the_unet_and_merging_still_works(tiny_model):
 def test_butterfly_permutations_move_chunks_of_half_a_block_and_equal_the_gather(factors, block_num):
     layer = random_boft_layer(in_features=64, block_num=block_num, factors=factors)
     z = torch.randn(5, 64)
-    steps, _ = peft_seam.rotation_plan(layer, layer.boft_R["default"], transpose=False)
+    steps = peft_seam.rotation_plan(layer, layer.boft_R["default"], transpose=False).steps
     # a factor's permutation after and the next one's before are one gather
     assert sum(p is not None for _, before, after in steps for p in (before, after)) <= factors + 1
     for _, before, after in steps:

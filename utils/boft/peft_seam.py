@@ -23,6 +23,7 @@ from utils.boft.rotation import (
     BatchOrder,
     BlocksInOrder,
     ColumnPermutation,
+    Plan,
     ScaleSideBySide,
     ScaleShift,
     TorchBlockDiagonal,
@@ -136,8 +137,8 @@ def trainable_parameter_summary(peft_model, model_name: str) -> str:
 
 
 def rotation_plan(layer, boft_r, transpose: bool):
-    """How rows @ R (or rows @ R^T) is applied: (steps, transpose), the steps a list of (factor, permutation
-    before, permutation after) in the order they apply.
+    """How rows @ R (or rows @ R^T) is applied: a rotation.Plan, its steps a list of (factor, permutation before,
+    permutation after) in the order they apply.
 
     R = B_{m-1} ... B_0 with B_i = P_i BD(Q_i) P_i^T, as peft builds it. Since P z = z[perm], on rows
     rows P = rows[:, perm^-1] and rows P^T = rows[:, perm]: each factor is a column permutation, a block product
@@ -157,7 +158,7 @@ def rotation_plan(layer, boft_r, transpose: bool):
             else:
                 after = ColumnPermutation(index)
                 steps.append((i, after.inverse(), after))
-        cache[key] = (joined_permutations(steps if transpose else steps[::-1]), transpose)
+        cache[key] = Plan(joined_permutations(steps if transpose else steps[::-1]), transpose, h, d * h)
     return cache[key]
 
 
@@ -419,7 +420,8 @@ class ForwardRotations:
         weight = layers[0][0].base_layer.weight
         side_by_side = torch.cat([layer.base_layer.weight for layer, _ in layers], dim=1).to(blocks.dtype)
         scales = torch.stack([layer.boft_s[adapter].view(-1) for layer, adapter in layers])
-        rotated = rotate_rows(side_by_side, blocks, self._plan(*layers[0], len(layers)))
+        # Factor by factor: fewest launches, which bound the weights' rotation where rotations go together (GPUs).
+        rotated = rotate_rows(side_by_side, blocks, self._plan(*layers[0], len(layers)), fewest_operations=True)
         rotated = ScaleSideBySide.apply(rotated.view(weight.shape[0], len(layers), -1), scales)
         for (layer, adapter), layer_weight in zip(layers, rotated.to(weight.dtype).unbind(1)):
             entries[id(layer)] = (adapter, entries[id(layer)][1], layer_weight)

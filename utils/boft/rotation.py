@@ -1,6 +1,7 @@
 """The rotation maths of BOFT in plain PyTorch, with no knowledge of peft: the block-diagonal operation, the
 Cayley map, butterfly permutations applied as gathers of half-block chunks, and rows @ R or rows @ R^T computed factor
-by factor without ever forming the dense n x n rotation. utils/boft/peft_seam.py applies these to peft's layers."""
+by factor, or in runs of factors each one block-diagonal product, without ever forming the dense n x n rotation.
+utils/boft/peft_seam.py applies these to peft's layers."""
 
 import functools
 import itertools
@@ -121,8 +122,12 @@ class RotateRows(torch.autograd.Function):
     def backward(ctx, grad):
         blocks, *inputs = ctx.saved_tensors
         d, h = blocks.shape[1], blocks.shape[2]
-        # Each factor's gradient is written straight into its place (no stack of them after: one copy less).
-        grad_blocks = blocks.new_empty(blocks.shape) if ctx.needs_input_grad[1] else None
+        # Each factor's gradient is written straight into its place (no stack of them after: one copy less); the
+        # factors the steps do not use (a run's probe goes through its own) have none.
+        grad_blocks = None
+        if ctx.needs_input_grad[1]:
+            every_factor = len({i for i, _, _ in ctx.steps}) == blocks.shape[0]
+            grad_blocks = blocks.new_empty(blocks.shape) if every_factor else blocks.new_zeros(blocks.shape)
         with torch.autocast(grad.device.type, enabled=False):
             g = grad.contiguous()
             for k in reversed(range(len(ctx.steps))):
@@ -140,26 +145,133 @@ class RotateRows(torch.autograd.Function):
         return g, grad_blocks, None, None
 
 
-def rotate_rows(rows, blocks, plan):
-    """rows @ R or rows @ R^T, as a plan says: (steps, transpose), the steps a list of
-    (factor, column permutation before, column permutation after) in the order they apply (None: identity), for rows
-    of shape (..., in) and blocks (m, D, H, H) from cayley(). Nothing dense is formed: with more than one factor, the
-    rotation is applied factor by factor or, where fewer operations pay (grouping_pays), as the one block-diagonal
-    matrix the factors make together (grouped_blocks)."""
-    steps, transpose = plan
+class Plan:
+    """How rows @ R or rows @ R^T is applied: `steps`, (factor, column permutation before, column permutation
+    after) in the order they apply (None: identity), and `transpose`, whether each block applies transposed; for
+    rows of width `width` and factors of blocks of `block_size`. Its runs(k), the factors taken k at a time, each
+    run as the one block-diagonal matrix it makes, are worked out once."""
+
+    def __init__(self, steps, transpose: bool, block_size: int, width: int):
+        self.steps, self.transpose, self.block_size, self.width = steps, transpose, block_size, width
+        self._runs = {}
+
+    def runs(self, length: int):
+        """The factors in runs of `length` consecutive steps as GroupedRuns, or None where a run's blocks would not
+        all be of one size."""
+        if length not in self._runs:
+            self._runs[length] = GroupedRuns.of(self, length)
+        return self._runs[length]
+
+
+class GroupedRuns:
+    """A plan's factors taken `length` at a time, each run the block-diagonal matrix it makes once its input
+    columns are gathered by component (the columns it mixes together) and its output scattered back: blocks
+    (runs, C, G, G) and the steps that apply them, each run a gather, a block product and a gather (None where
+    the components are aligned groups already). Two consecutive factors of peft's butterfly mix columns in sets of
+    2H (the first two in aligned groups, later ones in chunks spread wider), so a run of two is one product of 2H
+    blocks: as many multiply-adds as the two factors take, half the products and passes over the rows, and the
+    wider blocks' better rate (all m factors together are blocks of H * 2^(m-1): more multiply-adds from m = 3)."""
+
+    def __init__(self, plan, length, group, orders):
+        self.plan, self.length, self.group = plan, length, group
+        self.orders = orders  # per run: (its input columns component by component, its output columns likewise)
+        self.steps = joined_permutations([(r, _gather(inputs), _gather(torch.argsort(outputs)))
+                                          for r, (inputs, outputs) in enumerate(orders)])
+        # Each run's probe goes through the run's factors and ends gathered in its output order (no gather more).
+        self.probe_steps = []
+        for r, (_, outputs) in enumerate(orders):
+            *first, (i, before, after) = plan.steps[r * length:(r + 1) * length]
+            last = ColumnPermutation(outputs) if after is None else after.then(ColumnPermutation(outputs))
+            self.probe_steps.append([*first, (i, before, last)])
+        self._probes = {}
+
+    @classmethod
+    def of(cls, plan, length: int):
+        orders, sizes = [], set()
+        for r in range(len(plan.steps) // length):
+            inputs, outputs = _components(plan.steps[r * length:(r + 1) * length], plan.block_size, plan.width)
+            sizes.update(len(columns) for columns in inputs.values())
+            orders.append((torch.cat(list(inputs.values())), torch.cat([outputs[c] for c in inputs])))
+        if len(sizes) != 1:
+            return None
+        device = next((p.index.device for _, *moves in plan.steps for p in moves if p is not None), None)
+        return cls(plan, length, sizes.pop(), [(i.to(device), o.to(device)) for i, o in orders])
+
+    def blocks(self, factor_blocks):
+        """The runs' blocks (runs, C, G, G) from the factors' (m, D, H, H): each run's read off by rotating G probe
+        rows through its factors, row k holding a one at the k-th column of every component (which do not
+        interact); gradients reach the factors through the same rotations' backward."""
+        probes = self._probe(factor_blocks.device, factor_blocks.dtype)
+        group = self.group
+        each = [RotateRows.apply(probe, factor_blocks, steps, self.plan.transpose).view(group, -1, group).transpose(0, 1)
+                for probe, steps in zip(probes, self.probe_steps)]  # [c, k, l] = M[inputs[c*G + k], outputs[c*G + l]]
+        return each[0][None] if len(each) == 1 else torch.stack(each)
+
+    def _probe(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._probes:
+            rows = torch.arange(self.plan.width, device=device) % self.group
+            probes = []
+            for inputs, _ in self.orders:
+                probe = torch.zeros(self.group, self.plan.width, device=device, dtype=dtype)
+                probe[rows, inputs.to(device)] = 1
+                probes.append(probe)
+            self._probes[key] = probes
+        return self._probes[key]
+
+
+def _gather(index):
+    """The column gather z -> z[:, index], or None for the identity."""
+    return None if torch.equal(index, torch.arange(len(index), device=index.device)) else ColumnPermutation(index)
+
+
+def _components(steps, block_size: int, width: int):
+    """The columns `steps` mix together: ({component: its input columns}, {component: its output columns}), each
+    ascending, components in the order of their first input column."""
+    parent = list(range(width))
+
+    def root(column):
+        while parent[column] != column:
+            parent[column] = parent[parent[column]]
+            column = parent[column]
+        return column
+
+    lineage = torch.arange(width)  # an input column whose component each position's value belongs to
+    for _, before, after in steps:
+        lineage = lineage[before.index.cpu()] if before is not None else lineage
+        for block in lineage.view(-1, block_size).tolist():
+            first = root(block[0])
+            for column in block[1:]:
+                parent[root(column)] = first
+        lineage = lineage[after.index.cpu()] if after is not None else lineage
+    inputs, outputs = {}, {}
+    for column in range(width):
+        inputs.setdefault(root(column), []).append(column)
+    for position, column in enumerate(lineage.tolist()):
+        outputs.setdefault(root(column), []).append(position)
+    return ({c: torch.tensor(v) for c, v in inputs.items()}, {c: torch.tensor(v) for c, v in outputs.items()})
+
+
+def rotate_rows(rows, blocks, plan: Plan, fewest_operations: bool = False):
+    """rows @ R or rows @ R^T, as the Plan says, for rows of shape (..., in) and blocks (m, D, H, H) from cayley().
+    Nothing dense is formed: the rotation is applied factor by factor or, where fewer multiply-adds at a better
+    rate pay (run_length), k factors at a time, each run as the one block-diagonal matrix its factors make
+    (GroupedRuns), which takes a few more operations (its probe rows' rotation). `fewest_operations`: factor by
+    factor, for where launches rather than arithmetic bound the time."""
     flat = rows.reshape(-1, rows.shape[-1])
     m, _, h, _ = blocks.shape
-    if grouping_pays(m, h, flat.shape[0]):
-        blocks, steps, transpose = grouped_blocks(blocks, plan)[None], ONE_FACTOR, False
-    return RotateRows.apply(flat, blocks, steps, transpose).view(rows.shape)
+    length = 1 if fewest_operations else run_length(plan, m, h, flat.shape[0])
+    if length == 1:
+        return RotateRows.apply(flat, blocks, plan.steps, plan.transpose).view(rows.shape)
+    runs = plan.runs(length)
+    return RotateRows.apply(flat, runs.blocks(blocks), runs.steps, False).view(rows.shape)
 
 
-def side_by_side_plan(plan, copies: int):
+def side_by_side_plan(plan: Plan, copies: int) -> Plan:
     """The plan of `copies` rotations of one shape and plan applied side by side: rows (n, copies * in) times the
     block-diagonal matrix of their blocks one after another, (m, copies * D, H, H), each one's permutations moving
     columns within its own `in`. rotate_rows then rotates the weights of many layers in one product per factor,
     each product one strided batched matmul (a stack of the layers would need a copy before and after each)."""
-    steps, transpose = plan
 
     def tiled(permutation):
         if permutation is None:
@@ -167,31 +279,8 @@ def side_by_side_plan(plan, copies: int):
         width = len(permutation.index)
         return ColumnPermutation(torch.cat([permutation.index + k * width for k in range(copies)]))
 
-    return [(i, tiled(before), tiled(after)) for i, before, after in steps], transpose
-
-
-# The plan of a rotation that is one block product: no permutation.
-ONE_FACTOR = [(0, None, None)]
-
-
-def grouped_blocks(blocks, plan):
-    """The m butterfly factors of a rotation as one block-diagonal matrix: blocks (D / 2^(m-1), G, G) with
-    G = H * 2^(m-1). Factor i mixes columns only within aligned groups of H * 2^i, so the product of all of them is
-    block diagonal in groups of G. Each block is read off by rotating G probe rows, row k holding a one at offset k
-    of every group (the groups do not interact), through the factors; gradients reach the factors through the same
-    rotation's backward."""
-    m, d, h, _ = blocks.shape
-    group = h * 2 ** (m - 1)
-    probe = _probe_rows(group, d * h // group, blocks.device, blocks.dtype)
-    rotated = RotateRows.apply(probe, blocks, *plan)
-    return rotated.view(group, -1, group).transpose(0, 1)  # [g, k, l] = (rows @ R)[g*G + k, g*G + l]
-
-
-@functools.lru_cache(maxsize=16)
-def _probe_rows(group: int, groups: int, device, dtype):
-    probe = torch.zeros(group, groups, group, device=device, dtype=dtype)
-    probe[torch.arange(group), :, torch.arange(group)] = 1
-    return probe.view(group, groups * group)
+    steps = [(i, tiled(before), tiled(after)) for i, before, after in plan.steps]
+    return Plan(steps, plan.transpose, plan.block_size, plan.width * copies)
 
 
 # Cost of moving one element through a factor (permutations, scaling, memory traffic), in multiply-add
@@ -201,24 +290,30 @@ ELEMENT_OVERHEAD = 300
 
 
 # Nanoseconds to rotate one element, forward and backward, as (fixed, per unit of block size): factor by factor
-# (for each factor, blocks of the block size) and grouped (once, blocks of the group); fitted on 2 CPU cores to
-# single layers of SD 1.5's and FLUX.1's shapes (python -m benchmarks.rotation_paths). Grouping must save this
-# fraction at least: below it the fit cannot tell the paths apart.
+# (for each factor, blocks of the block size) and in runs (for each run, blocks of the run's group); fitted on 2 CPU
+# cores to single layers of SD 1.5's, FLUX.1's and SD3.5's shapes (python -m benchmarks.rotation_paths), where the
+# same case measures up to a third apart from one run to the next. A run must save this fraction at least: below
+# it the fit cannot tell the ways apart (at 80-wide blocks it cannot: runs pay for narrow blocks, 32 or 40 wide,
+# whose products run slowest).
 FACTOR_NANOSECONDS = (1.8, 0.127)
-GROUPED_NANOSECONDS = (2.4, 0.05)
-GROUPING_MARGIN = 0.85
+GROUPED_NANOSECONDS = (2.4, 0.065)
+GROUPING_MARGIN = 0.75
 
 
-def grouping_pays(n_factors: int, block_size: int, rows: int) -> bool:
-    """Whether rotating `rows` rows through the grouped factors is clearly cheaper than factor by factor, counting
-    the probe rows that build the grouped blocks (which go factor by factor). Per element both scale with the
-    width alike, so it does not enter."""
-    if n_factors == 1:
-        return False
-    group = block_size * 2 ** (n_factors - 1)
-    factor_by_factor = n_factors * (FACTOR_NANOSECONDS[0] + FACTOR_NANOSECONDS[1] * block_size)
-    grouped = GROUPED_NANOSECONDS[0] + GROUPED_NANOSECONDS[1] * group
-    return rows * grouped + group * factor_by_factor < GROUPING_MARGIN * rows * factor_by_factor
+def run_length(plan: Plan, n_factors: int, block_size: int, rows: int) -> int:
+    """How many consecutive factors to apply as one matrix when rotating `rows` rows: 1 (factor by factor) unless
+    runs of k are clearly cheaper, counting the probe rows that build each run's blocks (which go factor by
+    factor). Per element every way scales with the width alike, so it does not enter."""
+    per_factor = FACTOR_NANOSECONDS[0] + FACTOR_NANOSECONDS[1] * block_size
+    best_length, best = 1, GROUPING_MARGIN * n_factors * per_factor
+    for length in (k for k in range(2, n_factors + 1) if n_factors % k == 0):
+        runs = plan.runs(length)
+        if runs is None:
+            continue
+        per_run = GROUPED_NANOSECONDS[0] + GROUPED_NANOSECONDS[1] * runs.group + runs.group * length * per_factor / rows
+        if n_factors // length * per_run < best:
+            best_length, best = length, n_factors // length * per_run
+    return best_length
 
 
 def cheaper_side(out_features: int, in_features: int, tokens: int, n_factors: int, block_size: int,
