@@ -518,11 +518,13 @@ def test_layers_rotating_their_weights_together_add_one_kernel_each(monkeypatch)
     product. Each layer's parameters take their share of the batched gradients as their .grad, not a copy of it
     (the Cayley map's gradient is laid out as the parameters are). Every computing ATen operation is a kernel
     launch on a GPU. (Dropout adds its random draws on the host, in peft's order, which launch nothing.) The
-    group's own, one block size and one weight shape at two factors: 28 (the Cayley map and its inverse, the
+    group's own, one block size and one weight shape at two factors: 25 (the Cayley map and its inverse, the
     factors' products and gathers forward and backward, the scales, the weights side by side, AdamW)."""
     from benchmarks.boft_step import operation_count
 
     monkeypatch.setattr(peft_seam, "cheaper_side", lambda *shape: "weight")
+    # Where a run of factors would pay on time, the weights still rotate factor by factor: fewer launches.
+    monkeypatch.setattr(rotation, "run_length", lambda *arguments: 2)
     added = {}
     for layers in (4, 8):
         model, rotations = _boft_stack(layers, dropout=0.0)
@@ -539,7 +541,7 @@ def test_layers_rotating_their_weights_together_add_one_kernel_each(monkeypatch)
             floor = operation_count(step)[1]
         added[layers] = operation_count(step)[1] - floor
     assert added[8] - added[4] <= 1 * 4, added
-    assert added[4] - 4 <= 28, added
+    assert added[4] - 4 <= 25, added
 
 
 def test_a_layer_called_outside_its_models_forward_rotates_by_itself():
