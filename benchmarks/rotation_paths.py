@@ -16,9 +16,9 @@ from utils.run.cpu_allocator import keep_freed_memory
 
 # (columns, rows, block size): SD 1.5 at 256 px, batch 2 (320-wide self-attention over 2048 tokens, 640 over 512,
 # 1280 over 128, a cross-attention key over 154 text tokens); FLUX.1 at 512 and 256 px and its text stream; SD3.5
-# Medium's image stream at 256 px.
+# Medium's image and text streams at 256 px.
 SHAPES = [(320, 2048, 40), (640, 512, 80), (1280, 128, 160), (768, 154, 96), (3072, 2176, 32), (3072, 640, 32),
-          (3072, 128, 32), (1536, 512, 32)]
+          (3072, 128, 32), (1536, 512, 32), (1536, 282, 32)]
 
 
 def butterfly_plan(columns: int, block_size: int, n_factors: int):
