@@ -158,6 +158,7 @@ def test_runs_of_factors_are_block_diagonal_in_their_components(factors, block_n
     for length in range(2, factors + 1):
         runs = plan.runs(length)
         if factors % length:
+            assert runs is None
             continue
         assert runs.group == block_size * 2 ** (length - 1)
         with torch.no_grad():

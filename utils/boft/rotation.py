@@ -156,8 +156,8 @@ class Plan:
         self._runs = {}
 
     def runs(self, length: int):
-        """The factors in runs of `length` consecutive steps as GroupedRuns, or None where a run's blocks would not
-        all be of one size."""
+        """The factors in runs of `length` consecutive steps as GroupedRuns, or None where `length` does not divide
+        the factors or a run's blocks would not all be of one size."""
         if length not in self._runs:
             self._runs[length] = GroupedRuns.of(self, length)
         return self._runs[length]
@@ -187,6 +187,8 @@ class GroupedRuns:
 
     @classmethod
     def of(cls, plan, length: int):
+        if len(plan.steps) % length:
+            return None
         orders, sizes = [], set()
         for r in range(len(plan.steps) // length):
             inputs, outputs = _components(plan.steps[r * length:(r + 1) * length], plan.block_size, plan.width)
