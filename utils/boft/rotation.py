@@ -48,8 +48,7 @@ class ColumnPermutation:
 
     def then(self, other):
         """z -> other(self(z)) as one permutation (None: the identity)."""
-        index = self.index[other.index]
-        return None if torch.equal(index, torch.arange(len(index), device=index.device)) else ColumnPermutation(index)
+        return _gather(self.index[other.index])
 
 
 def joined_permutations(steps):
@@ -173,7 +172,7 @@ class GroupedRuns:
     wider blocks' better rate (all m factors together are blocks of H * 2^(m-1): more multiply-adds from m = 3)."""
 
     def __init__(self, plan, length, group, orders):
-        self.plan, self.length, self.group = plan, length, group
+        self.plan, self.group = plan, group
         self.orders = orders  # per run: (its input columns component by component, its output columns likewise)
         self.steps = joined_permutations([(r, _gather(inputs), _gather(torch.argsort(outputs)))
                                           for r, (inputs, outputs) in enumerate(orders)])
